@@ -1,0 +1,95 @@
+//! `kind: command`: a make rule. A shell script runs in the pipeline's directory with `$OUT` set
+//! to the stage's output directory; `${stage}` references in it were already replaced by the
+//! engine with upstream output paths. It owns running the script and checking declared outputs;
+//! it does not know why it runs (the engine decides that from the content key).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::{Context, Report};
+
+/// Bumped when the meaning of a command stage changes (how the script is run), so that every
+/// command stage's key changes with it.
+pub const VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The script, run by `sh -ec` (like a CI step: the first failing line fails the stage) in
+    /// the directory holding pipeline.yaml, with `$OUT` the directory it must write into.
+    pub run: String,
+    /// Files or folders, relative to `$OUT`, that the script must produce; a run that leaves one
+    /// out fails, and a stored output missing one is not a cache hit. Empty: anything goes.
+    #[serde(default)]
+    pub outs: Vec<String>,
+    /// Extra environment variables for the script. They enter the key like any param.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
+    let status = Command::new("sh")
+        .arg("-ec")
+        .arg(&config.run)
+        .current_dir(&ctx.root)
+        .env("OUT", &ctx.out)
+        .env("NANOFLOW_STAGE", &ctx.stage)
+        .envs(&config.env)
+        .status()
+        .with_context(|| format!("could not start `sh` for stage `{}`", ctx.stage))?;
+    if !status.success() {
+        match status.code() {
+            Some(code) => bail!("command exited with status {code}"),
+            None => bail!("command was killed by a signal ({status})"),
+        }
+    }
+    let missing: Vec<&str> =
+        config.outs.iter().filter(|out| !ctx.out.join(out).exists()).map(String::as_str).collect();
+    if !missing.is_empty() {
+        bail!("command did not write its declared outs: {}", missing.join(", "));
+    }
+    Ok(Report::default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn context(dir: &std::path::Path) -> Context {
+        let out = dir.join("out");
+        fs_err::create_dir_all(&out).unwrap();
+        Context { stage: "test".into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
+    }
+
+    fn config(run: &str, outs: &[&str]) -> Config {
+        Config { run: run.into(), outs: outs.iter().map(|s| s.to_string()).collect(), env: BTreeMap::new() }
+    }
+
+    #[test]
+    fn writes_into_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        run(&config("echo hi > $OUT/a.txt", &["a.txt"]), &ctx).unwrap();
+        assert_eq!(fs_err::read_to_string(ctx.out.join("a.txt")).unwrap(), "hi\n");
+    }
+
+    #[test]
+    fn failing_line_fails_the_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let error = run(&config("false\necho never > $OUT/a.txt", &[]), &ctx).unwrap_err();
+        assert_eq!(error.to_string(), "command exited with status 1");
+        assert!(!ctx.out.join("a.txt").exists());
+    }
+
+    #[test]
+    fn missing_declared_out_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let error = run(&config("touch $OUT/a", &["a", "b"]), &ctx).unwrap_err();
+        assert_eq!(error.to_string(), "command did not write its declared outs: b");
+    }
+}

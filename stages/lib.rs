@@ -1,0 +1,40 @@
+//! The stage kinds: what each `kind:` of pipeline.yaml does, and nothing about DAGs, keys or the
+//! store (that is the engine's half, in `src/`).
+//!
+//! Every kind is a module with a `Config` (a serde struct with `deny_unknown_fields`, its
+//! defaults in one place), a `VERSION` that enters the content key, and
+//! `run(&Config, &Context) -> anyhow::Result<Report>`. The engine calls `run` in a child process
+//! with an output directory that only becomes visible once `run` returns `Ok`.
+
+pub mod command;
+pub mod progress;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+pub use progress::{Progress, Unit};
+
+/// Where a stage runs: its name, its inputs and the directory it writes into.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The stage's name in pipeline.yaml, for messages.
+    pub stage: String,
+    /// The directory holding pipeline.yaml: relative paths in params resolve against it.
+    pub root: PathBuf,
+    /// The directory the stage writes into (`$OUT`). Empty on a fresh run; a resumable kind may
+    /// find the complete checkpoints of an interrupted run with the same key here.
+    pub out: PathBuf,
+    /// The output directory of each upstream stage, by stage name.
+    pub inputs: BTreeMap<String, PathBuf>,
+}
+
+/// What a stage hands back to the engine: one line for people and numbers for the manifest.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Report {
+    /// One line shown after the stage finishes, e.g. `1003854 train tokens, 111540 val tokens`.
+    #[serde(default)]
+    pub summary: String,
+    /// Metrics recorded in the manifest (`val_loss`, `tokens`, ...).
+    #[serde(default)]
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+}
