@@ -6,8 +6,11 @@
 //! `run(&Config, &Context) -> anyhow::Result<Report>`. The engine calls `run` in a child process
 //! with an output directory that only becomes visible once `run` returns `Ok`.
 
+pub mod bpe;
 pub mod command;
 pub mod progress;
+pub mod shard;
+pub mod tokenize;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
