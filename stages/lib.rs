@@ -8,8 +8,12 @@
 
 pub mod bpe;
 pub mod command;
+pub mod download;
+mod http;
 pub mod progress;
 pub mod shard;
+#[cfg(test)]
+mod test_server;
 pub mod tokenize;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,293 @@
+//! One function per subcommand. Each loads and validates the pipeline first (so a bad
+//! pipeline exits 2 before anything happens), then does its one job.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use crate::error::Error;
+use crate::executor::{self, Executor, Options};
+use crate::freshness::{self, Freshness};
+use crate::manifest::Manifest;
+use crate::pipeline::{self, PipelineFile};
+use crate::plan::Plan;
+use crate::printer::{Printer, Style, show_path};
+use crate::stat_cache::StatCache;
+use crate::store::{self, Store};
+use nanoflow_stages::progress::format_bytes;
+
+/// Exit code of a run stopped by Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+const INTERRUPTED: u8 = 130;
+
+fn load(file: Option<&Path>, sets: &[String]) -> Result<(Plan, Store), Error> {
+    let cwd = std::env::current_dir().map_err(|source| Error::Read { path: ".".into(), source })?;
+    let path = show_path(&pipeline::find(file, &cwd)?);
+    let plan = Plan::build(PipelineFile::load(&path)?, sets)?;
+    let store = Store::new(&plan.root);
+    Ok((plan, store))
+}
+
+fn store_error(store: &Store) -> impl Fn(std::io::Error) -> Error + '_ {
+    |source| Error::Store { path: store.root.clone(), source }
+}
+
+pub fn run(
+    printer: &Printer,
+    file: Option<&Path>,
+    names: &[String],
+    dry_run: bool,
+    jobs: usize,
+    sets: &[String],
+    force: &[String],
+) -> Result<ExitCode, Error> {
+    let (plan, store) = load(file, sets)?;
+    if names.is_empty() {
+        return Err(Error::NothingToRun { targets: plan.targets.iter().map(|target| target.name.clone()).collect() });
+    }
+    let selected = plan.select(names)?;
+    for stage in force {
+        if !selected.iter().any(|&index| &plan.stages[index].name == stage) {
+            return Err(Error::ForceOutsideRun { stage: stage.clone() });
+        }
+    }
+    if dry_run {
+        let assessed = assess_all(&plan, &store, &selected)?;
+        for (index, freshness) in &assessed {
+            let name = &plan.stages[*index].name;
+            let (state, why) = match freshness {
+                _ if force.contains(name) => ("run", "forced".to_string()),
+                Freshness::Fresh { .. } => ("cached", String::new()),
+                Freshness::Restorable { reasons, .. } => ("restore", reasons.join("; ")),
+                Freshness::Stale { reasons, .. } => ("run", reasons.join("; ")),
+                Freshness::Waiting { upstream } => {
+                    ("run?", format!("after `{}` (skipped if its output comes out the same)", upstream.join("`, `")))
+                }
+            };
+            printer.data(&row(&plan, name, state, &why));
+        }
+        printer.status("dry run: nothing was run");
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    executor::install_signal_handler();
+    let clock = Instant::now();
+    let options = Options { jobs, force: force.iter().cloned().collect() };
+    let summary = Executor::new(&plan, &store, printer, options).run(&selected)?;
+    let seconds = clock.elapsed().as_secs_f64();
+    if summary.interrupted {
+        printer.error(&format!("{} stopped by a signal; nothing half-done was published", printer.paint(Style::Yellow, "interrupted:")));
+        return Ok(ExitCode::from(INTERRUPTED));
+    }
+    if !summary.failed.is_empty() {
+        let mut message = format!(
+            "{} {} failed: `{}`",
+            printer.paint(Style::Red, "error:"),
+            plural(summary.failed.len(), "stage"),
+            summary.failed.join("`, `")
+        );
+        if !summary.skipped.is_empty() {
+            message += &format!("; not run because of it: `{}`", summary.skipped.join("`, `"));
+        }
+        printer.error(&message);
+        printer.status(&format!("ran {}, cached {} in {seconds:.1}s", summary.ran, summary.cached));
+        return Ok(ExitCode::FAILURE);
+    }
+    printer.status(&format!("ran {}, cached {} in {seconds:.1}s", summary.ran, summary.cached));
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[String]) -> Result<ExitCode, Error> {
+    let (plan, store) = load(file, sets)?;
+    let selected = select_or_all(&plan, names)?;
+    for (index, freshness) in assess_all(&plan, &store, &selected)? {
+        let name = &plan.stages[index].name;
+        let (state, why) = match &freshness {
+            Freshness::Fresh { .. } => ("fresh", String::new()),
+            Freshness::Restorable { reasons, .. } => ("stale", format!("{} (stored: restores without running)", reasons.join("; "))),
+            Freshness::Stale { reasons, .. } => ("stale", reasons.join("; ")),
+            Freshness::Waiting { upstream } => ("waiting", format!("on `{}`", upstream.join("`, `"))),
+        };
+        printer.data(&row(&plan, name, state, &why));
+        if let Freshness::Fresh { manifest } | Freshness::Restorable { manifest, .. } = &freshness {
+            printer.verbose(&format!("    key {}", manifest.key));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every selected stage judged in order, each using the digests of the upstream ones that
+/// need no run.
+fn assess_all(plan: &Plan, store: &Store, selected: &[usize]) -> Result<Vec<(usize, Freshness)>, Error> {
+    let mut cache = StatCache::open(&store.stat_cache_file());
+    let mut digests: BTreeMap<String, Option<String>> = BTreeMap::new();
+    let mut assessed = Vec::new();
+    for &index in selected {
+        let freshness = freshness::assess(plan, store, &mut cache, index, &digests).map_err(store_error(store))?;
+        digests.insert(plan.stages[index].name.clone(), freshness.output_digest().map(str::to_string));
+        assessed.push((index, freshness));
+    }
+    let _ = cache.save();
+    Ok(assessed)
+}
+
+fn select_or_all(plan: &Plan, names: &[String]) -> Result<Vec<usize>, Error> {
+    if names.is_empty() { Ok(plan.order().to_vec()) } else { plan.select(names) }
+}
+
+fn row(plan: &Plan, name: &str, state: &str, why: &str) -> String {
+    let width = plan.stages.iter().map(|stage| stage.name.len()).max().unwrap_or(0);
+    format!("{name:<width$}  {state:<8} {why}").trim_end().to_string()
+}
+
+pub fn dag(printer: &Printer, file: Option<&Path>, names: &[String], dot: bool) -> Result<ExitCode, Error> {
+    let (plan, _) = load(file, &[])?;
+    let selected = select_or_all(&plan, names)?;
+    if dot {
+        printer.data("digraph nanoflow {");
+        printer.data("  rankdir=LR;");
+        for &index in &selected {
+            let stage = &plan.stages[index];
+            printer.data(&format!("  \"{}\" [label=\"{}\\n({})\"];", stage.name, stage.name, stage.kind.name()));
+            for input in &stage.inputs {
+                printer.data(&format!("  \"{input}\" -> \"{}\";", stage.name));
+            }
+        }
+        printer.data("}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Text: each stage under the deepest of its inputs, one line each, upstream first.
+    let mut depth: BTreeMap<&str, usize> = BTreeMap::new();
+    for &index in &selected {
+        let stage = &plan.stages[index];
+        let level = stage.inputs.iter().filter_map(|input| depth.get(input.as_str())).max().map_or(0, |d| d + 1);
+        depth.insert(&stage.name, level);
+        let arrow = if stage.inputs.is_empty() { String::new() } else { format!("  <- {}", stage.inputs.join(", ")) };
+        printer.data(&format!("{}{} ({}){arrow}", "  ".repeat(level), stage.name, stage.kind.name()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn ls(printer: &Printer, file: Option<&Path>) -> Result<ExitCode, Error> {
+    let (plan, _) = load(file, &[])?;
+    let width = plan.stages.iter().map(|s| s.name.len()).chain(plan.targets.iter().map(|t| t.name.len())).max().unwrap_or(0);
+    if !plan.targets.is_empty() {
+        printer.data("targets:");
+        for target in &plan.targets {
+            printer.data(&format!("  {:<width$}  {}", target.name, target.stages.join(" ")));
+        }
+    }
+    printer.data("stages:");
+    for stage in &plan.stages {
+        printer.data(&format!("  {:<width$}  {}", stage.name, stage.kind.name()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn show(printer: &Printer, file: Option<&Path>, stage: &str) -> Result<ExitCode, Error> {
+    let (plan, store) = load(file, &[])?;
+    if plan.index(stage).is_none() {
+        return Err(Error::UnknownName {
+            name: stage.to_string(),
+            suggestion: crate::error::suggest(stage, plan.stages.iter().map(|s| s.name.as_str())),
+        });
+    }
+    let Some(dir) = store.current(stage) else {
+        printer.error(&format!("{} stage `{stage}` has no output yet", printer.paint(Style::Red, "error:")));
+        printer.error(&format!("\n{} run it with `nanoflow run {stage}`", printer.paint(Style::Cyan, "hint:")));
+        return Ok(ExitCode::FAILURE);
+    };
+    let manifest = Manifest::read(&dir).map_err(store_error(&store))?;
+    printer.data(&show_path(&dir).display().to_string());
+    if let Some(manifest) = manifest {
+        printer.data(&serde_json::to_string_pretty(&manifest).expect("a manifest is JSON"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) -> Result<ExitCode, Error> {
+    let (_, store) = load(file, &[])?;
+    let _lock = store.try_lock_exclusive()?;
+    let mut removed = 0;
+    let mut bytes = 0;
+    let stage_dirs = match fs_err::read_dir(&store.root) {
+        Ok(entries) => entries.filter_map(Result::ok).map(|entry| entry.path()).collect::<Vec<_>>(),
+        Err(_) => Vec::new(),
+    };
+    let mut stage_dirs: Vec<_> = stage_dirs.into_iter().filter(|dir| dir.is_dir() && !is_hidden(dir)).collect();
+    stage_dirs.sort();
+    for stage_dir in stage_dirs {
+        let current = fs_err::read_link(stage_dir.join("current")).ok();
+        let mut entries: Vec<_> = fs_err::read_dir(&stage_dir).map_err(store_error(&store))?.filter_map(Result::ok).collect();
+        entries.sort_by_key(|entry| entry.file_name());
+        for entry in entries {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            let keep = name == "current"
+                || current.as_deref().is_some_and(|target| target == Path::new(&name))
+                || (name.starts_with(".partial-") && !partial);
+            if keep {
+                continue;
+            }
+            let size = store::disk_usage(&path).max(path.symlink_metadata().map(|m| m.len()).unwrap_or(0));
+            printer.data(&format!("{}  {}", show_path(&path).display(), format_bytes(size as f64)));
+            removed += 1;
+            bytes += size;
+            if !dry_run {
+                let result = if path.is_dir() && !path.is_symlink() { store::remove_dir_all(&path) } else { fs_err::remove_file(&path) };
+                result.map_err(store_error(&store))?;
+            }
+        }
+    }
+    if !dry_run {
+        let _ = StatCache::open(&store.stat_cache_file()).prune();
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    printer.status(&format!("{verb} {}, {}", plural(removed, "entry"), format_bytes(bytes as f64)));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn is_hidden(path: &Path) -> bool {
+    path.file_name().is_some_and(|name| name.to_string_lossy().starts_with('.'))
+}
+
+pub fn verify(printer: &Printer, file: Option<&Path>, names: &[String]) -> Result<ExitCode, Error> {
+    let (plan, store) = load(file, &[])?;
+    let selected = select_or_all(&plan, names)?;
+    let mut damaged = BTreeSet::new();
+    for index in selected {
+        let name = &plan.stages[index].name;
+        let Some(dir) = store.current(name) else {
+            printer.data(&row(&plan, name, "missing", "no output yet"));
+            continue;
+        };
+        let manifest = Manifest::read(&dir).map_err(store_error(&store))?;
+        let damage = match &manifest {
+            Some(manifest) => manifest.verify(&dir).map_err(store_error(&store))?.iter().map(ToString::to_string).collect(),
+            None => vec!["`manifest.json` is missing".to_string()],
+        };
+        if damage.is_empty() {
+            printer.data(&row(&plan, name, "ok", &show_path(&dir).display().to_string()));
+        } else {
+            printer.data(&row(&plan, name, "damaged", &damage.join("; ")));
+            damaged.insert(name.clone());
+        }
+    }
+    if damaged.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    printer.error(&format!(
+        "{} damaged output in `{}`; `nanoflow run` runs them again",
+        printer.paint(Style::Red, "error:"),
+        damaged.into_iter().collect::<Vec<_>>().join("`, `")
+    ));
+    Ok(ExitCode::FAILURE)
+}
+
+fn plural(count: usize, noun: &str) -> String {
+    match (count, noun) {
+        (1, _) => format!("1 {noun}"),
+        (_, "entry") => format!("{count} entries"),
+        _ => format!("{count} {noun}s"),
+    }
+}

@@ -1,0 +1,140 @@
+//! The engine's one error type. Every variant carries what a person needs to find the problem:
+//! the file and line (through `Origin`/`Location`), the stage and the key; `hint` adds a
+//! "did you mean" where one is known. `main.rs` renders it as `error:` / `caused by:` / `hint:`.
+
+use std::path::PathBuf;
+
+use crate::source_map::{Location, Origin};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no `pipeline.yaml` in `{}` or any parent directory", dir.display())]
+    NoPipeline { dir: PathBuf },
+
+    #[error("could not read `{}`", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("invalid YAML at {location}: {message}")]
+    Syntax { location: Location, message: String },
+
+    #[error("duplicate {what} `{name}` at {second} (first at {first})")]
+    Duplicate { what: &'static str, name: String, first: Location, second: Location },
+
+    #[error("{what} must be {expected} {origin}")]
+    Shape { what: String, expected: &'static str, origin: Origin },
+
+    #[error("invalid stage name `{name}` at {location}: use letters, digits, `-` and `_`")]
+    InvalidName { name: String, location: Location },
+
+    #[error("stage `{stage}` has no `kind` at {location}")]
+    MissingKind { stage: String, location: Location },
+
+    #[error("unknown kind `{kind}` in stage `{stage}` {origin}")]
+    UnknownKind { stage: String, kind: String, origin: Origin, suggestion: Option<String> },
+
+    #[error("unknown key `{key}` {place} {origin}")]
+    UnknownKey { place: String, key: String, origin: Origin, suggestion: Option<String> },
+
+    #[error("missing key `{key}` in stage `{stage}` at {location}")]
+    MissingKey { stage: String, key: String, location: Location },
+
+    #[error("wrong type for `{key}` in stage `{stage}` {origin}: {message}")]
+    WrongType { stage: String, key: String, origin: Origin, message: String },
+
+    #[error("stage `{stage}` refers to unknown stage `{reference}` {origin}")]
+    UnknownReference { stage: String, reference: String, origin: Origin, suggestion: Option<String> },
+
+    #[error("target `{target}` names unknown stage `{stage}` at {location}")]
+    UnknownTargetStage { target: String, stage: String, location: Location, suggestion: Option<String> },
+
+    #[error("cycle in the stage graph: {} (stage `{}` at {location})", cycle.join(" -> "), cycle[0])]
+    Cycle { cycle: Vec<String>, location: Location },
+
+    #[error("{what} `{path}` of stage `{stage}` does not exist {origin}")]
+    MissingFile { what: &'static str, stage: String, path: String, origin: Origin },
+
+    #[error("no target or stage named `{name}`")]
+    UnknownName { name: String, suggestion: Option<String> },
+
+    #[error("no target or stage given")]
+    NothingToRun { targets: Vec<String> },
+
+    #[error("invalid `--set {argument}`: {message}")]
+    InvalidSet { argument: String, message: String },
+
+    #[error("`--force {stage}` names a stage that this run does not include")]
+    ForceOutsideRun { stage: String },
+
+    #[error("store error at `{}`", path.display())]
+    Store {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("another nanoflow process is using the store at `{}`", path.display())]
+    StoreBusy { path: PathBuf },
+}
+
+impl Error {
+    /// 2 for anything wrong with the pipeline, a config or the arguments (nothing ran);
+    /// 1 for trouble while running.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Store { .. } | Error::StoreBusy { .. } => 1,
+            _ => 2,
+        }
+    }
+
+    /// One line of advice shown under the error, when there is one.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::UnknownKind { suggestion, .. }
+            | Error::UnknownKey { suggestion, .. }
+            | Error::UnknownReference { suggestion, .. }
+            | Error::UnknownTargetStage { suggestion, .. }
+            | Error::UnknownName { suggestion, .. } => {
+                suggestion.as_ref().map(|name| format!("did you mean `{name}`?"))
+            }
+            Error::NothingToRun { targets } if !targets.is_empty() => {
+                Some(format!("targets in this pipeline: {}", targets.join(", ")))
+            }
+            Error::NoPipeline { .. } => Some("pass another file with `-f FILE`".to_string()),
+            Error::StoreBusy { .. } => Some("wait for it to finish, then try again".to_string()),
+            Error::InvalidSet { .. } => Some("write it as `--set stage.key=value`".to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// The closest of `candidates` to `name`, if it is close enough to be what was meant: a typo or
+/// two (edit distance) or a shared stem (Jaro-Winkler), as cargo and just judge it.
+pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    candidates
+        .into_iter()
+        .filter_map(|candidate| {
+            let distance = strsim::damerau_levenshtein(name, candidate);
+            let close = distance <= (name.len().max(candidate.len()) / 3).max(1)
+                || strsim::jaro_winkler(name, candidate) > 0.9;
+            close.then_some((distance, candidate))
+        })
+        .min_by_key(|(distance, _)| *distance)
+        .map(|(_, candidate)| candidate.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_names_only() {
+        let keys = ["n_embd", "n_layer", "n_head"];
+        assert_eq!(suggest("n_embed", keys).as_deref(), Some("n_embd"));
+        assert_eq!(suggest("rn", ["run", "outs", "env"]).as_deref(), Some("run"));
+        assert_eq!(suggest("learning_rate", keys), None);
+    }
+}

@@ -1,0 +1,438 @@
+//! Running what `run` selected: independent stages in parallel (`-j`), each stale one in a child
+//! process whose output is streamed with a `[stage]` prefix and saved in `log.txt`, published
+//! only when it succeeds. A failure stops the stages downstream of it and lets the others
+//! finish; Ctrl-C or SIGTERM stops every child and publishes nothing half-done.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime};
+
+use nanoflow_stages::Report;
+
+use crate::cache_key::KeyMaterial;
+use crate::error::Error;
+use crate::freshness::{self, Freshness};
+use crate::manifest::{LOG, Manifest, hash_outputs, output_digest};
+use crate::plan::Plan;
+use crate::printer::{Printer, Style, show_path};
+use crate::reference;
+use crate::stage_process::StageSpec;
+use crate::stat_cache::StatCache;
+use crate::store::{self, Lock, Store};
+
+/// Set by Ctrl-C / SIGTERM: start nothing new, publish nothing.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Process-group ids of the running stage processes, for the signal handler.
+static CHILDREN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
+
+/// Lines of a stage's output kept in memory for the failure summary.
+const TAIL: usize = 20;
+
+pub fn install_signal_handler() {
+    let _ = ctrlc::set_handler(|| {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        for &group in CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).iter() {
+            // SAFETY: kill(2) with a negative pid signals a process group; no memory is touched.
+            unsafe { libc::kill(-group, libc::SIGTERM) };
+        }
+    });
+}
+
+fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
+#[derive(Debug, Default)]
+pub struct Options {
+    pub jobs: usize,
+    pub force: BTreeSet<String>,
+}
+
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub ran: usize,
+    pub cached: usize,
+    pub failed: Vec<String>,
+    pub skipped: Vec<String>,
+    pub interrupted: bool,
+}
+
+/// A finished upstream stage: what downstream keys and paths need.
+#[derive(Debug, Clone)]
+struct Done {
+    digest: String,
+    entry: PathBuf,
+}
+
+enum Outcome {
+    /// Fresh already, or restored from the store, or published meanwhile by another process.
+    Cached { done: Done, how: &'static str },
+    Ran { done: Done, seconds: f64, summary: String },
+    Failed { message: String, tail: Vec<String>, log: PathBuf },
+    Interrupted,
+}
+
+pub struct Executor<'a> {
+    plan: &'a Plan,
+    store: &'a Store,
+    printer: &'a Printer,
+    cache: Mutex<StatCache>,
+    options: Options,
+    width: usize,
+}
+
+impl<'a> Executor<'a> {
+    pub fn new(plan: &'a Plan, store: &'a Store, printer: &'a Printer, options: Options) -> Executor<'a> {
+        let cache = Mutex::new(StatCache::open(&store.stat_cache_file()));
+        let width = plan.stages.iter().map(|stage| stage.name.len()).max().unwrap_or(0);
+        Executor { plan, store, printer, cache, options, width }
+    }
+
+    /// Builds `selected` (indices in upstream-first order).
+    pub fn run(&self, selected: &[usize]) -> Result<Summary, Error> {
+        let _store_lock: Lock = self.store.lock_shared()?;
+        let total = selected.len();
+        let mut summary = Summary::default();
+        let mut done: BTreeMap<String, Done> = BTreeMap::new();
+        let mut broken: BTreeSet<String> = BTreeSet::new();
+        let mut pending: VecDeque<usize> = (0..total).collect();
+        let mut running = 0;
+        let (sender, receiver) = mpsc::channel::<(usize, Outcome)>();
+        std::thread::scope(|scope| {
+            loop {
+                if !interrupted() {
+                    let mut waiting = VecDeque::new();
+                    while let Some(position) = pending.pop_front() {
+                        let stage = &self.plan.stages[selected[position]];
+                        if let Some(failed) = stage.inputs.iter().find(|input| broken.contains(*input)) {
+                            self.line(position, total, &stage.name, Style::Yellow, "skipped", &format!("(`{failed}` did not finish)"));
+                            broken.insert(stage.name.clone());
+                            summary.skipped.push(stage.name.clone());
+                        } else if running < self.options.jobs.max(1) && stage.inputs.iter().all(|input| done.contains_key(input)) {
+                            let upstream: BTreeMap<String, Done> =
+                                stage.inputs.iter().map(|input| (input.clone(), done[input].clone())).collect();
+                            let sender = sender.clone();
+                            let index = selected[position];
+                            scope.spawn(move || {
+                                let outcome = self.build(index, position, total, &upstream);
+                                let _ = sender.send((position, outcome));
+                            });
+                            running += 1;
+                        } else {
+                            waiting.push_back(position);
+                        }
+                    }
+                    pending = waiting;
+                }
+                if running == 0 {
+                    break;
+                }
+                let Ok((position, outcome)) = receiver.recv() else { break };
+                running -= 1;
+                let name = self.plan.stages[selected[position]].name.clone();
+                match outcome {
+                    Outcome::Cached { done: finished, how } => {
+                        self.line(position, total, &name, Style::Green, how, &self.show_path(&finished.entry));
+                        summary.cached += 1;
+                        done.insert(name, finished);
+                    }
+                    Outcome::Ran { done: finished, seconds, summary: report } => {
+                        let detail = format!("{seconds:.1}s  {}", self.show_path(&finished.entry));
+                        self.line(position, total, &name, Style::Green, "done", &detail);
+                        if !report.is_empty() {
+                            self.printer.status(&format!("      {report}"));
+                        }
+                        summary.ran += 1;
+                        done.insert(name, finished);
+                    }
+                    Outcome::Failed { message, tail, log } => {
+                        self.line(position, total, &name, Style::Red, "failed", &message);
+                        if self.printer.verbosity == crate::printer::Verbosity::Quiet {
+                            for line in &tail {
+                                self.printer.error(&format!("[{name}] {line}"));
+                            }
+                        }
+                        self.printer.error(&format!("      log: {}", self.show_path(&log)));
+                        summary.failed.push(name.clone());
+                        broken.insert(name);
+                    }
+                    Outcome::Interrupted => {
+                        self.line(position, total, &name, Style::Yellow, "stopped", "(interrupted; nothing published)");
+                        broken.insert(name);
+                    }
+                }
+            }
+        });
+        summary.interrupted = interrupted();
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Err(error) = cache.save() {
+            self.printer.error(&format!("warning: could not save the stat cache: {error}"));
+        }
+        Ok(summary)
+    }
+
+    /// Makes stage `index` current: from the store when its key is there, else by running it.
+    fn build(&self, index: usize, position: usize, total: usize, upstream: &BTreeMap<String, Done>) -> Outcome {
+        let stage = &self.plan.stages[index];
+        match self.prepare(index, upstream) {
+            Ok(Prepared::Cached(outcome)) => outcome,
+            Ok(Prepared::Run { key, material, reasons }) => {
+                self.line(position, total, &stage.name, Style::Cyan, "running", &format!("({})", reasons.join("; ")));
+                match self.execute(index, &key, material, upstream) {
+                    Ok(outcome) => outcome,
+                    Err(error) => Outcome::Failed {
+                        message: format!("{error}"),
+                        tail: Vec::new(),
+                        log: self.store.partial_dir(&stage.name, &key).join(LOG),
+                    },
+                }
+            }
+            Err(error) => Outcome::Failed {
+                message: format!("{error}"),
+                tail: Vec::new(),
+                log: self.store.stage_dir(&stage.name),
+            },
+        }
+    }
+
+    fn prepare(&self, index: usize, upstream: &BTreeMap<String, Done>) -> std::io::Result<Prepared> {
+        let stage = &self.plan.stages[index];
+        let digests: BTreeMap<String, Option<String>> =
+            upstream.iter().map(|(name, done)| (name.clone(), Some(done.digest.clone()))).collect();
+        let freshness = {
+            let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if self.options.force.contains(&stage.name) {
+                let material = freshness::material(self.plan, &mut cache, index, &digests)?;
+                Freshness::Stale { key: material.key(), material, reasons: vec!["forced".to_string()] }
+            } else {
+                freshness::assess(self.plan, self.store, &mut cache, index, &digests)?
+            }
+        };
+        match freshness {
+            Freshness::Fresh { manifest } => Ok(Prepared::Cached(self.cached(&stage.name, &manifest, "cached")?)),
+            Freshness::Restorable { manifest, .. } => Ok(Prepared::Cached(self.cached(&stage.name, &manifest, "restored")?)),
+            Freshness::Stale { key, material, reasons } => Ok(Prepared::Run { key, material, reasons }),
+            Freshness::Waiting { upstream } => {
+                unreachable!("stage `{}` started before `{}` finished", stage.name, upstream.join("`, `"))
+            }
+        }
+    }
+
+    fn cached(&self, stage: &str, manifest: &Manifest, how: &'static str) -> std::io::Result<Outcome> {
+        self.store.set_current(stage, &manifest.key)?;
+        let entry = self.store.entry_dir(stage, &manifest.key);
+        Ok(Outcome::Cached { done: Done { digest: manifest.output_digest.clone(), entry }, how })
+    }
+
+    /// Runs a stale stage: takes its key's lock (waiting if another process holds it, then
+    /// using that process's result), runs the child, and publishes.
+    fn execute(
+        &self,
+        index: usize,
+        key: &str,
+        material: KeyMaterial,
+        upstream: &BTreeMap<String, Done>,
+    ) -> std::io::Result<Outcome> {
+        let stage = &self.plan.stages[index];
+        let _lock = match self.lock_key(&stage.name, key)? {
+            Some(lock) => lock,
+            None => return Ok(Outcome::Interrupted),
+        };
+        if !self.options.force.contains(&stage.name)
+            && let Some(manifest) = self.store.lookup(&stage.name, key)?
+        {
+            let dir = self.store.entry_dir(&stage.name, key);
+            let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if manifest.check(&dir, &mut cache)?.is_empty() {
+                drop(cache);
+                return self.cached(&stage.name, &manifest, "cached");
+            }
+        }
+
+        let partial = self.store.partial_dir(&stage.name, key);
+        if !stage.kind.resumable() {
+            store::remove_dir_all(&partial)?;
+        }
+        fs_err::create_dir_all(&partial)?;
+        let mut params = stage.params.clone();
+        reference::strings_mut(&mut params, &mut |text| {
+            *text = reference::substitute(text, |name| upstream[name].entry.display().to_string());
+        });
+        let report_path = self.store.stage_dir(&stage.name).join(format!(".report-{key}.json"));
+        let _ = fs_err::remove_file(&report_path);
+        let spec = StageSpec {
+            stage: stage.name.clone(),
+            kind: stage.kind.name().to_string(),
+            params: params.clone(),
+            root: self.plan.root.clone(),
+            out: partial.clone(),
+            inputs: upstream.iter().map(|(name, done)| (name.clone(), done.entry.clone())).collect(),
+            report: report_path.clone(),
+        };
+
+        let started_at = SystemTime::now();
+        let clock = Instant::now();
+        let log_path = partial.join(LOG);
+        let (status, tail) = self.spawn(&stage.name, &spec, &log_path)?;
+        if interrupted() {
+            return Ok(Outcome::Interrupted);
+        }
+        if !status.success() {
+            let reason = match status.code() {
+                Some(code) => format!("exit status {code}"),
+                None => format!("killed by signal {}", std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)),
+            };
+            let error_line = tail.iter().rev().find(|line| line.starts_with("error: ")).cloned();
+            let message = match error_line {
+                Some(line) => format!("{reason}: {}", line.trim_start_matches("error: ")),
+                None => reason,
+            };
+            return Ok(Outcome::Failed { message, tail, log: log_path });
+        }
+        let report: Report = fs_err::read(&report_path)
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        let _ = fs_err::remove_file(&report_path);
+
+        let outputs = hash_outputs(&partial)?;
+        let digest = output_digest(&outputs);
+        let manifest = Manifest {
+            nanoflow_version: env!("CARGO_PKG_VERSION").to_string(),
+            stage: stage.name.clone(),
+            key: key.to_string(),
+            material,
+            config: params,
+            outputs,
+            output_digest: digest.clone(),
+            started_at: humantime::format_rfc3339_seconds(started_at).to_string(),
+            finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            duration_s: (clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+            exit_status: 0,
+            host: hostname(),
+            summary: report.summary.clone(),
+            metrics: report.metrics,
+        };
+        if interrupted() {
+            return Ok(Outcome::Interrupted);
+        }
+        let entry = self.store.publish(&stage.name, key, &manifest)?;
+        self.store.set_current(&stage.name, key)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (relative, file) in &manifest.outputs {
+            cache.remember(&entry.join(relative), &file.digest)?;
+        }
+        Ok(Outcome::Ran { done: Done { digest, entry }, seconds: manifest.duration_s, summary: report.summary })
+    }
+
+    /// The key's lock, waiting politely for another process; `None` if interrupted meanwhile.
+    fn lock_key(&self, stage: &str, key: &str) -> std::io::Result<Option<Lock>> {
+        let mut announced = false;
+        loop {
+            if let Some(lock) = self.store.try_lock_key(stage, key)? {
+                return Ok(Some(lock));
+            }
+            if interrupted() {
+                return Ok(None);
+            }
+            if !announced {
+                self.printer.status(&format!("      waiting for another nanoflow process running `{stage}`"));
+                announced = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts `nanoflow __stage` in its own process group, streams its output, waits for it.
+    fn spawn(&self, stage: &str, spec: &StageSpec, log_path: &Path) -> std::io::Result<(ExitStatus, Vec<String>)> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command.arg("__stage").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        command.process_group(0);
+        // SAFETY: prctl is async-signal-safe; it asks the kernel to SIGTERM the stage if the
+        // engine dies, so an engine killed with SIGKILL leaves no stage running on.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn()?;
+        let pid = child.id() as i32;
+        CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(pid);
+        if interrupted() {
+            // SAFETY: signals the group just created.
+            unsafe { libc::kill(-pid, libc::SIGTERM) };
+        }
+        let json = serde_json::to_vec(spec).map_err(std::io::Error::other)?;
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(&json);
+        }
+        let log = Mutex::new(fs_err::File::options().create(true).append(true).open(log_path)?);
+        let tail = Mutex::new(VecDeque::with_capacity(TAIL));
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        std::thread::scope(|scope| {
+            scope.spawn(|| self.stream(stage, stdout, &log, &tail));
+            scope.spawn(|| self.stream(stage, stderr, &log, &tail));
+        });
+        let status = child.wait();
+        CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|&child| child != pid);
+        Ok((status?, tail.into_inner().unwrap_or_default().into()))
+    }
+
+    fn stream(&self, stage: &str, from: impl Read, log: &Mutex<fs_err::File>, tail: &Mutex<VecDeque<String>>) {
+        let mut reader = BufReader::new(from);
+        let mut buffer = Vec::new();
+        while reader.read_until(b'\n', &mut buffer).is_ok_and(|read| read > 0) {
+            let line = String::from_utf8_lossy(&buffer);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if let Ok(mut log) = log.lock() {
+                let _ = writeln!(log, "{line}");
+            }
+            self.printer.stage_line(stage, line);
+            if let Ok(mut tail) = tail.lock() {
+                if tail.len() == TAIL {
+                    tail.pop_front();
+                }
+                tail.push_back(line.to_string());
+            }
+            buffer.clear();
+        }
+    }
+
+    fn line(&self, position: usize, total: usize, stage: &str, style: Style, state: &str, detail: &str) {
+        let counter = self.printer.paint(Style::Dim, &format!("[{}/{total}]", position + 1));
+        let state = self.printer.paint(style, &format!("{state:<8}"));
+        let line = format!("{counter} {stage:<width$}  {state} {detail}", width = self.width);
+        if style_is_failure(state.as_str()) { self.printer.error(&line) } else { self.printer.status(&line) }
+    }
+
+    fn show_path(&self, path: &Path) -> String {
+        show_path(path).display().to_string()
+    }
+}
+
+enum Prepared {
+    Cached(Outcome),
+    Run { key: String, material: KeyMaterial, reasons: Vec<String> },
+}
+
+fn style_is_failure(state: &str) -> bool {
+    state.contains("failed")
+}
+
+fn hostname() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    if result != 0 {
+        return "unknown".to_string();
+    }
+    let end = buffer.iter().position(|&byte| byte == 0).unwrap_or(buffer.len());
+    String::from_utf8_lossy(&buffer[..end]).into_owned()
+}

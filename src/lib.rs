@@ -1,0 +1,78 @@
+//! nanoflow's engine: pipeline.yaml -> validated DAG -> content keys -> store -> child processes.
+//! It knows nothing of tensors or tokenizers; the stage kinds live in the `nanoflow-stages`
+//! crate. The control flow of every command is visible here, in one place.
+
+mod cache_key;
+mod cli;
+mod commands;
+mod error;
+mod executor;
+mod freshness;
+mod manifest;
+mod pipeline;
+mod plan;
+mod printer;
+mod reference;
+mod source_map;
+mod stage_kind;
+mod stage_process;
+mod stat_cache;
+mod store;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::error::Error;
+use crate::printer::{Printer, Style, Verbosity};
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Stage = cli.command {
+        return stage_process::main();
+    }
+    let verbosity = match (cli.quiet, cli.verbose) {
+        (true, _) => Verbosity::Quiet,
+        (_, true) => Verbosity::Verbose,
+        _ => Verbosity::Normal,
+    };
+    let printer = Printer::new(verbosity);
+    match run(cli, &printer) {
+        Ok(code) => code,
+        Err(error) => {
+            render(&printer, &error);
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
+    let file = cli.file.as_deref();
+    match cli.command {
+        Command::Run { names, dry_run, jobs, set, force } => {
+            commands::run(printer, file, &names, dry_run, usize::from(jobs), &set, &force)
+        }
+        Command::Status { names, set } => commands::status(printer, file, &names, &set),
+        Command::Dag { names, dot } => commands::dag(printer, file, &names, dot),
+        Command::Ls => commands::ls(printer, file),
+        Command::Show { stage } => commands::show(printer, file, &stage),
+        Command::Gc { dry_run, partial } => commands::gc(printer, file, dry_run, partial),
+        Command::Verify { names } => commands::verify(printer, file, &names),
+        Command::Stage => unreachable!("handled before the printer exists"),
+    }
+}
+
+/// `error: ...`, then `caused by: ...` per source, then `hint: ...` (uv's shape).
+fn render(printer: &Printer, error: &Error) {
+    printer.error(&format!("{} {error}", printer.paint(Style::Red, "error:")));
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        printer.error(&format!("  {} {cause}", printer.paint(Style::Red, "caused by:")));
+        source = cause.source();
+    }
+    if let Some(hint) = error.hint() {
+        printer.error("");
+        printer.error(&format!("{} {hint}", printer.paint(Style::Cyan, "hint:")));
+    }
+}

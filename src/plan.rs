@@ -1,0 +1,368 @@
+//! The validated DAG: every stage with its kind, its params resolved (code defaults < `config:`
+//! files < the stage's own keys < `--set`) and checked against its kind, its upstream stages and
+//! its local files; targets checked; cycles rejected. Once a `Plan` exists, nothing about the
+//! pipeline can be wrong any more; what remains is deciding what is stale and running it.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde_yaml::Value;
+
+use crate::error::{Error, suggest};
+use crate::pipeline::{ENGINE_KEYS, Param, PipelineFile, RawStage, read_yaml};
+use crate::reference;
+use crate::source_map::{Location, Origin};
+use crate::stage_kind::{ParamError, StageKind};
+
+#[derive(Debug)]
+pub struct Plan {
+    /// The directory holding it: commands run here, relative paths resolve here.
+    pub root: PathBuf,
+    /// In the order written.
+    pub stages: Vec<Stage>,
+    pub targets: Vec<Target>,
+    /// Every stage index, upstream before downstream.
+    order: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct Stage {
+    pub name: String,
+    pub kind: StageKind,
+    pub location: Location,
+    /// The kind's config with every default filled in, `${stage}` references still unresolved:
+    /// what the stage will run with, and (less non-semantic keys) what enters its key.
+    pub params: serde_json::Value,
+    /// The stages this one reads, by name, sorted.
+    pub inputs: Vec<String>,
+    /// Local files and folders whose contents enter the key, as written (relative to `root`).
+    pub deps: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Target {
+    pub name: String,
+    pub stages: Vec<String>,
+}
+
+impl Plan {
+    /// Validates `file`, with `sets` (`stage.key=value`) applied on top.
+    pub fn build(file: PipelineFile, sets: &[String]) -> Result<Plan, Error> {
+        let names: Vec<&str> = file.stages.iter().map(|stage| stage.name.as_str()).collect();
+        let mut overrides: Vec<Vec<Param>> = vec![Vec::new(); file.stages.len()];
+        for argument in sets {
+            let (stage, param) = parse_set(argument, &names)?;
+            overrides[stage].push(param);
+        }
+        let stages = file
+            .stages
+            .iter()
+            .zip(overrides)
+            .map(|(raw, overrides)| resolve_stage(raw, overrides, &file.root, &names))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut targets = Vec::new();
+        for raw in &file.targets {
+            for (stage, location) in &raw.stages {
+                if !names.contains(&stage.as_str()) {
+                    return Err(Error::UnknownTargetStage {
+                        target: raw.name.clone(),
+                        stage: stage.clone(),
+                        location: location.clone(),
+                        suggestion: suggest(stage, names.iter().copied()),
+                    });
+                }
+            }
+            targets.push(Target { name: raw.name.clone(), stages: raw.stages.iter().map(|(s, _)| s.clone()).collect() });
+        }
+        let order = topological_order(&stages)?;
+        Ok(Plan { root: file.root, stages, targets, order })
+    }
+
+    pub fn index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|stage| stage.name == name)
+    }
+
+    /// Every stage, upstream before downstream.
+    pub fn order(&self) -> &[usize] {
+        &self.order
+    }
+
+    /// The stages `names` (targets first, then stages) need, upstream before downstream.
+    pub fn select(&self, names: &[String]) -> Result<Vec<usize>, Error> {
+        let mut wanted = BTreeSet::new();
+        for name in names {
+            let roots: Vec<usize> = match self.targets.iter().find(|target| &target.name == name) {
+                Some(target) => target.stages.iter().filter_map(|stage| self.index(stage)).collect(),
+                None => vec![self.index(name).ok_or_else(|| Error::UnknownName {
+                    name: name.clone(),
+                    suggestion: suggest(
+                        name,
+                        self.targets.iter().map(|t| t.name.as_str()).chain(self.stages.iter().map(|s| s.name.as_str())),
+                    ),
+                })?],
+            };
+            let mut stack = roots;
+            while let Some(index) = stack.pop() {
+                if wanted.insert(index) {
+                    stack.extend(self.stages[index].inputs.iter().filter_map(|input| self.index(input)));
+                }
+            }
+        }
+        Ok(self.order.iter().copied().filter(|index| wanted.contains(index)).collect())
+    }
+
+    /// The params that enter the key: the resolved config less the kind's non-semantic keys.
+    pub fn key_params(&self, index: usize) -> serde_json::Value {
+        let stage = &self.stages[index];
+        let mut params = stage.params.clone();
+        if let Some(map) = params.as_object_mut() {
+            for key in stage.kind.non_semantic() {
+                map.remove(*key);
+            }
+        }
+        params
+    }
+}
+
+/// `train.max_iters=100` -> (index of `train`, the param).
+fn parse_set(argument: &str, names: &[&str]) -> Result<(usize, Param), Error> {
+    let invalid = |message: String| Error::InvalidSet { argument: argument.to_string(), message };
+    let (path, value) = argument.split_once('=').ok_or_else(|| invalid("no `=`".to_string()))?;
+    let (stage, key) = path.split_once('.').ok_or_else(|| invalid("no `.` between stage and key".to_string()))?;
+    let index = names.iter().position(|name| *name == stage).ok_or_else(|| {
+        let hint = suggest(stage, names.iter().copied()).map(|name| format!(" (did you mean `{name}`?)")).unwrap_or_default();
+        invalid(format!("no stage `{stage}`{hint}"))
+    })?;
+    if ENGINE_KEYS.contains(&key) {
+        return Err(invalid(format!("`{key}` can only be set in the pipeline file")));
+    }
+    let value: Value = serde_yaml::from_str(value).map_err(|error| invalid(format!("value is not YAML: {error}")))?;
+    Ok((index, Param { key: key.to_string(), value, origin: Origin::CommandLine(argument.to_string()) }))
+}
+
+fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&str]) -> Result<Stage, Error> {
+    let kind = StageKind::parse(&raw.kind).ok_or_else(|| Error::UnknownKind {
+        stage: raw.name.clone(),
+        kind: raw.kind.clone(),
+        origin: raw.kind_origin.clone(),
+        suggestion: suggest(&raw.kind, StageKind::ALL.iter().map(|kind| kind.name())),
+    })?;
+
+    // Precedence: config files in order < the stage's keys < --set.
+    let mut params: Vec<Param> = Vec::new();
+    for (path, origin) in &raw.configs {
+        params.extend(read_config(raw, path, origin, root)?);
+    }
+    params.extend(raw.params.iter().cloned());
+    params.extend(overrides);
+    let mut merged = serde_yaml::Mapping::new();
+    let mut origins: Vec<(String, Origin)> = Vec::new();
+    for param in params {
+        if !kind.fields().contains(&param.key.as_str()) {
+            return Err(Error::UnknownKey {
+                place: format!("in stage `{}`", raw.name),
+                suggestion: suggest(&param.key, kind.fields().iter().chain(ENGINE_KEYS).copied()),
+                key: param.key,
+                origin: param.origin,
+            });
+        }
+        origins.retain(|(key, _)| *key != param.key);
+        origins.push((param.key.clone(), param.origin));
+        merged.insert(Value::String(param.key), param.value);
+    }
+    let origin_of = |key: &str| {
+        origins
+            .iter()
+            .find(|(name, _)| name == key)
+            .map(|(_, origin)| origin.clone())
+            .unwrap_or_else(|| Origin::File(raw.location.clone()))
+    };
+    let params = kind.validate(Value::Mapping(merged)).map_err(|error| match error {
+        ParamError::Missing { key } => Error::MissingKey { stage: raw.name.clone(), key, location: raw.location.clone() },
+        ParamError::Invalid { key, message } => {
+            Error::WrongType { stage: raw.name.clone(), origin: origin_of(&key), key, message }
+        }
+    })?;
+
+    let mut inputs = BTreeSet::new();
+    for (key, value) in params.as_object().into_iter().flatten() {
+        let mut value = value.clone();
+        let mut error = None;
+        reference::strings_mut(&mut value, &mut |text| {
+            for name in reference::references(text) {
+                if names.contains(&name) {
+                    inputs.insert(name.to_string());
+                } else if error.is_none() {
+                    error = Some(Error::UnknownReference {
+                        stage: raw.name.clone(),
+                        reference: name.to_string(),
+                        origin: origin_of(key),
+                        suggestion: suggest(name, names.iter().copied()),
+                    });
+                }
+            }
+        });
+        if let Some(error) = error {
+            return Err(error);
+        }
+    }
+
+    let mut deps = Vec::new();
+    for (path, origin) in &raw.deps {
+        check_exists("`deps` path", raw, path, origin, root)?;
+        deps.push(path.clone());
+    }
+    for path in kind.local_inputs(&params) {
+        if reference::references(&path).is_empty() {
+            check_exists("local input", raw, &path, &Origin::File(raw.location.clone()), root)?;
+            deps.push(path);
+        }
+    }
+    deps.sort();
+    deps.dedup();
+    Ok(Stage { name: raw.name.clone(), kind, location: raw.location.clone(), params, inputs: inputs.into_iter().collect(), deps })
+}
+
+/// A `config:` file: a mapping of params, each located in that file.
+fn read_config(stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> Result<Vec<Param>, Error> {
+    check_exists("`config` file", stage, path, origin, root)?;
+    let (value, map) = read_yaml(&root.join(path))?;
+    let mapping = match value {
+        Value::Mapping(mapping) => mapping,
+        Value::Null => serde_yaml::Mapping::new(),
+        _ => {
+            return Err(Error::Shape {
+                what: format!("config file `{path}`"),
+                expected: "a mapping of params",
+                origin: origin.clone(),
+            });
+        }
+    };
+    mapping
+        .into_iter()
+        .map(|(key, value)| {
+            let key = key.as_str().map(str::to_string).ok_or_else(|| Error::Shape {
+                what: format!("a key in config file `{path}`"),
+                expected: "a string",
+                origin: origin.clone(),
+            })?;
+            let origin = Origin::File(map.nearest(&[&key]));
+            Ok(Param { key, value, origin })
+        })
+        .collect()
+}
+
+fn check_exists(what: &'static str, stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> Result<(), Error> {
+    if root.join(path).exists() {
+        Ok(())
+    } else {
+        Err(Error::MissingFile { what, stage: stage.name.clone(), path: path.to_string(), origin: origin.clone() })
+    }
+}
+
+/// Depth-first, in the order written, so that the order is stable; a back edge is a cycle,
+/// reported as the path around it (`a -> b -> a`).
+fn topological_order(stages: &[Stage]) -> Result<Vec<usize>, Error> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    fn visit(index: usize, stages: &[Stage], marks: &mut [Mark], path: &mut Vec<usize>, order: &mut Vec<usize>) -> Result<(), Error> {
+        match marks[index] {
+            Mark::Done => return Ok(()),
+            Mark::Open => {
+                let start = path.iter().position(|&open| open == index).unwrap_or(0);
+                let mut cycle: Vec<String> = path[start..].iter().map(|&i| stages[i].name.clone()).collect();
+                cycle.push(stages[index].name.clone());
+                return Err(Error::Cycle { cycle, location: stages[index].location.clone() });
+            }
+            Mark::New => {}
+        }
+        marks[index] = Mark::Open;
+        path.push(index);
+        for input in &stages[index].inputs {
+            let upstream = stages.iter().position(|stage| &stage.name == input).expect("inputs are checked");
+            visit(upstream, stages, marks, path, order)?;
+        }
+        path.pop();
+        marks[index] = Mark::Done;
+        order.push(index);
+        Ok(())
+    }
+    let mut marks = vec![Mark::New; stages.len()];
+    let mut order = Vec::with_capacity(stages.len());
+    for index in 0..stages.len() {
+        visit(index, stages, &mut marks, &mut Vec::new(), &mut order)?;
+    }
+    Ok(order)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(yaml: &str, sets: &[&str]) -> Result<Plan, Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pipeline.yaml");
+        fs_err::write(&path, yaml).unwrap();
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Plan::build(PipelineFile::load(&path)?, &sets)
+    }
+
+    fn names(plan: &Plan, indices: &[usize]) -> Vec<String> {
+        indices.iter().map(|&i| plan.stages[i].name.clone()).collect()
+    }
+
+    const DIAMOND: &str = "\
+stages:
+  d: {kind: command, run: 'cat ${b} ${c}'}
+  b: {kind: command, run: 'cat ${a}'}
+  c: {kind: command, run: 'cat ${a}'}
+  a: {kind: command, run: 'echo'}
+  lonely: {kind: command, run: 'true'}
+targets:
+  all: [d]
+";
+
+    #[test]
+    fn orders_upstream_first_and_stably() {
+        let plan = plan(DIAMOND, &[]).unwrap();
+        assert_eq!(names(&plan, plan.order()), ["a", "b", "c", "d", "lonely"]);
+        assert_eq!(plan.stages[0].inputs, ["b", "c"]);
+    }
+
+    #[test]
+    fn selects_the_upstream_closure_of_targets_and_stages() {
+        let plan = plan(DIAMOND, &[]).unwrap();
+        assert_eq!(names(&plan, &plan.select(&["all".into()]).unwrap()), ["a", "b", "c", "d"]);
+        assert_eq!(names(&plan, &plan.select(&["b".into(), "lonely".into()]).unwrap()), ["a", "b", "lonely"]);
+        match plan.select(&["al".into()]) {
+            Err(Error::UnknownName { suggestion, .. }) => assert_eq!(suggestion.as_deref(), Some("all")),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn reports_a_cycle_as_a_path() {
+        let yaml = "stages:\n  a: {kind: command, run: 'cat ${c}'}\n  b: {kind: command, run: 'cat ${a}'}\n  c: {kind: command, run: 'cat ${b}'}\n";
+        match plan(yaml, &[]) {
+            Err(Error::Cycle { cycle, .. }) => assert_eq!(cycle, ["a", "c", "b", "a"]),
+            other => panic!("{other:?}"),
+        }
+        match plan("stages:\n  a: {kind: command, run: 'cat ${a}'}\n", &[]) {
+            Err(Error::Cycle { cycle, .. }) => assert_eq!(cycle, ["a", "a"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn set_overrides_the_file_and_is_checked() {
+        let plan_with_set = plan(DIAMOND, &["a.run=echo 2"]).unwrap();
+        assert_eq!(plan_with_set.stages[3].params["run"], "echo 2");
+        assert!(matches!(plan(DIAMOND, &["x.run=1"]), Err(Error::InvalidSet { .. })));
+        assert!(matches!(plan(DIAMOND, &["a.rn=1"]), Err(Error::UnknownKey { .. })));
+        assert!(matches!(plan(DIAMOND, &["a.kind=command"]), Err(Error::InvalidSet { .. })));
+    }
+}

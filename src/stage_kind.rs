@@ -1,0 +1,191 @@
+//! The closed set of stage kinds, and the one place that maps `kind:` to the code in `stages/`
+//! (ripgrep's `Mode`): validation of params against the kind's `Config`, its version and
+//! non-semantic keys for the content key, and running it in the child process.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use nanoflow_stages::{Context, Report, command};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageKind {
+    Command,
+}
+
+/// A param that does not fit the kind's `Config`.
+#[derive(Debug)]
+pub enum ParamError {
+    /// A required key is absent.
+    Missing { key: String },
+    /// The value under `key` (a top-level param) has the wrong type or value.
+    Invalid { key: String, message: String },
+}
+
+impl StageKind {
+    pub const ALL: &'static [StageKind] = &[StageKind::Command];
+
+    pub fn parse(name: &str) -> Option<StageKind> {
+        StageKind::ALL.iter().copied().find(|kind| kind.name() == name)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StageKind::Command => "command",
+        }
+    }
+
+    /// Enters every key of this kind: bumped when the kind's outputs change meaning.
+    pub fn version(self) -> u32 {
+        match self {
+            StageKind::Command => command::VERSION,
+        }
+    }
+
+    /// The params this kind accepts, in declaration order.
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            StageKind::Command => fields_of::<command::Config>(),
+        }
+    }
+
+    /// Params that cannot change results and so stay out of the key.
+    pub fn non_semantic(self) -> &'static [&'static str] {
+        match self {
+            StageKind::Command => &[],
+        }
+    }
+
+    /// Whether a re-run of the same key keeps the partial output of an interrupted one, so the
+    /// kind can resume (a download's `.part` file, a trainer's checkpoints).
+    pub fn resumable(self) -> bool {
+        match self {
+            StageKind::Command => false,
+        }
+    }
+
+    /// Checks params against the kind's `Config` and returns the config with every default
+    /// filled in, as JSON: the form that enters the key and reaches the child process.
+    pub fn validate(self, params: serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+        match self {
+            StageKind::Command => resolve::<command::Config>(params),
+        }
+    }
+
+    /// Local files and folders named by params whose contents enter the key.
+    pub fn local_inputs(self, _params: &serde_json::Value) -> Vec<String> {
+        match self {
+            StageKind::Command => Vec::new(),
+        }
+    }
+
+    /// Runs the stage. Called in the child process, with `${stage}` references already
+    /// replaced by paths.
+    pub fn run(self, params: serde_json::Value, context: &Context) -> anyhow::Result<Report> {
+        match self {
+            StageKind::Command => command::run(&serde_json::from_value(params)?, context),
+        }
+    }
+}
+
+fn resolve<C: DeserializeOwned + Serialize>(params: serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+    let config: C = serde_path_to_error::deserialize(params).map_err(|error| {
+        let key = error.path().iter().next().map(|segment| segment.to_string());
+        let message = error.inner().to_string();
+        match (key, missing_field(&message)) {
+            (None, Some(field)) => ParamError::Missing { key: field },
+            (key, _) => ParamError::Invalid { key: key.unwrap_or_default(), message: strip_position(&message) },
+        }
+    })?;
+    Ok(serde_json::to_value(&config).expect("a Config always serializes to JSON"))
+}
+
+/// `missing field `run`` -> `run`.
+fn missing_field(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("missing field `")?;
+    Some(rest[..rest.find('`')?].to_string())
+}
+
+/// serde_yaml appends ` at line N column M` to some messages; the engine shows its own position.
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(index) => message[..index].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// The field names a `Deserialize` struct accepts, read from what it passes to
+/// `deserialize_struct`.
+fn fields_of<C: DeserializeOwned>() -> &'static [&'static str] {
+    struct Fields(&'static [&'static str]);
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("stop")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl serde::de::Error for Stop {
+        fn custom<T: std::fmt::Display>(_: T) -> Self {
+            Stop
+        }
+    }
+    impl<'de> serde::Deserializer<'de> for &mut Fields {
+        type Error = Stop;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _visitor: V,
+        ) -> Result<V::Value, Stop> {
+            self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+            option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+            ignored_any
+        }
+    }
+    let mut fields = Fields(&[]);
+    let _ = C::deserialize(&mut fields);
+    fields.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(text: &str) -> serde_yaml::Value {
+        serde_yaml::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn knows_the_fields_of_a_config() {
+        assert_eq!(StageKind::Command.fields(), &["run", "outs", "env"]);
+    }
+
+    #[test]
+    fn fills_defaults() {
+        let params = StageKind::Command.validate(yaml("run: echo")).unwrap();
+        assert_eq!(params, serde_json::json!({"run": "echo", "outs": [], "env": {}}));
+    }
+
+    #[test]
+    fn names_missing_and_mistyped_keys() {
+        match StageKind::Command.validate(yaml("outs: []")) {
+            Err(ParamError::Missing { key }) => assert_eq!(key, "run"),
+            other => panic!("{other:?}"),
+        }
+        match StageKind::Command.validate(yaml("run: echo\nouts: 3")) {
+            Err(ParamError::Invalid { key, message }) => {
+                assert_eq!(key, "outs");
+                assert!(message.starts_with("invalid type: integer `3`"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,60 @@
+//! The child side of running a stage: `nanoflow __stage` reads a spec on stdin, runs the kind
+//! in this process, and writes its report to a file. A stage that panics, runs out of memory or
+//! is killed takes only this process down; the engine publishes nothing it did not finish.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use nanoflow_stages::Context;
+
+use crate::stage_kind::StageKind;
+
+/// What the engine hands a stage process.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StageSpec {
+    pub stage: String,
+    pub kind: String,
+    /// The resolved config, `${stage}` references replaced by paths.
+    pub params: serde_json::Value,
+    pub root: PathBuf,
+    pub out: PathBuf,
+    pub inputs: BTreeMap<String, PathBuf>,
+    /// Where to write the stage's `Report` as JSON once it succeeds.
+    pub report: PathBuf,
+}
+
+pub fn main() -> ExitCode {
+    // The engine stops a stage with SIGTERM to this process (the leader of the stage's process
+    // group), and the kernel sends the same if the engine dies. Take the whole group down, so
+    // no script or worker of the stage outlives it.
+    let _ = ctrlc::set_handler(|| unsafe {
+        libc::kill(0, libc::SIGKILL);
+    });
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            for cause in error.chain().skip(1) {
+                eprintln!("caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let mut input = String::new();
+    std::io::stdin().read_to_string(&mut input).context("could not read the stage spec")?;
+    let spec: StageSpec = serde_json::from_str(&input).context("invalid stage spec")?;
+    let kind = StageKind::parse(&spec.kind).with_context(|| format!("unknown kind `{}`", spec.kind))?;
+    let context = Context { stage: spec.stage, root: spec.root, out: spec.out, inputs: spec.inputs };
+    let report = kind.run(spec.params, &context)?;
+    let json = serde_json::to_vec(&report)?;
+    crate::store::write_atomic(&spec.report, &json)?;
+    Ok(())
+}

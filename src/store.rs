@@ -1,0 +1,181 @@
+//! The store under `artifacts/`: where entries live, how they are published (rename only once
+//! complete), the `current` links, and the locks that let several nanoflow processes share it.
+//!
+//! ```text
+//! artifacts/<stage>/<key16>/            a published entry: outputs + log.txt + manifest.json
+//! artifacts/<stage>/current -> <key16>  what the pipeline last produced for the stage
+//! artifacts/<stage>/.partial-<key16>/   a run in progress (or interrupted); never served
+//! artifacts/.nanoflow/                  the stat cache and lock files
+//! ```
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::Error;
+use crate::manifest::{MANIFEST, Manifest};
+
+/// Digits of the key used in directory names: 64 bits, and the manifest holds the full key.
+const SHORT_KEY: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub root: PathBuf,
+}
+
+/// A held lock; released when dropped.
+#[derive(Debug)]
+pub struct Lock {
+    _file: fs_err::File,
+}
+
+impl Store {
+    pub fn new(pipeline_root: &Path) -> Store {
+        Store { root: pipeline_root.join("artifacts") }
+    }
+
+    fn meta(&self) -> PathBuf {
+        self.root.join(".nanoflow")
+    }
+
+    pub fn stat_cache_file(&self) -> PathBuf {
+        self.meta().join("stat-cache.json")
+    }
+
+    pub fn stage_dir(&self, stage: &str) -> PathBuf {
+        self.root.join(stage)
+    }
+
+    pub fn entry_dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.stage_dir(stage).join(&key[..SHORT_KEY])
+    }
+
+    pub fn partial_dir(&self, stage: &str, key: &str) -> PathBuf {
+        self.stage_dir(stage).join(format!(".partial-{}", &key[..SHORT_KEY]))
+    }
+
+    /// The entry `current` points at, if any.
+    pub fn current(&self, stage: &str) -> Option<PathBuf> {
+        let link = self.stage_dir(stage).join("current");
+        let target = fs_err::read_link(&link).ok()?;
+        Some(self.stage_dir(stage).join(target))
+    }
+
+    /// The manifest of the entry stored under `key`, if there is one and it is that key's.
+    pub fn lookup(&self, stage: &str, key: &str) -> io::Result<Option<Manifest>> {
+        Ok(Manifest::read(&self.entry_dir(stage, key))?.filter(|manifest| manifest.key == key))
+    }
+
+    /// Points `current` at the entry for `key`, atomically (a new link renamed over the old).
+    pub fn set_current(&self, stage: &str, key: &str) -> io::Result<()> {
+        let dir = self.stage_dir(stage);
+        let link = dir.join("current");
+        if fs_err::read_link(&link).is_ok_and(|target| target == Path::new(&key[..SHORT_KEY])) {
+            return Ok(());
+        }
+        let temporary = dir.join(unique(".current"));
+        std::os::unix::fs::symlink(&key[..SHORT_KEY], &temporary)?;
+        fs_err::rename(&temporary, &link)
+    }
+
+    /// Makes a finished partial directory the entry for `key`: the manifest is written last,
+    /// files are made read-only, and one rename makes it visible. An existing entry for the key
+    /// (a forced re-run, or a damaged one) is moved aside first.
+    pub fn publish(&self, stage: &str, key: &str, manifest: &Manifest) -> io::Result<PathBuf> {
+        let partial = self.partial_dir(stage, key);
+        let entry = self.entry_dir(stage, key);
+        for relative in manifest.outputs.keys() {
+            make_read_only(&partial.join(relative))?;
+        }
+        let json = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
+        write_atomic(&partial.join(MANIFEST), &json)?;
+        if entry.exists() {
+            let trash = self.stage_dir(stage).join(unique(".trash"));
+            fs_err::rename(&entry, &trash)?;
+            fs_err::rename(&partial, &entry)?;
+            remove_dir_all(&trash)?;
+        } else {
+            fs_err::rename(&partial, &entry)?;
+        }
+        Ok(entry)
+    }
+
+    /// Held by every `run` for its whole length (shared), and by `gc` (exclusive), so that `gc`
+    /// never deletes what a run is about to use.
+    pub fn lock_shared(&self) -> Result<Lock, Error> {
+        let file = self.lock_file(&self.meta().join("store.lock"))?;
+        file.file().lock_shared().map_err(|source| self.error(source))?;
+        Ok(Lock { _file: file })
+    }
+
+    pub fn try_lock_exclusive(&self) -> Result<Lock, Error> {
+        let path = self.meta().join("store.lock");
+        let file = self.lock_file(&path)?;
+        match file.file().try_lock() {
+            Ok(()) => Ok(Lock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(Error::StoreBusy { path: self.root.clone() }),
+            Err(std::fs::TryLockError::Error(source)) => Err(Error::Store { path, source }),
+        }
+    }
+
+    /// The lock that makes one process at a time run a given key. `None` when another holds it.
+    pub fn try_lock_key(&self, stage: &str, key: &str) -> io::Result<Option<Lock>> {
+        let path = self.meta().join("locks").join(format!("{stage}-{}.lock", &key[..SHORT_KEY]));
+        fs_err::create_dir_all(path.parent().expect("lock files live in a folder"))?;
+        let file = fs_err::File::create(&path)?;
+        match file.file().try_lock() {
+            Ok(()) => Ok(Some(Lock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(error)) => Err(error),
+        }
+    }
+
+    fn lock_file(&self, path: &Path) -> Result<fs_err::File, Error> {
+        fs_err::create_dir_all(self.meta()).map_err(|source| self.error(source))?;
+        fs_err::File::create(path).map_err(|source| self.error(source))
+    }
+
+    fn error(&self, source: io::Error) -> Error {
+        Error::Store { path: self.root.clone(), source }
+    }
+}
+
+/// A name no other process or thread will pick: `prefix-<pid>-<n>`.
+fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let temporary = dir.join(unique(".write"));
+    let mut file = fs_err::File::create(&temporary)?;
+    std::io::Write::write_all(&mut file, bytes)?;
+    file.sync_all()?;
+    fs_err::rename(&temporary, path)
+}
+
+fn make_read_only(path: &Path) -> io::Result<()> {
+    let mut permissions = fs_err::metadata(path)?.permissions();
+    permissions.set_readonly(true);
+    fs_err::set_permissions(path, permissions)
+}
+
+/// Removes a tree; a missing one is fine.
+pub fn remove_dir_all(path: &Path) -> io::Result<()> {
+    match fs_err::remove_dir_all(path) {
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Total size of the files under `path`.
+pub fn disk_usage(path: &Path) -> u64 {
+    crate::stat_cache::files_under(path)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|relative| path.join(relative).symlink_metadata().ok())
+        .map(|metadata| metadata.len())
+        .sum()
+}

@@ -1,0 +1,1081 @@
+//! `kind: download`: brings outside bytes into the store, from exactly one of an HTTP(S) `url:`
+//! (streamed, retried, resumed, optionally pinned to a digest), files of a Hugging Face Hub repo
+//! (`hf:`, through `hf-hub`'s sync client and its cache) or a local `path:` (copied; the engine
+//! hashes its content into the key through `local_inputs`). It owns getting complete, verified
+//! files into `$OUT` under their final names; it does not decide when to download again (that is
+//! the content key: the URL, repo, revision and file list are params).
+//!
+//! ```yaml
+//! shakespeare-text:
+//!   kind: download
+//!   url: https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
+//!   digest: blake3:<64 hex digits>
+//! fineweb-edu-10bt:
+//!   kind: download
+//!   hf: {repo: HuggingFaceFW/fineweb-edu, type: dataset, files: ["sample/10BT/*.parquet"]}
+//! ```
+
+use std::io::Read;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::http::{self, Retry};
+use crate::progress::format_bytes;
+use crate::{Context, Progress, Report, Unit};
+
+/// Bumped when what a download stage writes changes meaning, so that every download key changes.
+pub const VERSION: u32 = 1;
+
+/// Params that only say how patiently to fetch; the bytes that land are the same.
+pub const NON_SEMANTIC: &[&str] = &["retries", "backoff_ms"];
+
+/// A re-run of the same key keeps `$OUT`, so a `.part` file left by an interrupted run resumes.
+pub const RESUMABLE: bool = true;
+
+/// What to download. `#[serde(remote = "Self")]` derives inherent (de)serialize functions that
+/// the trait impls below wrap, so that a config naming no source, or two, is rejected while the
+/// pipeline is read (exit code 2, nothing ran) rather than when the stage runs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(remote = "Self", deny_unknown_fields, default)]
+pub struct Config {
+    /// An HTTP(S) URL to fetch. Exactly one of `url`, `hf` and `path` is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Files of a Hugging Face Hub repository; see [`Hub`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hf: Option<Hub>,
+    /// A local file or folder, relative to pipeline.yaml. A file is copied to `$OUT/<filename>`;
+    /// a folder's contents are copied into `$OUT` as they are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// The name of the file in `$OUT` for a `url` or a `path` file. Unset: the last segment of
+    /// the URL's path, or the local file's own name, which is what people expect to find.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
+    /// `blake3:<hex>` or `sha256:<hex>`: the downloaded file must have this digest, or the stage
+    /// fails and keeps nothing. Unset: anything the server sends is accepted (the report prints
+    /// the blake3 to pin). For a `url` or a `path` file; the Hub checks its own files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// Attempts after a failed one (connection refused or broken, 5xx, 429) before giving up; an
+    /// attempt that receives bytes resets the count. 5 rides out a minute-long outage.
+    pub retries: u32,
+    /// The wait before the first retry, in milliseconds; it doubles with every failed attempt
+    /// (capped at a minute). 1000 is polite to a server that is struggling.
+    pub backoff_ms: u64,
+}
+
+// Options are left out of the serialized form when unset so that adding an optional param later
+// does not change the key of every existing download stage.
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            url: None,
+            hf: None,
+            path: None,
+            filename: None,
+            digest: None,
+            retries: 5,
+            backoff_ms: 1000,
+        }
+    }
+}
+
+impl Serialize for Config {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Config::serialize(self, serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Config {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Config, D::Error> {
+        let config = Config::deserialize(deserializer)?;
+        config.validate().map_err(serde::de::Error::custom)?;
+        Ok(config)
+    }
+}
+
+/// Files of one Hub repository at one revision, e.g.
+/// `{repo: openai-community/gpt2, files: [config.json, model.safetensors]}` or
+/// `{repo: HuggingFaceFW/fineweb-edu, type: dataset, files: ["sample/10BT/*.parquet"]}`.
+/// They land in `$OUT` under their paths in the repo.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hub {
+    /// `owner/name` on the Hub.
+    pub repo: String,
+    /// `model` or `dataset`; the Hub keeps them apart (`/datasets/...` URLs). Default `model`,
+    /// as on the Hub.
+    #[serde(rename = "type")]
+    pub repo_type: RepoType,
+    /// A branch, tag or commit. Default `main`; pin a commit for bytes that never change under
+    /// the same key (a branch is fetched once per key and then served from the Hub cache).
+    pub revision: String,
+    /// Paths in the repo, or glob patterns over them (`*` stays within a folder, `**` crosses
+    /// folders), e.g. `sample/10BT/*.parquet`. A pattern lists the repo through the Hub API and
+    /// must match at least one file. There is no default: a whole repo is rarely what is wanted
+    /// (gpt2's holds the weights in five formats).
+    pub files: Vec<String>,
+}
+
+impl Default for Hub {
+    fn default() -> Hub {
+        Hub {
+            repo: String::new(),
+            repo_type: RepoType::Model,
+            revision: "main".into(),
+            files: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepoType {
+    Model,
+    Dataset,
+}
+
+impl RepoType {
+    fn name(self) -> &'static str {
+        match self {
+            RepoType::Model => "model",
+            RepoType::Dataset => "dataset",
+        }
+    }
+}
+
+impl Config {
+    /// Checks what serde cannot: exactly one source, and well-formed names and digests.
+    pub fn validate(&self) -> Result<(), String> {
+        let sources = [self.url.is_some(), self.hf.is_some(), self.path.is_some()];
+        match sources.iter().filter(|set| **set).count() {
+            1 => {}
+            0 => return Err("a download needs one of `url`, `hf` or `path`".into()),
+            _ => return Err("a download takes only one of `url`, `hf` and `path`".into()),
+        }
+        if let Some(url) = &self.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(format!(
+                "`url` must start with `http://` or `https://`: `{url}`"
+            ));
+        }
+        if let Some(digest) = &self.digest {
+            Digest::parse(digest)?;
+        }
+        if let Some(filename) = &self.filename {
+            check_file_name(filename)?;
+        }
+        if let Some(hub) = &self.hf {
+            if self.filename.is_some() || self.digest.is_some() {
+                return Err(
+                    "`filename` and `digest` apply to `url` and `path`, not to `hf`".into(),
+                );
+            }
+            if hub.repo.split('/').filter(|part| !part.is_empty()).count() != 2 {
+                return Err(format!(
+                    "`hf.repo` must be `owner/name`, not `{}`",
+                    hub.repo
+                ));
+            }
+            if hub.files.is_empty() {
+                return Err("`hf.files` must list at least one file or pattern".into());
+            }
+            for file in &hub.files {
+                check_relative(file).map_err(|error| format!("`hf.files`: {error}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The local files and folders whose content the engine hashes into the key: the `path`.
+pub fn local_inputs(config: &Config) -> Vec<String> {
+    config.path.iter().cloned().collect()
+}
+
+pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
+    run_with(config, ctx, &HubEnv::from_process)
+}
+
+/// `run` with the Hub's endpoint, cache and token coming from `hub_env` instead of the process
+/// environment (tests point it at a local server).
+fn run_with(
+    config: &Config,
+    ctx: &Context,
+    hub_env: &dyn Fn() -> anyhow::Result<HubEnv>,
+) -> anyhow::Result<Report> {
+    config.validate().map_err(|error| {
+        anyhow!(error).context(format!("invalid params for stage `{}`", ctx.stage))
+    })?;
+    fs_err::create_dir_all(&ctx.out)?;
+    let retry = Retry {
+        retries: config.retries,
+        backoff: Duration::from_millis(config.backoff_ms),
+    };
+    if let Some(url) = &config.url {
+        download_url(url, config, retry, ctx)
+    } else if let Some(hub) = &config.hf {
+        download_hub(hub, retry, &hub_env()?, ctx)
+    } else if let Some(path) = &config.path {
+        copy_path(path, config, ctx)
+    } else {
+        unreachable!("validate checked that one source is set")
+    }
+}
+
+// --- url ---------------------------------------------------------------------------------------
+
+fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyhow::Result<Report> {
+    let stage = &ctx.stage;
+    let filename = match &config.filename {
+        Some(filename) => filename.clone(),
+        None => url_file_name(url)
+            .with_context(|| format!("set `filename` for `{url}` in stage `{stage}`"))?,
+    };
+    let target = ctx.out.join(&filename);
+    let part = ctx.out.join(format!("{filename}.part"));
+    let digest = config
+        .digest
+        .as_deref()
+        .map(Digest::parse)
+        .transpose()
+        .map_err(|error| anyhow!(error))?;
+
+    let bytes = http::fetch(&http::agent(), url, &part, retry, &filename)
+        .with_context(|| format!("could not download `{url}` for stage `{stage}`"))?;
+    let actual = verify(&part, digest.as_ref())
+        .with_context(|| format!("could not hash `{}`", part.display()));
+    let actual = match actual {
+        Ok(actual) => actual,
+        Err(error) => return Err(error.context(format!("stage `{stage}`, `{url}`"))),
+    };
+    if let Some(expected) = &digest
+        && actual != expected.to_string()
+    {
+        // The bytes are wrong, not merely incomplete: the next run must start over, not resume.
+        http::remove_if_present(&part)?;
+        http::remove_if_present(&http::validator_path(&part))?;
+        bail!("`{url}` for stage `{stage}` has digest `{actual}`, but `digest` pins `{expected}`");
+    }
+    fs_err::rename(&part, &target)?;
+    http::remove_if_present(&http::validator_path(&part))?;
+    Ok(report(
+        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
+        bytes,
+        1,
+        Some(actual),
+    ))
+}
+
+/// `https://host/a/b/input.txt?x=1#y` -> `input.txt`.
+fn url_file_name(url: &str) -> anyhow::Result<String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let path = rest.split(['?', '#']).next().unwrap_or_default();
+    let name = path
+        .split_once('/')
+        .map_or("", |(_, path)| path)
+        .rsplit('/')
+        .next()
+        .unwrap_or_default();
+    check_file_name(name).map_err(|_| anyhow!("the URL `{url}` does not end in a file name"))?;
+    Ok(name.to_string())
+}
+
+// --- digests -----------------------------------------------------------------------------------
+
+/// A pinned digest: `blake3:<hex>` or `sha256:<hex>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Digest {
+    algorithm: Algorithm,
+    hex: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Algorithm {
+    Blake3,
+    Sha256,
+}
+
+impl Digest {
+    fn parse(text: &str) -> Result<Digest, String> {
+        let (algorithm, hex) = match text.split_once(':') {
+            Some(("blake3", hex)) => (Algorithm::Blake3, hex),
+            Some(("sha256", hex)) => (Algorithm::Sha256, hex),
+            _ => {
+                return Err(format!(
+                    "`digest` must be `blake3:<hex>` or `sha256:<hex>`, not `{text}`"
+                ));
+            }
+        };
+        if hex.len() != 64 || !hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Err(format!(
+                "`digest` `{text}` must have 64 hex digits after the `:`"
+            ));
+        }
+        Ok(Digest {
+            algorithm,
+            hex: hex.to_ascii_lowercase(),
+        })
+    }
+
+    fn of_file(algorithm: Algorithm, path: &Path) -> anyhow::Result<Digest> {
+        let hex = match algorithm {
+            Algorithm::Blake3 => blake3::Hasher::new()
+                .update_mmap_rayon(path)?
+                .finalize()
+                .to_hex()
+                .to_string(),
+            Algorithm::Sha256 => {
+                use sha2::Digest as _;
+                let mut hasher = sha2::Sha256::new();
+                let mut file = fs_err::File::open(path)?;
+                let mut buffer = vec![0; 1 << 20];
+                loop {
+                    let n = file.read(&mut buffer)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buffer[..n]);
+                }
+                hasher
+                    .finalize()
+                    .iter()
+                    .map(|byte| format!("{byte:02x}"))
+                    .collect()
+            }
+        };
+        Ok(Digest { algorithm, hex })
+    }
+}
+
+impl std::fmt::Display for Digest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self.algorithm {
+            Algorithm::Blake3 => "blake3",
+            Algorithm::Sha256 => "sha256",
+        };
+        write!(f, "{name}:{}", self.hex)
+    }
+}
+
+/// The file's digest in the pinned algorithm, else blake3 (for the report, to pin it).
+fn verify(path: &Path, pin: Option<&Digest>) -> anyhow::Result<String> {
+    let algorithm = pin.map_or(Algorithm::Blake3, |pin| pin.algorithm);
+    Ok(Digest::of_file(algorithm, path)?.to_string())
+}
+
+// --- path --------------------------------------------------------------------------------------
+
+fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Report> {
+    let stage = &ctx.stage;
+    let source = ctx.root.join(path);
+    let metadata = fs_err::metadata(&source)
+        .with_context(|| format!("stage `{stage}` cannot read its `path`"))?;
+    if metadata.is_dir() {
+        if config.filename.is_some() || config.digest.is_some() {
+            bail!(
+                "stage `{stage}`: `filename` and `digest` apply to a file, and `{path}` is a folder"
+            );
+        }
+        let (files, bytes) = copy_dir(&source, &ctx.out)
+            .with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
+        return Ok(report(
+            format!("{files} files, {}", format_bytes(bytes as f64)),
+            bytes,
+            files,
+            None,
+        ));
+    }
+    let filename = match &config.filename {
+        Some(filename) => filename.clone(),
+        None => source
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    };
+    let actual = verify(
+        &source,
+        config
+            .digest
+            .as_deref()
+            .map(Digest::parse)
+            .transpose()
+            .map_err(|e| anyhow!(e))?
+            .as_ref(),
+    )
+    .with_context(|| format!("could not hash `{path}` for stage `{stage}`"))?;
+    if let Some(expected) = &config.digest
+        && &actual != expected
+    {
+        bail!("`{path}` for stage `{stage}` has digest `{actual}`, but `digest` pins `{expected}`");
+    }
+    let bytes = fs_err::copy(&source, ctx.out.join(&filename))
+        .with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
+    Ok(report(
+        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
+        bytes,
+        1,
+        Some(actual),
+    ))
+}
+
+/// Copies the contents of `from` into `to`, following symbolic links; returns (files, bytes).
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
+    let (mut files, mut bytes) = (0, 0);
+    fs_err::create_dir_all(to)?;
+    let mut entries = fs_err::read_dir(from)?.collect::<Result<Vec<_>, _>>()?;
+    entries.sort_by_key(|entry| entry.file_name());
+    for entry in entries {
+        let (source, target) = (entry.path(), to.join(entry.file_name()));
+        if fs_err::metadata(&source)?.is_dir() {
+            let (more_files, more_bytes) = copy_dir(&source, &target)?;
+            files += more_files;
+            bytes += more_bytes;
+        } else {
+            bytes += fs_err::copy(&source, &target)?;
+            files += 1;
+        }
+    }
+    Ok((files, bytes))
+}
+
+// --- hf ----------------------------------------------------------------------------------------
+
+/// Where the Hub is and who we are to it, from `HF_ENDPOINT`, `HF_HOME` (or `HF_HUB_CACHE`) and
+/// `HF_TOKEN` (or the token file `huggingface-cli login` writes). The token goes into request
+/// headers only: never into params, outputs or messages.
+struct HubEnv {
+    endpoint: String,
+    cache: PathBuf,
+    token: Option<String>,
+}
+
+impl HubEnv {
+    fn from_process() -> anyhow::Result<HubEnv> {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .filter(|value| !value.trim().is_empty())
+        };
+        let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
+        let home = match (var("HF_HOME"), std::env::var_os("HOME")) {
+            (Some(home), _) => PathBuf::from(home),
+            (None, Some(home)) => Path::new(&home).join(".cache/huggingface"),
+            (None, None) => bail!("cannot find the Hugging Face cache: set `HF_HOME`"),
+        };
+        let cache = var("HF_HUB_CACHE").map_or_else(|| home.join("hub"), PathBuf::from);
+        let token = var("HF_TOKEN").or_else(|| hf_hub::Cache::new(home.join("hub")).token());
+        Ok(HubEnv {
+            endpoint: endpoint.trim_end_matches('/').to_string(),
+            cache,
+            token,
+        })
+    }
+}
+
+fn download_hub(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow::Result<Report> {
+    let stage = &ctx.stage;
+    let what = format!(
+        "{} `{}` at revision `{}`",
+        hub.repo_type.name(),
+        hub.repo,
+        hub.revision
+    );
+    let cache = hf_hub::Cache::new(env.cache.clone());
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+        .with_endpoint(env.endpoint.clone())
+        .with_token(env.token.clone())
+        .with_progress(false)
+        .with_user_agent("nanoflow", env!("CARGO_PKG_VERSION"))
+        .build()
+        .with_context(|| format!("could not set up the Hub client for stage `{stage}`"))?;
+    let repo_type = match hub.repo_type {
+        RepoType::Model => hf_hub::RepoType::Model,
+        RepoType::Dataset => hf_hub::RepoType::Dataset,
+    };
+    let repo = hf_hub::Repo::with_revision(hub.repo.clone(), repo_type, hub.revision.clone());
+    let api_repo = api.repo(repo.clone());
+
+    let files = hub_files(hub, &api_repo, retry)
+        .with_context(|| format!("could not list the files of {what} for stage `{stage}`"))?;
+    let (mut bytes, count) = (0, files.len() as u64);
+    for file in &files {
+        let url = api_repo.url(file);
+        // A file the cache holds for this revision needs no network at all.
+        let cached = match cache.repo(repo.clone()).get(file) {
+            Some(path) => path,
+            None => with_retries(retry, &url, || {
+                let progress = HubProgress(Progress::new(file.as_str(), Unit::Bytes, None));
+                api_repo.download_with_progress(file, progress)
+            })
+            .with_context(|| {
+                format!("could not download `{file}` of {what} (`{url}`) for stage `{stage}`")
+            })?,
+        };
+        let target = ctx.out.join(file);
+        bytes += place(&cached, &target).with_context(|| {
+            format!("could not place `{file}` of {what} in the output of stage `{stage}`")
+        })?;
+    }
+    Ok(report(
+        format!("{count} files of {what}, {}", format_bytes(bytes as f64)),
+        bytes,
+        count,
+        None,
+    ))
+}
+
+/// The repo paths `hub.files` names, patterns expanded against the repo listing, in order and
+/// without repeats.
+fn hub_files(
+    hub: &Hub,
+    api_repo: &hf_hub::api::sync::ApiRepo,
+    retry: Retry,
+) -> anyhow::Result<Vec<String>> {
+    let is_pattern = |file: &str| file.contains(['*', '?', '[']);
+    let listing = match hub.files.iter().any(|file| is_pattern(file)) {
+        true => {
+            let url = api_repo.info_request().url().to_string();
+            let info = with_retries(retry, &url, || api_repo.info())
+                .with_context(|| format!("`{url}`"))?;
+            let mut names: Vec<String> = info
+                .siblings
+                .into_iter()
+                .map(|sibling| sibling.rfilename)
+                .collect();
+            names.sort();
+            names
+        }
+        false => Vec::new(),
+    };
+    let options = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        ..Default::default()
+    };
+    let mut files: Vec<String> = Vec::new();
+    for entry in &hub.files {
+        if !is_pattern(entry) {
+            files.push(entry.clone());
+            continue;
+        }
+        let pattern =
+            glob::Pattern::new(entry).map_err(|error| anyhow!("bad pattern `{entry}`: {error}"))?;
+        let matched: Vec<&String> = listing
+            .iter()
+            .filter(|name| pattern.matches_with(name, options))
+            .collect();
+        if matched.is_empty() {
+            bail!("no file in the repo matches `{entry}`");
+        }
+        files.extend(matched.into_iter().cloned());
+    }
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|file| seen.insert(file.clone()));
+    for file in &files {
+        check_relative(file).map_err(|error| anyhow!("the repo lists an unsafe path: {error}"))?;
+    }
+    Ok(files)
+}
+
+/// Retries a Hub call the way `http::fetch` retries a URL. `hf-hub` resumes an interrupted file
+/// from its own `.part` blob in the cache, so a retry (or the next run) continues where it broke.
+fn with_retries<T>(
+    retry: Retry,
+    url: &str,
+    mut call: impl FnMut() -> Result<T, hf_hub::api::sync::ApiError>,
+) -> anyhow::Result<T> {
+    use hf_hub::api::sync::ApiError;
+    let mut failures = 0;
+    loop {
+        let error = match call() {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        let transient = match &error {
+            ApiError::RequestError(error) => match error.as_ref() {
+                ureq::Error::Status(code, _) => *code == 408 || *code == 429 || *code >= 500,
+                ureq::Error::Transport(_) => true,
+            },
+            ApiError::IoError(_) | ApiError::TooManyRetries(_) => true,
+            _ => false,
+        };
+        failures += 1;
+        if !transient || failures > retry.retries {
+            let error = anyhow::Error::new(error);
+            return Err(if transient {
+                error.context(format!("gave up after {} retries", retry.retries))
+            } else {
+                error
+            });
+        }
+        let wait = retry
+            .backoff
+            .saturating_mul(1 << (failures - 1).min(16))
+            .min(Duration::from_secs(60));
+        eprintln!(
+            "{url}: {error}; retry {failures}/{} in {wait:.1?}",
+            retry.retries
+        );
+        std::thread::sleep(wait);
+    }
+}
+
+/// Puts the cached file at `target`: a hard link when the cache is on the same filesystem (no
+/// copy of a multi-gigabyte parquet file; cache blobs are never modified in place), else a copy.
+fn place(cached: &Path, target: &Path) -> anyhow::Result<u64> {
+    let blob = fs_err::canonicalize(cached)?;
+    if let Some(parent) = target.parent() {
+        fs_err::create_dir_all(parent)?;
+    }
+    http::remove_if_present(target)?;
+    if fs_err::hard_link(&blob, target).is_err() {
+        fs_err::copy(&blob, target)?;
+    }
+    Ok(fs_err::metadata(target)?.len())
+}
+
+/// `hf-hub`'s progress callbacks onto our progress lines.
+struct HubProgress(Progress);
+
+impl hf_hub::api::Progress for HubProgress {
+    fn init(&mut self, size: usize, _filename: &str) {
+        self.0.set_total(Some(size as u64));
+        self.0.set_done(0);
+    }
+
+    fn update(&mut self, size: usize) {
+        self.0.inc(size as u64);
+    }
+
+    fn finish(&mut self) {
+        self.0.finish();
+    }
+}
+
+// --- shared ------------------------------------------------------------------------------------
+
+fn report(summary: String, bytes: u64, files: u64, digest: Option<String>) -> Report {
+    let mut report = Report {
+        summary,
+        ..Report::default()
+    };
+    report.metrics.insert("bytes".into(), bytes.into());
+    report.metrics.insert("files".into(), files.into());
+    if let Some(digest) = digest {
+        report.metrics.insert("digest".into(), digest.into());
+    }
+    report
+}
+
+/// A single path segment that is safe to create in `$OUT`.
+fn check_file_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\']) {
+        return Err(format!(
+            "`filename` must be a plain file name, not `{name}`"
+        ));
+    }
+    Ok(())
+}
+
+/// A relative path that stays inside `$OUT`.
+fn check_relative(path: &str) -> Result<(), String> {
+    let inside = !path.is_empty()
+        && Path::new(path)
+            .components()
+            .all(|component| matches!(component, Component::Normal(_)));
+    if !inside {
+        return Err(format!("`{path}` must be a relative path inside the repo"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_server::{Route, Server};
+    use std::collections::BTreeMap;
+
+    fn context(dir: &Path) -> Context {
+        let out = dir.join("out");
+        fs_err::create_dir_all(&out).unwrap();
+        Context {
+            stage: "text".into(),
+            root: dir.to_path_buf(),
+            out,
+            inputs: BTreeMap::new(),
+        }
+    }
+
+    /// 100 kB that no off-by-one can reproduce by accident.
+    fn body() -> Vec<u8> {
+        (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+            .collect()
+    }
+
+    fn url_config(url: String) -> Config {
+        Config {
+            url: Some(url),
+            retries: 3,
+            backoff_ms: 1,
+            ..Config::default()
+        }
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs_err::read_dir(dir)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn downloads_a_url_under_its_last_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        server.route("/data/input.txt", Route::new(body()));
+        let report = run(
+            &url_config(format!("{}/data/input.txt?raw=1", server.url)),
+            &ctx,
+        )
+        .unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+        assert_eq!(listing(&ctx.out), ["input.txt"]);
+        let blake3 = format!("blake3:{}", blake3::hash(&body()).to_hex());
+        assert_eq!(report.metrics["digest"], blake3.as_str());
+        assert_eq!(report.metrics["bytes"], 100_000);
+        // A plain first request, with no compression that would make byte ranges meaningless.
+        let request = &server.requests()[0];
+        assert_eq!(request.headers.get("range"), None);
+        assert_eq!(request.headers["accept-encoding"], "identity");
+    }
+
+    #[test]
+    fn a_broken_connection_resumes_with_a_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        let route = Route {
+            breaks: 2,
+            break_after: 30_000,
+            ..Route::new(body()).header("ETag", "\"v1\"")
+        };
+        server.route("/input.txt", route);
+        run(&url_config(format!("{}/input.txt", server.url)), &ctx).unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+        assert_eq!(listing(&ctx.out), ["input.txt"]);
+        let requests = server.requests();
+        let ranges: Vec<_> = requests
+            .iter()
+            .map(|request| request.headers.get("range").cloned())
+            .collect();
+        assert_eq!(
+            ranges,
+            [
+                None,
+                Some("bytes=30000-".into()),
+                Some("bytes=60000-".into())
+            ]
+        );
+        assert_eq!(requests[2].headers["if-range"], "\"v1\"");
+    }
+
+    #[test]
+    fn a_part_file_left_by_an_interrupted_run_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        server.route("/input.txt", Route::new(body()).header("ETag", "\"v1\""));
+        fs_err::write(ctx.out.join("input.txt.part"), &body()[..1000]).unwrap();
+        fs_err::write(ctx.out.join("input.txt.part.validator"), "\"v1\"").unwrap();
+        run(&url_config(format!("{}/input.txt", server.url)), &ctx).unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+        assert_eq!(listing(&ctx.out), ["input.txt"]);
+        assert_eq!(server.requests()[0].headers["range"], "bytes=1000-");
+    }
+
+    #[test]
+    fn a_part_file_of_an_older_version_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        server.route("/input.txt", Route::new(body()).header("ETag", "\"v2\""));
+        fs_err::write(ctx.out.join("input.txt.part"), vec![7; 1000]).unwrap();
+        fs_err::write(ctx.out.join("input.txt.part.validator"), "\"v1\"").unwrap();
+        run(&url_config(format!("{}/input.txt", server.url)), &ctx).unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+        assert_eq!(listing(&ctx.out), ["input.txt"]);
+    }
+
+    #[test]
+    fn a_complete_part_file_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        server.route("/input.txt", Route::new(body()));
+        fs_err::write(ctx.out.join("input.txt.part"), body()).unwrap();
+        run(&url_config(format!("{}/input.txt", server.url)), &ctx).unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[test]
+    fn server_errors_are_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        server.route(
+            "/input.txt",
+            Route {
+                failures: 2,
+                ..Route::new(body())
+            },
+        );
+        run(&url_config(format!("{}/input.txt", server.url)), &ctx).unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+        assert_eq!(server.requests().len(), 3);
+    }
+
+    #[test]
+    fn not_found_fails_at_once_naming_stage_and_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        let url = format!("{}/missing.txt", server.url);
+        let error = run(&url_config(url.clone()), &ctx).unwrap_err();
+        assert_eq!(
+            format!("{error:#}"),
+            format!(
+                "could not download `{url}` for stage `text`: the server answered 404 Not Found"
+            )
+        );
+        assert_eq!(server.requests().len(), 1);
+        assert!(listing(&ctx.out).is_empty());
+    }
+
+    #[test]
+    fn a_refused_connection_is_retried_then_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/input.txt", listener.local_addr().unwrap());
+        drop(listener);
+        let config = Config {
+            retries: 2,
+            ..url_config(url.clone())
+        };
+        let error = format!("{:#}", run(&config, &ctx).unwrap_err());
+        let prefix =
+            format!("could not download `{url}` for stage `text`: gave up after 2 retries: ");
+        assert!(error.starts_with(&prefix), "{error}");
+        assert!(error.contains("Connection Failed"), "{error}");
+        assert!(listing(&ctx.out).is_empty());
+    }
+
+    #[test]
+    fn a_digest_mismatch_keeps_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        server.route("/input.txt", Route::new(body()));
+        let url = format!("{}/input.txt", server.url);
+        let wrong = format!("blake3:{}", "0".repeat(64));
+        let config = Config {
+            digest: Some(wrong.clone()),
+            ..url_config(url.clone())
+        };
+        let error = run(&config, &ctx).unwrap_err();
+        let actual = blake3::hash(&body()).to_hex();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "`{url}` for stage `text` has digest `blake3:{actual}`, but `digest` pins `{wrong}`"
+            )
+        );
+        assert!(listing(&ctx.out).is_empty());
+    }
+
+    #[test]
+    fn a_matching_digest_passes_in_either_algorithm() {
+        use sha2::Digest as _;
+        let server = Server::start();
+        server.route("/input.txt", Route::new(body()));
+        let sha256: String = sha2::Sha256::digest(body())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        let pins = [
+            format!("blake3:{}", blake3::hash(&body()).to_hex()),
+            format!("sha256:{}", sha256.to_uppercase()),
+        ];
+        for pin in pins {
+            let dir = tempfile::tempdir().unwrap();
+            let ctx = context(dir.path());
+            let config = Config {
+                digest: Some(pin.clone()),
+                ..url_config(format!("{}/input.txt", server.url))
+            };
+            let report = run(&config, &ctx).unwrap();
+            assert_eq!(report.metrics["digest"], pin.to_lowercase().as_str());
+            assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+        }
+    }
+
+    #[test]
+    fn filename_overrides_the_url() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let server = Server::start();
+        server.route("/download", Route::new(body()));
+        let config = Config {
+            filename: Some("shakespeare.txt".into()),
+            ..url_config(format!("{}/download", server.url))
+        };
+        run(&config, &ctx).unwrap();
+        assert_eq!(listing(&ctx.out), ["shakespeare.txt"]);
+    }
+
+    #[test]
+    fn url_file_names() {
+        assert_eq!(
+            url_file_name("https://host/a/b/input.txt?x=1#y").unwrap(),
+            "input.txt"
+        );
+        assert_eq!(
+            url_file_name("http://host:8080/input.txt").unwrap(),
+            "input.txt"
+        );
+        assert!(url_file_name("https://host/a/").is_err());
+        assert!(url_file_name("https://host").is_err());
+        assert!(url_file_name("https://host/..").is_err());
+    }
+
+    #[test]
+    fn params_are_checked_when_read() {
+        let parse = |json: serde_json::Value| {
+            serde_json::from_value::<Config>(json).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            parse(serde_json::json!({})).unwrap_err(),
+            "a download needs one of `url`, `hf` or `path`"
+        );
+        assert_eq!(
+            parse(serde_json::json!({"url": "https://a/b", "path": "x"})).unwrap_err(),
+            "a download takes only one of `url`, `hf` and `path`"
+        );
+        assert!(
+            parse(serde_json::json!({"url": "ftp://a/b"}))
+                .unwrap_err()
+                .contains("`http://`")
+        );
+        assert!(
+            parse(serde_json::json!({"url": "https://a/b", "digest": "md5:00"}))
+                .unwrap_err()
+                .contains("`blake3:")
+        );
+        assert!(
+            parse(serde_json::json!({"url": "https://a/b", "retry": 3}))
+                .unwrap_err()
+                .contains("unknown field `retry`")
+        );
+        assert!(
+            parse(serde_json::json!({"hf": {"repo": "gpt2", "files": ["a"]}}))
+                .unwrap_err()
+                .contains("owner/name")
+        );
+        assert!(
+            parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["../x"]}}))
+                .unwrap_err()
+                .contains("inside")
+        );
+        assert!(
+            parse(serde_json::json!({"hf": {"repo": "a/b"}}))
+                .unwrap_err()
+                .contains("at least one")
+        );
+
+        // Defaults are filled in, unset options stay out of the serialized form (and the key).
+        let config = parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["x"]}})).unwrap();
+        assert_eq!(
+            serde_json::to_value(&config).unwrap(),
+            serde_json::json!({
+                "hf": {"repo": "a/b", "type": "model", "revision": "main", "files": ["x"]},
+                "retries": 5,
+                "backoff_ms": 1000,
+            })
+        );
+        assert!(local_inputs(&config).is_empty());
+        let config = parse(serde_json::json!({"path": "data/corpus"})).unwrap();
+        assert_eq!(local_inputs(&config), ["data/corpus"]);
+    }
+
+    #[test]
+    fn copies_a_local_file_or_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        fs_err::create_dir_all(dir.path().join("corpus/more")).unwrap();
+        fs_err::write(dir.path().join("corpus/a.txt"), "a").unwrap();
+        fs_err::write(dir.path().join("corpus/more/b.txt"), "bb").unwrap();
+        let report = run(
+            &Config {
+                path: Some("corpus".into()),
+                ..Config::default()
+            },
+            &ctx,
+        )
+        .unwrap();
+        assert_eq!(report.summary, "2 files, 3 B");
+        assert_eq!(
+            fs_err::read_to_string(ctx.out.join("more/b.txt")).unwrap(),
+            "bb"
+        );
+        assert_eq!(listing(&ctx.out), ["a.txt", "more"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        fs_err::write(dir.path().join("input.txt"), "hello").unwrap();
+        let pin = format!("blake3:{}", blake3::hash(b"hello").to_hex());
+        let config = Config {
+            path: Some("input.txt".into()),
+            digest: Some(pin),
+            ..Config::default()
+        };
+        run(&config, &ctx).unwrap();
+        assert_eq!(
+            fs_err::read_to_string(ctx.out.join("input.txt")).unwrap(),
+            "hello"
+        );
+
+        let config = Config {
+            digest: Some(format!("sha256:{}", "0".repeat(64))),
+            ..config
+        };
+        let error = run(&config, &ctx).unwrap_err().to_string();
+        assert!(
+            error.starts_with("`input.txt` for stage `text` has digest `sha256:"),
+            "{error}"
+        );
+
+        let error = run(
+            &Config {
+                path: Some("missing".into()),
+                ..Config::default()
+            },
+            &ctx,
+        )
+        .unwrap_err();
+        assert!(
+            format!("{error:#}").starts_with("stage `text` cannot read its `path`: "),
+            "{error:#}"
+        );
+    }
+}
