@@ -72,15 +72,7 @@ pub struct Config {
 // does not change the key of every existing download stage.
 impl Default for Config {
     fn default() -> Config {
-        Config {
-            url: None,
-            hf: None,
-            path: None,
-            filename: None,
-            digest: None,
-            retries: 5,
-            backoff_ms: 1000,
-        }
+        Config { url: None, hf: None, path: None, filename: None, digest: None, retries: 5, backoff_ms: 1000 }
     }
 }
 
@@ -123,12 +115,7 @@ pub struct Hub {
 
 impl Default for Hub {
     fn default() -> Hub {
-        Hub {
-            repo: String::new(),
-            repo_type: RepoType::Model,
-            revision: "main".into(),
-            files: Vec::new(),
-        }
+        Hub { repo: String::new(), repo_type: RepoType::Model, revision: "main".into(), files: Vec::new() }
     }
 }
 
@@ -160,9 +147,7 @@ impl Config {
         if let Some(url) = &self.url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(format!(
-                "`url` must start with `http://` or `https://`: `{url}`"
-            ));
+            return Err(format!("`url` must start with `http://` or `https://`: `{url}`"));
         }
         if let Some(digest) = &self.digest {
             Digest::parse(digest)?;
@@ -172,15 +157,10 @@ impl Config {
         }
         if let Some(hub) = &self.hf {
             if self.filename.is_some() || self.digest.is_some() {
-                return Err(
-                    "`filename` and `digest` apply to `url` and `path`, not to `hf`".into(),
-                );
+                return Err("`filename` and `digest` apply to `url` and `path`, not to `hf`".into());
             }
             if hub.repo.split('/').filter(|part| !part.is_empty()).count() != 2 {
-                return Err(format!(
-                    "`hf.repo` must be `owner/name`, not `{}`",
-                    hub.repo
-                ));
+                return Err(format!("`hf.repo` must be `owner/name`, not `{}`", hub.repo));
             }
             if hub.files.is_empty() {
                 return Err("`hf.files` must list at least one file or pattern".into());
@@ -209,14 +189,11 @@ fn run_with(
     ctx: &Context,
     hub_env: &dyn Fn() -> anyhow::Result<HubEnv>,
 ) -> anyhow::Result<Report> {
-    config.validate().map_err(|error| {
-        anyhow!(error).context(format!("invalid params for stage `{}`", ctx.stage))
-    })?;
+    config
+        .validate()
+        .map_err(|error| anyhow!(error).context(format!("invalid params for stage `{}`", ctx.stage)))?;
     fs_err::create_dir_all(&ctx.out)?;
-    let retry = Retry {
-        retries: config.retries,
-        backoff: Duration::from_millis(config.backoff_ms),
-    };
+    let retry = Retry { retries: config.retries, backoff: Duration::from_millis(config.backoff_ms) };
     if let Some(url) = &config.url {
         download_url(url, config, retry, ctx)
     } else if let Some(hub) = &config.hf {
@@ -234,22 +211,18 @@ fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyh
     let stage = &ctx.stage;
     let filename = match &config.filename {
         Some(filename) => filename.clone(),
-        None => url_file_name(url)
-            .with_context(|| format!("set `filename` for `{url}` in stage `{stage}`"))?,
+        None => {
+            url_file_name(url).with_context(|| format!("set `filename` for `{url}` in stage `{stage}`"))?
+        }
     };
     let target = ctx.out.join(&filename);
     let part = ctx.out.join(format!("{filename}.part"));
-    let digest = config
-        .digest
-        .as_deref()
-        .map(Digest::parse)
-        .transpose()
-        .map_err(|error| anyhow!(error))?;
+    let digest = config.digest.as_deref().map(Digest::parse).transpose().map_err(|error| anyhow!(error))?;
 
     let bytes = http::fetch(&http::agent(), url, &part, retry, &filename)
         .with_context(|| format!("could not download `{url}` for stage `{stage}`"))?;
-    let actual = verify(&part, digest.as_ref())
-        .with_context(|| format!("could not hash `{}`", part.display()));
+    let actual =
+        verify(&part, digest.as_ref()).with_context(|| format!("could not hash `{}`", part.display()));
     let actual = match actual {
         Ok(actual) => actual,
         Err(error) => return Err(error.context(format!("stage `{stage}`, `{url}`"))),
@@ -264,24 +237,14 @@ fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyh
     }
     fs_err::rename(&part, &target)?;
     http::remove_if_present(&http::validator_path(&part))?;
-    Ok(report(
-        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
-        bytes,
-        1,
-        Some(actual),
-    ))
+    Ok(report(format!("{filename}, {}, {actual}", format_bytes(bytes as f64)), bytes, 1, Some(actual)))
 }
 
 /// `https://host/a/b/input.txt?x=1#y` -> `input.txt`.
 fn url_file_name(url: &str) -> anyhow::Result<String> {
     let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
     let path = rest.split(['?', '#']).next().unwrap_or_default();
-    let name = path
-        .split_once('/')
-        .map_or("", |(_, path)| path)
-        .rsplit('/')
-        .next()
-        .unwrap_or_default();
+    let name = path.split_once('/').map_or("", |(_, path)| path).rsplit('/').next().unwrap_or_default();
     check_file_name(name).map_err(|_| anyhow!("the URL `{url}` does not end in a file name"))?;
     Ok(name.to_string())
 }
@@ -307,29 +270,20 @@ impl Digest {
             Some(("blake3", hex)) => (Algorithm::Blake3, hex),
             Some(("sha256", hex)) => (Algorithm::Sha256, hex),
             _ => {
-                return Err(format!(
-                    "`digest` must be `blake3:<hex>` or `sha256:<hex>`, not `{text}`"
-                ));
+                return Err(format!("`digest` must be `blake3:<hex>` or `sha256:<hex>`, not `{text}`"));
             }
         };
         if hex.len() != 64 || !hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
-            return Err(format!(
-                "`digest` `{text}` must have 64 hex digits after the `:`"
-            ));
+            return Err(format!("`digest` `{text}` must have 64 hex digits after the `:`"));
         }
-        Ok(Digest {
-            algorithm,
-            hex: hex.to_ascii_lowercase(),
-        })
+        Ok(Digest { algorithm, hex: hex.to_ascii_lowercase() })
     }
 
     fn of_file(algorithm: Algorithm, path: &Path) -> anyhow::Result<Digest> {
         let hex = match algorithm {
-            Algorithm::Blake3 => blake3::Hasher::new()
-                .update_mmap_rayon(path)?
-                .finalize()
-                .to_hex()
-                .to_string(),
+            Algorithm::Blake3 => {
+                blake3::Hasher::new().update_mmap_rayon(path)?.finalize().to_hex().to_string()
+            }
             Algorithm::Sha256 => {
                 use sha2::Digest as _;
                 let mut hasher = sha2::Sha256::new();
@@ -342,11 +296,7 @@ impl Digest {
                     }
                     hasher.update(&buffer[..n]);
                 }
-                hasher
-                    .finalize()
-                    .iter()
-                    .map(|byte| format!("{byte:02x}"))
-                    .collect()
+                hasher.finalize().iter().map(|byte| format!("{byte:02x}")).collect()
             }
         };
         Ok(Digest { algorithm, hex })
@@ -374,39 +324,23 @@ fn verify(path: &Path, pin: Option<&Digest>) -> anyhow::Result<String> {
 fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     let stage = &ctx.stage;
     let source = ctx.root.join(path);
-    let metadata = fs_err::metadata(&source)
-        .with_context(|| format!("stage `{stage}` cannot read its `path`"))?;
+    let metadata =
+        fs_err::metadata(&source).with_context(|| format!("stage `{stage}` cannot read its `path`"))?;
     if metadata.is_dir() {
         if config.filename.is_some() || config.digest.is_some() {
-            bail!(
-                "stage `{stage}`: `filename` and `digest` apply to a file, and `{path}` is a folder"
-            );
+            bail!("stage `{stage}`: `filename` and `digest` apply to a file, and `{path}` is a folder");
         }
         let (files, bytes) = copy_dir(&source, &ctx.out)
             .with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
-        return Ok(report(
-            format!("{files} files, {}", format_bytes(bytes as f64)),
-            bytes,
-            files,
-            None,
-        ));
+        return Ok(report(format!("{files} files, {}", format_bytes(bytes as f64)), bytes, files, None));
     }
     let filename = match &config.filename {
         Some(filename) => filename.clone(),
-        None => source
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        None => source.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
     };
     let actual = verify(
         &source,
-        config
-            .digest
-            .as_deref()
-            .map(Digest::parse)
-            .transpose()
-            .map_err(|e| anyhow!(e))?
-            .as_ref(),
+        config.digest.as_deref().map(Digest::parse).transpose().map_err(|e| anyhow!(e))?.as_ref(),
     )
     .with_context(|| format!("could not hash `{path}` for stage `{stage}`"))?;
     if let Some(expected) = &config.digest
@@ -416,12 +350,7 @@ fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Repor
     }
     let bytes = fs_err::copy(&source, ctx.out.join(&filename))
         .with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
-    Ok(report(
-        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
-        bytes,
-        1,
-        Some(actual),
-    ))
+    Ok(report(format!("{filename}, {}, {actual}", format_bytes(bytes as f64)), bytes, 1, Some(actual)))
 }
 
 /// Copies the contents of `from` into `to`, following symbolic links; returns (files, bytes).
@@ -457,11 +386,7 @@ struct HubEnv {
 
 impl HubEnv {
     fn from_process() -> anyhow::Result<HubEnv> {
-        let var = |name: &str| {
-            std::env::var(name)
-                .ok()
-                .filter(|value| !value.trim().is_empty())
-        };
+        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
         let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
         let home = match (var("HF_HOME"), std::env::var_os("HOME")) {
             (Some(home), _) => PathBuf::from(home),
@@ -470,22 +395,13 @@ impl HubEnv {
         };
         let cache = var("HF_HUB_CACHE").map_or_else(|| home.join("hub"), PathBuf::from);
         let token = var("HF_TOKEN").or_else(|| hf_hub::Cache::new(home.join("hub")).token());
-        Ok(HubEnv {
-            endpoint: endpoint.trim_end_matches('/').to_string(),
-            cache,
-            token,
-        })
+        Ok(HubEnv { endpoint: endpoint.trim_end_matches('/').to_string(), cache, token })
     }
 }
 
 fn download_hub(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow::Result<Report> {
     let stage = &ctx.stage;
-    let what = format!(
-        "{} `{}` at revision `{}`",
-        hub.repo_type.name(),
-        hub.repo,
-        hub.revision
-    );
+    let what = format!("{} `{}` at revision `{}`", hub.repo_type.name(), hub.repo, hub.revision);
     let cache = hf_hub::Cache::new(env.cache.clone());
     let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
         .with_endpoint(env.endpoint.clone())
@@ -522,54 +438,34 @@ fn download_hub(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow:
             format!("could not place `{file}` of {what} in the output of stage `{stage}`")
         })?;
     }
-    Ok(report(
-        format!("{count} files of {what}, {}", format_bytes(bytes as f64)),
-        bytes,
-        count,
-        None,
-    ))
+    Ok(report(format!("{count} files of {what}, {}", format_bytes(bytes as f64)), bytes, count, None))
 }
 
 /// The repo paths `hub.files` names, patterns expanded against the repo listing, in order and
 /// without repeats.
-fn hub_files(
-    hub: &Hub,
-    api_repo: &hf_hub::api::sync::ApiRepo,
-    retry: Retry,
-) -> anyhow::Result<Vec<String>> {
+fn hub_files(hub: &Hub, api_repo: &hf_hub::api::sync::ApiRepo, retry: Retry) -> anyhow::Result<Vec<String>> {
     let is_pattern = |file: &str| file.contains(['*', '?', '[']);
     let listing = match hub.files.iter().any(|file| is_pattern(file)) {
         true => {
             let url = api_repo.info_request().url().to_string();
-            let info = with_retries(retry, &url, || api_repo.info())
-                .with_context(|| format!("`{url}`"))?;
-            let mut names: Vec<String> = info
-                .siblings
-                .into_iter()
-                .map(|sibling| sibling.rfilename)
-                .collect();
+            let info = with_retries(retry, &url, || api_repo.info()).with_context(|| format!("`{url}`"))?;
+            let mut names: Vec<String> = info.siblings.into_iter().map(|sibling| sibling.rfilename).collect();
             names.sort();
             names
         }
         false => Vec::new(),
     };
-    let options = glob::MatchOptions {
-        case_sensitive: true,
-        require_literal_separator: true,
-        ..Default::default()
-    };
+    let options =
+        glob::MatchOptions { case_sensitive: true, require_literal_separator: true, ..Default::default() };
     let mut files: Vec<String> = Vec::new();
     for entry in &hub.files {
         if !is_pattern(entry) {
             files.push(entry.clone());
             continue;
         }
-        let pattern =
-            glob::Pattern::new(entry).map_err(|error| anyhow!("bad pattern `{entry}`: {error}"))?;
-        let matched: Vec<&String> = listing
-            .iter()
-            .filter(|name| pattern.matches_with(name, options))
-            .collect();
+        let pattern = glob::Pattern::new(entry).map_err(|error| anyhow!("bad pattern `{entry}`: {error}"))?;
+        let matched: Vec<&String> =
+            listing.iter().filter(|name| pattern.matches_with(name, options)).collect();
         if matched.is_empty() {
             bail!("no file in the repo matches `{entry}`");
         }
@@ -614,14 +510,8 @@ fn with_retries<T>(
                 error
             });
         }
-        let wait = retry
-            .backoff
-            .saturating_mul(1 << (failures - 1).min(16))
-            .min(Duration::from_secs(60));
-        eprintln!(
-            "{url}: {error}; retry {failures}/{} in {wait:.1?}",
-            retry.retries
-        );
+        let wait = retry.backoff.saturating_mul(1 << (failures - 1).min(16)).min(Duration::from_secs(60));
+        eprintln!("{url}: {error}; retry {failures}/{} in {wait:.1?}", retry.retries);
         std::thread::sleep(wait);
     }
 }
@@ -661,10 +551,7 @@ impl hf_hub::api::Progress for HubProgress {
 // --- shared ------------------------------------------------------------------------------------
 
 fn report(summary: String, bytes: u64, files: u64, digest: Option<String>) -> Report {
-    let mut report = Report {
-        summary,
-        ..Report::default()
-    };
+    let mut report = Report { summary, ..Report::default() };
     report.metrics.insert("bytes".into(), bytes.into());
     report.metrics.insert("files".into(), files.into());
     if let Some(digest) = digest {
@@ -676,9 +563,7 @@ fn report(summary: String, bytes: u64, files: u64, digest: Option<String>) -> Re
 /// A single path segment that is safe to create in `$OUT`.
 fn check_file_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\']) {
-        return Err(format!(
-            "`filename` must be a plain file name, not `{name}`"
-        ));
+        return Err(format!("`filename` must be a plain file name, not `{name}`"));
     }
     Ok(())
 }
@@ -686,9 +571,7 @@ fn check_file_name(name: &str) -> Result<(), String> {
 /// A relative path that stays inside `$OUT`.
 fn check_relative(path: &str) -> Result<(), String> {
     let inside = !path.is_empty()
-        && Path::new(path)
-            .components()
-            .all(|component| matches!(component, Component::Normal(_)));
+        && Path::new(path).components().all(|component| matches!(component, Component::Normal(_)));
     if !inside {
         return Err(format!("`{path}` must be a relative path inside the repo"));
     }
@@ -704,28 +587,16 @@ mod tests {
     fn context(dir: &Path) -> Context {
         let out = dir.join("out");
         fs_err::create_dir_all(&out).unwrap();
-        Context {
-            stage: "text".into(),
-            root: dir.to_path_buf(),
-            out,
-            inputs: BTreeMap::new(),
-        }
+        Context { stage: "text".into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
     }
 
     /// 100 kB that no off-by-one can reproduce by accident.
     fn body() -> Vec<u8> {
-        (0..100_000u32)
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-            .collect()
+        (0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect()
     }
 
     fn url_config(url: String) -> Config {
-        Config {
-            url: Some(url),
-            retries: 3,
-            backoff_ms: 1,
-            ..Config::default()
-        }
+        Config { url: Some(url), retries: 3, backoff_ms: 1, ..Config::default() }
     }
 
     fn listing(dir: &Path) -> Vec<String> {
@@ -743,11 +614,7 @@ mod tests {
         let ctx = context(dir.path());
         let server = Server::start();
         server.route("/data/input.txt", Route::new(body()));
-        let report = run(
-            &url_config(format!("{}/data/input.txt?raw=1", server.url)),
-            &ctx,
-        )
-        .unwrap();
+        let report = run(&url_config(format!("{}/data/input.txt?raw=1", server.url)), &ctx).unwrap();
         assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
         assert_eq!(listing(&ctx.out), ["input.txt"]);
         let blake3 = format!("blake3:{}", blake3::hash(&body()).to_hex());
@@ -764,28 +631,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path());
         let server = Server::start();
-        let route = Route {
-            breaks: 2,
-            break_after: 30_000,
-            ..Route::new(body()).header("ETag", "\"v1\"")
-        };
+        let route = Route { breaks: 2, break_after: 30_000, ..Route::new(body()).header("ETag", "\"v1\"") };
         server.route("/input.txt", route);
         run(&url_config(format!("{}/input.txt", server.url)), &ctx).unwrap();
         assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
         assert_eq!(listing(&ctx.out), ["input.txt"]);
         let requests = server.requests();
-        let ranges: Vec<_> = requests
-            .iter()
-            .map(|request| request.headers.get("range").cloned())
-            .collect();
-        assert_eq!(
-            ranges,
-            [
-                None,
-                Some("bytes=30000-".into()),
-                Some("bytes=60000-".into())
-            ]
-        );
+        let ranges: Vec<_> = requests.iter().map(|request| request.headers.get("range").cloned()).collect();
+        assert_eq!(ranges, [None, Some("bytes=30000-".into()), Some("bytes=60000-".into())]);
         assert_eq!(requests[2].headers["if-range"], "\"v1\"");
     }
 
@@ -833,13 +686,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path());
         let server = Server::start();
-        server.route(
-            "/input.txt",
-            Route {
-                failures: 2,
-                ..Route::new(body())
-            },
-        );
+        server.route("/input.txt", Route { failures: 2, ..Route::new(body()) });
         run(&url_config(format!("{}/input.txt", server.url)), &ctx).unwrap();
         assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
         assert_eq!(server.requests().len(), 3);
@@ -854,9 +701,7 @@ mod tests {
         let error = run(&url_config(url.clone()), &ctx).unwrap_err();
         assert_eq!(
             format!("{error:#}"),
-            format!(
-                "could not download `{url}` for stage `text`: the server answered 404 Not Found"
-            )
+            format!("could not download `{url}` for stage `text`: the server answered 404 Not Found")
         );
         assert_eq!(server.requests().len(), 1);
         assert!(listing(&ctx.out).is_empty());
@@ -869,13 +714,9 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/input.txt", listener.local_addr().unwrap());
         drop(listener);
-        let config = Config {
-            retries: 2,
-            ..url_config(url.clone())
-        };
+        let config = Config { retries: 2, ..url_config(url.clone()) };
         let error = format!("{:#}", run(&config, &ctx).unwrap_err());
-        let prefix =
-            format!("could not download `{url}` for stage `text`: gave up after 2 retries: ");
+        let prefix = format!("could not download `{url}` for stage `text`: gave up after 2 retries: ");
         assert!(error.starts_with(&prefix), "{error}");
         assert!(error.contains("Connection Failed"), "{error}");
         assert!(listing(&ctx.out).is_empty());
@@ -889,17 +730,12 @@ mod tests {
         server.route("/input.txt", Route::new(body()));
         let url = format!("{}/input.txt", server.url);
         let wrong = format!("blake3:{}", "0".repeat(64));
-        let config = Config {
-            digest: Some(wrong.clone()),
-            ..url_config(url.clone())
-        };
+        let config = Config { digest: Some(wrong.clone()), ..url_config(url.clone()) };
         let error = run(&config, &ctx).unwrap_err();
         let actual = blake3::hash(&body()).to_hex();
         assert_eq!(
             error.to_string(),
-            format!(
-                "`{url}` for stage `text` has digest `blake3:{actual}`, but `digest` pins `{wrong}`"
-            )
+            format!("`{url}` for stage `text` has digest `blake3:{actual}`, but `digest` pins `{wrong}`")
         );
         assert!(listing(&ctx.out).is_empty());
     }
@@ -909,10 +745,7 @@ mod tests {
         use sha2::Digest as _;
         let server = Server::start();
         server.route("/input.txt", Route::new(body()));
-        let sha256: String = sha2::Sha256::digest(body())
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
+        let sha256: String = sha2::Sha256::digest(body()).iter().map(|byte| format!("{byte:02x}")).collect();
         let pins = [
             format!("blake3:{}", blake3::hash(&body()).to_hex()),
             format!("sha256:{}", sha256.to_uppercase()),
@@ -920,10 +753,8 @@ mod tests {
         for pin in pins {
             let dir = tempfile::tempdir().unwrap();
             let ctx = context(dir.path());
-            let config = Config {
-                digest: Some(pin.clone()),
-                ..url_config(format!("{}/input.txt", server.url))
-            };
+            let config =
+                Config { digest: Some(pin.clone()), ..url_config(format!("{}/input.txt", server.url)) };
             let report = run(&config, &ctx).unwrap();
             assert_eq!(report.metrics["digest"], pin.to_lowercase().as_str());
             assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
@@ -946,14 +777,8 @@ mod tests {
 
     #[test]
     fn url_file_names() {
-        assert_eq!(
-            url_file_name("https://host/a/b/input.txt?x=1#y").unwrap(),
-            "input.txt"
-        );
-        assert_eq!(
-            url_file_name("http://host:8080/input.txt").unwrap(),
-            "input.txt"
-        );
+        assert_eq!(url_file_name("https://host/a/b/input.txt?x=1#y").unwrap(), "input.txt");
+        assert_eq!(url_file_name("http://host:8080/input.txt").unwrap(), "input.txt");
         assert!(url_file_name("https://host/a/").is_err());
         assert!(url_file_name("https://host").is_err());
         assert!(url_file_name("https://host/..").is_err());
@@ -961,9 +786,8 @@ mod tests {
 
     #[test]
     fn params_are_checked_when_read() {
-        let parse = |json: serde_json::Value| {
-            serde_json::from_value::<Config>(json).map_err(|e| e.to_string())
-        };
+        let parse =
+            |json: serde_json::Value| serde_json::from_value::<Config>(json).map_err(|e| e.to_string());
         assert_eq!(
             parse(serde_json::json!({})).unwrap_err(),
             "a download needs one of `url`, `hf` or `path`"
@@ -972,11 +796,7 @@ mod tests {
             parse(serde_json::json!({"url": "https://a/b", "path": "x"})).unwrap_err(),
             "a download takes only one of `url`, `hf` and `path`"
         );
-        assert!(
-            parse(serde_json::json!({"url": "ftp://a/b"}))
-                .unwrap_err()
-                .contains("`http://`")
-        );
+        assert!(parse(serde_json::json!({"url": "ftp://a/b"})).unwrap_err().contains("`http://`"));
         assert!(
             parse(serde_json::json!({"url": "https://a/b", "digest": "md5:00"}))
                 .unwrap_err()
@@ -997,11 +817,7 @@ mod tests {
                 .unwrap_err()
                 .contains("inside")
         );
-        assert!(
-            parse(serde_json::json!({"hf": {"repo": "a/b"}}))
-                .unwrap_err()
-                .contains("at least one")
-        );
+        assert!(parse(serde_json::json!({"hf": {"repo": "a/b"}})).unwrap_err().contains("at least one"));
 
         // Defaults are filled in, unset options stay out of the serialized form (and the key).
         let config = parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["x"]}})).unwrap();
@@ -1025,57 +841,24 @@ mod tests {
         fs_err::create_dir_all(dir.path().join("corpus/more")).unwrap();
         fs_err::write(dir.path().join("corpus/a.txt"), "a").unwrap();
         fs_err::write(dir.path().join("corpus/more/b.txt"), "bb").unwrap();
-        let report = run(
-            &Config {
-                path: Some("corpus".into()),
-                ..Config::default()
-            },
-            &ctx,
-        )
-        .unwrap();
+        let report = run(&Config { path: Some("corpus".into()), ..Config::default() }, &ctx).unwrap();
         assert_eq!(report.summary, "2 files, 3 B");
-        assert_eq!(
-            fs_err::read_to_string(ctx.out.join("more/b.txt")).unwrap(),
-            "bb"
-        );
+        assert_eq!(fs_err::read_to_string(ctx.out.join("more/b.txt")).unwrap(), "bb");
         assert_eq!(listing(&ctx.out), ["a.txt", "more"]);
 
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path());
         fs_err::write(dir.path().join("input.txt"), "hello").unwrap();
         let pin = format!("blake3:{}", blake3::hash(b"hello").to_hex());
-        let config = Config {
-            path: Some("input.txt".into()),
-            digest: Some(pin),
-            ..Config::default()
-        };
+        let config = Config { path: Some("input.txt".into()), digest: Some(pin), ..Config::default() };
         run(&config, &ctx).unwrap();
-        assert_eq!(
-            fs_err::read_to_string(ctx.out.join("input.txt")).unwrap(),
-            "hello"
-        );
+        assert_eq!(fs_err::read_to_string(ctx.out.join("input.txt")).unwrap(), "hello");
 
-        let config = Config {
-            digest: Some(format!("sha256:{}", "0".repeat(64))),
-            ..config
-        };
+        let config = Config { digest: Some(format!("sha256:{}", "0".repeat(64))), ..config };
         let error = run(&config, &ctx).unwrap_err().to_string();
-        assert!(
-            error.starts_with("`input.txt` for stage `text` has digest `sha256:"),
-            "{error}"
-        );
+        assert!(error.starts_with("`input.txt` for stage `text` has digest `sha256:"), "{error}");
 
-        let error = run(
-            &Config {
-                path: Some("missing".into()),
-                ..Config::default()
-            },
-            &ctx,
-        )
-        .unwrap_err();
-        assert!(
-            format!("{error:#}").starts_with("stage `text` cannot read its `path`: "),
-            "{error:#}"
-        );
+        let error = run(&Config { path: Some("missing".into()), ..Config::default() }, &ctx).unwrap_err();
+        assert!(format!("{error:#}").starts_with("stage `text` cannot read its `path`: "), "{error:#}");
     }
 }

@@ -46,13 +46,7 @@ pub fn validator_path(part: &Path) -> PathBuf {
 
 /// Downloads `url` into `part`, continuing from whatever `part` already holds. Returns the
 /// number of bytes in `part` once the server has sent them all.
-pub fn fetch(
-    agent: &ureq::Agent,
-    url: &str,
-    part: &Path,
-    retry: Retry,
-    label: &str,
-) -> anyhow::Result<u64> {
+pub fn fetch(agent: &ureq::Agent, url: &str, part: &Path, retry: Retry, label: &str) -> anyhow::Result<u64> {
     let mut progress = Progress::new(label, Unit::Bytes, None);
     let mut failures = 0;
     loop {
@@ -69,14 +63,8 @@ pub fn fetch(
         if failures > retry.retries {
             return Err(error.context(format!("gave up after {} retries", retry.retries)));
         }
-        let wait = retry
-            .backoff
-            .saturating_mul(1 << (failures - 1).min(16))
-            .min(MAX_BACKOFF);
-        eprintln!(
-            "{url}: {error:#}; retry {failures}/{} in {wait:.1?}",
-            retry.retries
-        );
+        let wait = retry.backoff.saturating_mul(1 << (failures - 1).min(16)).min(MAX_BACKOFF);
+        eprintln!("{url}: {error:#}; retry {failures}/{} in {wait:.1?}", retry.retries);
         std::thread::sleep(wait);
     }
     progress.finish();
@@ -90,12 +78,7 @@ enum Attempt {
     Fatal(anyhow::Error),
 }
 
-fn attempt(
-    agent: &ureq::Agent,
-    url: &str,
-    part: &Path,
-    progress: &mut Progress,
-) -> Result<(), Attempt> {
+fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress) -> Result<(), Attempt> {
     let start = file_len(part).map_err(Attempt::Fatal)?;
     let validator_file = validator_path(part);
     // Identity: a range of a gzip-encoded body is not a range of the file.
@@ -123,11 +106,7 @@ fn attempt(
         Err(ureq::Error::Status(code, response)) => {
             let error = anyhow!("the server answered {code} {}", response.status_text());
             let transient = code == 408 || code == 429 || code >= 500;
-            return Err(if transient {
-                Attempt::Retry(error)
-            } else {
-                Attempt::Fatal(error)
-            });
+            return Err(if transient { Attempt::Retry(error) } else { Attempt::Fatal(error) });
         }
         Err(ureq::Error::Transport(transport)) => return Err(Attempt::Retry(anyhow!(transport))),
     };
@@ -139,32 +118,21 @@ fn attempt(
             Some((first, total)) if first == start => (start, total),
             _ => {
                 truncate(part).map_err(Attempt::Fatal)?;
-                return Err(Attempt::Retry(anyhow!(
-                    "the server sent a range other than the one asked for"
-                )));
+                return Err(Attempt::Retry(anyhow!("the server sent a range other than the one asked for")));
             }
         },
-        200 => (
-            0,
-            response
-                .header("Content-Length")
-                .and_then(|length| length.parse().ok()),
-        ),
+        200 => (0, response.header("Content-Length").and_then(|length| length.parse().ok())),
         code => {
-            return Err(Attempt::Fatal(anyhow!(
-                "unexpected answer {code} {}",
-                response.status_text()
-            )));
+            return Err(Attempt::Fatal(anyhow!("unexpected answer {code} {}", response.status_text())));
         }
     };
     // A weak validator (`W/"..."`) cannot be used in `If-Range`; `Last-Modified` then serves.
-    let validator = response
-        .header("ETag")
-        .filter(|etag| !etag.starts_with("W/"))
-        .or(response.header("Last-Modified"));
+    let validator =
+        response.header("ETag").filter(|etag| !etag.starts_with("W/")).or(response.header("Last-Modified"));
     match validator {
-        Some(validator) => fs_err::write(&validator_file, validator)
-            .map_err(|error| Attempt::Fatal(error.into()))?,
+        Some(validator) => {
+            fs_err::write(&validator_file, validator).map_err(|error| Attempt::Fatal(error.into()))?
+        }
         None => remove_if_present(&validator_file).map_err(Attempt::Fatal)?,
     }
 
@@ -186,21 +154,19 @@ fn attempt(
             Ok(n) => n,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(error) => {
-                let error =
-                    anyhow!(error).context(format!("the connection broke after {received} bytes"));
+                let error = anyhow!(error).context(format!("the connection broke after {received} bytes"));
                 return Err(Attempt::Retry(error));
             }
         };
-        file.write_all(&buffer[..n])
-            .map_err(|error| Attempt::Fatal(error.into()))?;
+        file.write_all(&buffer[..n]).map_err(|error| Attempt::Fatal(error.into()))?;
         received += n as u64;
         progress.inc(n as u64);
     }
     file.flush().map_err(|error| Attempt::Fatal(error.into()))?;
     match total {
-        Some(total) if received != total => Err(Attempt::Retry(anyhow!(
-            "the connection closed after {received} of {total} bytes"
-        ))),
+        Some(total) if received != total => {
+            Err(Attempt::Retry(anyhow!("the connection closed after {received} of {total} bytes")))
+        }
         _ => Ok(()),
     }
 }
@@ -226,9 +192,7 @@ fn file_len(path: &Path) -> anyhow::Result<u64> {
 }
 
 fn truncate(path: &Path) -> anyhow::Result<()> {
-    fs_err::File::create(path)
-        .map(drop)
-        .context("could not restart the download")
+    fs_err::File::create(path).map(drop).context("could not restart the download")
 }
 
 pub fn remove_if_present(path: &Path) -> anyhow::Result<()> {

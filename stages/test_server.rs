@@ -22,10 +22,7 @@ pub struct Route {
 
 impl Route {
     pub fn new(body: impl Into<Vec<u8>>) -> Route {
-        Route {
-            body: body.into(),
-            ..Route::default()
-        }
+        Route { body: body.into(), ..Route::default() }
     }
 
     pub fn header(mut self, name: &str, value: &str) -> Route {
@@ -52,11 +49,7 @@ impl Server {
     pub fn start() -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let server = Server {
-            url,
-            routes: Arc::default(),
-            log: Arc::default(),
-        };
+        let server = Server { url, routes: Arc::default(), log: Arc::default() };
         let handle = server.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -81,11 +74,7 @@ impl Server {
         if reader.read_line(&mut line).is_err() || line.is_empty() {
             return;
         }
-        let path = line
-            .split_whitespace()
-            .nth(1)
-            .unwrap_or_default()
-            .to_string();
+        let path = line.split_whitespace().nth(1).unwrap_or_default().to_string();
         let mut headers = HashMap::new();
         loop {
             let mut header = String::new();
@@ -96,10 +85,7 @@ impl Server {
                 headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
             }
         }
-        self.log.lock().unwrap().push(Request {
-            path: path.clone(),
-            headers: headers.clone(),
-        });
+        self.log.lock().unwrap().push(Request { path: path.clone(), headers: headers.clone() });
         let route = {
             let mut routes = self.routes.lock().unwrap();
             let Some(route) = routes.get_mut(path.split('?').next().unwrap()) else {
@@ -116,14 +102,8 @@ impl Server {
             return respond(stream, "503 Service Unavailable", &[], b"", None);
         }
         let length = route.body.len();
-        let etag = route
-            .headers
-            .iter()
-            .find(|(name, _)| name.eq_ignore_ascii_case("etag"))
-            .map(|(_, v)| v);
-        let if_range_ok = headers
-            .get("if-range")
-            .is_none_or(|validator| Some(validator) == etag);
+        let etag = route.headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("etag")).map(|(_, v)| v);
+        let if_range_ok = headers.get("if-range").is_none_or(|validator| Some(validator) == etag);
         let range = headers
             .get("range")
             .filter(|_| if_range_ok)
@@ -131,10 +111,7 @@ impl Server {
             .and_then(|range| range.split_once('-'))
             .map(|(first, last)| {
                 let first: usize = first.parse().unwrap();
-                let last = last
-                    .parse()
-                    .unwrap_or(length.saturating_sub(1))
-                    .min(length.saturating_sub(1));
+                let last = last.parse().unwrap_or(length.saturating_sub(1)).min(length.saturating_sub(1));
                 (first, last)
             });
         let mut extra = route.headers.clone();
@@ -144,10 +121,7 @@ impl Server {
                 ("416 Range Not Satisfiable", &[][..])
             }
             Some((first, last)) => {
-                extra.push((
-                    "Content-Range".into(),
-                    format!("bytes {first}-{last}/{length}"),
-                ));
+                extra.push(("Content-Range".into(), format!("bytes {first}-{last}/{length}")));
                 ("206 Partial Content", &route.body[first..=last])
             }
             None => ("200 OK", &route.body[..]),
@@ -165,18 +139,13 @@ fn respond(
     body: &[u8],
     cut: Option<usize>,
 ) {
-    let mut head = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+    let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
     head.push_str("\r\n");
     let body = &body[..cut.unwrap_or(body.len()).min(body.len())];
-    let _ = stream
-        .write_all(head.as_bytes())
-        .and_then(|()| stream.write_all(body));
+    let _ = stream.write_all(head.as_bytes()).and_then(|()| stream.write_all(body));
     let _ = stream.flush();
     let _ = stream.shutdown(std::net::Shutdown::Both);
 }
