@@ -16,15 +16,17 @@
 //! ```
 
 use std::io::Read;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Component, Path};
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{self, Retry};
+use crate::hub::{self, HubEnv};
+pub use crate::hub::{Hub, RepoType};
 use crate::progress::format_bytes;
-use crate::{Context, Progress, Report, Unit};
+use crate::{Context, Report};
 
 /// Bumped when what a download stage writes changes meaning, so that every download key changes.
 pub const VERSION: u32 = 1;
@@ -90,51 +92,6 @@ impl<'de> Deserialize<'de> for Config {
     }
 }
 
-/// Files of one Hub repository at one revision, e.g.
-/// `{repo: openai-community/gpt2, files: [config.json, model.safetensors]}` or
-/// `{repo: HuggingFaceFW/fineweb-edu, type: dataset, files: ["sample/10BT/*.parquet"]}`.
-/// They land in `$OUT` under their paths in the repo.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Hub {
-    /// `owner/name` on the Hub.
-    pub repo: String,
-    /// `model` or `dataset`; the Hub keeps them apart (`/datasets/...` URLs). Default `model`,
-    /// as on the Hub.
-    #[serde(rename = "type")]
-    pub repo_type: RepoType,
-    /// A branch, tag or commit. Default `main`; pin a commit for bytes that never change under
-    /// the same key (a branch is fetched once per key and then served from the Hub cache).
-    pub revision: String,
-    /// Paths in the repo, or glob patterns over them (`*` stays within a folder, `**` crosses
-    /// folders), e.g. `sample/10BT/*.parquet`. A pattern lists the repo through the Hub API and
-    /// must match at least one file. There is no default: a whole repo is rarely what is wanted
-    /// (gpt2's holds the weights in five formats).
-    pub files: Vec<String>,
-}
-
-impl Default for Hub {
-    fn default() -> Hub {
-        Hub { repo: String::new(), repo_type: RepoType::Model, revision: "main".into(), files: Vec::new() }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RepoType {
-    Model,
-    Dataset,
-}
-
-impl RepoType {
-    fn name(self) -> &'static str {
-        match self {
-            RepoType::Model => "model",
-            RepoType::Dataset => "dataset",
-        }
-    }
-}
-
 impl Config {
     /// Checks what serde cannot: exactly one source, and well-formed names and digests.
     pub fn validate(&self) -> Result<(), String> {
@@ -184,7 +141,7 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
 
 /// `run` with the Hub's endpoint, cache and token coming from `hub_env` instead of the process
 /// environment (tests point it at a local server).
-fn run_with(
+pub(crate) fn run_with(
     config: &Config,
     ctx: &Context,
     hub_env: &dyn Fn() -> anyhow::Result<HubEnv>,
@@ -197,7 +154,7 @@ fn run_with(
     if let Some(url) = &config.url {
         download_url(url, config, retry, ctx)
     } else if let Some(hub) = &config.hf {
-        download_hub(hub, retry, &hub_env()?, ctx)
+        hub::download(hub, retry, &hub_env()?, ctx)
     } else if let Some(path) = &config.path {
         copy_path(path, config, ctx)
     } else {
@@ -373,184 +330,9 @@ fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<(u64, u64)> {
     Ok((files, bytes))
 }
 
-// --- hf ----------------------------------------------------------------------------------------
-
-/// Where the Hub is and who we are to it, from `HF_ENDPOINT`, `HF_HOME` (or `HF_HUB_CACHE`) and
-/// `HF_TOKEN` (or the token file `huggingface-cli login` writes). The token goes into request
-/// headers only: never into params, outputs or messages.
-struct HubEnv {
-    endpoint: String,
-    cache: PathBuf,
-    token: Option<String>,
-}
-
-impl HubEnv {
-    fn from_process() -> anyhow::Result<HubEnv> {
-        let var = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
-        let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
-        let home = match (var("HF_HOME"), std::env::var_os("HOME")) {
-            (Some(home), _) => PathBuf::from(home),
-            (None, Some(home)) => Path::new(&home).join(".cache/huggingface"),
-            (None, None) => bail!("cannot find the Hugging Face cache: set `HF_HOME`"),
-        };
-        let cache = var("HF_HUB_CACHE").map_or_else(|| home.join("hub"), PathBuf::from);
-        let token = var("HF_TOKEN").or_else(|| hf_hub::Cache::new(home.join("hub")).token());
-        Ok(HubEnv { endpoint: endpoint.trim_end_matches('/').to_string(), cache, token })
-    }
-}
-
-fn download_hub(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow::Result<Report> {
-    let stage = &ctx.stage;
-    let what = format!("{} `{}` at revision `{}`", hub.repo_type.name(), hub.repo, hub.revision);
-    let cache = hf_hub::Cache::new(env.cache.clone());
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-        .with_endpoint(env.endpoint.clone())
-        .with_token(env.token.clone())
-        .with_progress(false)
-        .with_user_agent("nanoflow", env!("CARGO_PKG_VERSION"))
-        .build()
-        .with_context(|| format!("could not set up the Hub client for stage `{stage}`"))?;
-    let repo_type = match hub.repo_type {
-        RepoType::Model => hf_hub::RepoType::Model,
-        RepoType::Dataset => hf_hub::RepoType::Dataset,
-    };
-    let repo = hf_hub::Repo::with_revision(hub.repo.clone(), repo_type, hub.revision.clone());
-    let api_repo = api.repo(repo.clone());
-
-    let files = hub_files(hub, &api_repo, retry)
-        .with_context(|| format!("could not list the files of {what} for stage `{stage}`"))?;
-    let (mut bytes, count) = (0, files.len() as u64);
-    for file in &files {
-        let url = api_repo.url(file);
-        // A file the cache holds for this revision needs no network at all.
-        let cached = match cache.repo(repo.clone()).get(file) {
-            Some(path) => path,
-            None => with_retries(retry, &url, || {
-                let progress = HubProgress(Progress::new(file.as_str(), Unit::Bytes, None));
-                api_repo.download_with_progress(file, progress)
-            })
-            .with_context(|| {
-                format!("could not download `{file}` of {what} (`{url}`) for stage `{stage}`")
-            })?,
-        };
-        let target = ctx.out.join(file);
-        bytes += place(&cached, &target).with_context(|| {
-            format!("could not place `{file}` of {what} in the output of stage `{stage}`")
-        })?;
-    }
-    Ok(report(format!("{count} files of {what}, {}", format_bytes(bytes as f64)), bytes, count, None))
-}
-
-/// The repo paths `hub.files` names, patterns expanded against the repo listing, in order and
-/// without repeats.
-fn hub_files(hub: &Hub, api_repo: &hf_hub::api::sync::ApiRepo, retry: Retry) -> anyhow::Result<Vec<String>> {
-    let is_pattern = |file: &str| file.contains(['*', '?', '[']);
-    let listing = match hub.files.iter().any(|file| is_pattern(file)) {
-        true => {
-            let url = api_repo.info_request().url().to_string();
-            let info = with_retries(retry, &url, || api_repo.info()).with_context(|| format!("`{url}`"))?;
-            let mut names: Vec<String> = info.siblings.into_iter().map(|sibling| sibling.rfilename).collect();
-            names.sort();
-            names
-        }
-        false => Vec::new(),
-    };
-    let options =
-        glob::MatchOptions { case_sensitive: true, require_literal_separator: true, ..Default::default() };
-    let mut files: Vec<String> = Vec::new();
-    for entry in &hub.files {
-        if !is_pattern(entry) {
-            files.push(entry.clone());
-            continue;
-        }
-        let pattern = glob::Pattern::new(entry).map_err(|error| anyhow!("bad pattern `{entry}`: {error}"))?;
-        let matched: Vec<&String> =
-            listing.iter().filter(|name| pattern.matches_with(name, options)).collect();
-        if matched.is_empty() {
-            bail!("no file in the repo matches `{entry}`");
-        }
-        files.extend(matched.into_iter().cloned());
-    }
-    let mut seen = std::collections::HashSet::new();
-    files.retain(|file| seen.insert(file.clone()));
-    for file in &files {
-        check_relative(file).map_err(|error| anyhow!("the repo lists an unsafe path: {error}"))?;
-    }
-    Ok(files)
-}
-
-/// Retries a Hub call the way `http::fetch` retries a URL. `hf-hub` resumes an interrupted file
-/// from its own `.part` blob in the cache, so a retry (or the next run) continues where it broke.
-fn with_retries<T>(
-    retry: Retry,
-    url: &str,
-    mut call: impl FnMut() -> Result<T, hf_hub::api::sync::ApiError>,
-) -> anyhow::Result<T> {
-    use hf_hub::api::sync::ApiError;
-    let mut failures = 0;
-    loop {
-        let error = match call() {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
-        };
-        let transient = match &error {
-            ApiError::RequestError(error) => match error.as_ref() {
-                ureq::Error::Status(code, _) => *code == 408 || *code == 429 || *code >= 500,
-                ureq::Error::Transport(_) => true,
-            },
-            ApiError::IoError(_) | ApiError::TooManyRetries(_) => true,
-            _ => false,
-        };
-        failures += 1;
-        if !transient || failures > retry.retries {
-            let error = anyhow::Error::new(error);
-            return Err(if transient {
-                error.context(format!("gave up after {} retries", retry.retries))
-            } else {
-                error
-            });
-        }
-        let wait = retry.backoff.saturating_mul(1 << (failures - 1).min(16)).min(Duration::from_secs(60));
-        eprintln!("{url}: {error}; retry {failures}/{} in {wait:.1?}", retry.retries);
-        std::thread::sleep(wait);
-    }
-}
-
-/// Puts the cached file at `target`: a hard link when the cache is on the same filesystem (no
-/// copy of a multi-gigabyte parquet file; cache blobs are never modified in place), else a copy.
-fn place(cached: &Path, target: &Path) -> anyhow::Result<u64> {
-    let blob = fs_err::canonicalize(cached)?;
-    if let Some(parent) = target.parent() {
-        fs_err::create_dir_all(parent)?;
-    }
-    http::remove_if_present(target)?;
-    if fs_err::hard_link(&blob, target).is_err() {
-        fs_err::copy(&blob, target)?;
-    }
-    Ok(fs_err::metadata(target)?.len())
-}
-
-/// `hf-hub`'s progress callbacks onto our progress lines.
-struct HubProgress(Progress);
-
-impl hf_hub::api::Progress for HubProgress {
-    fn init(&mut self, size: usize, _filename: &str) {
-        self.0.set_total(Some(size as u64));
-        self.0.set_done(0);
-    }
-
-    fn update(&mut self, size: usize) {
-        self.0.inc(size as u64);
-    }
-
-    fn finish(&mut self) {
-        self.0.finish();
-    }
-}
-
 // --- shared ------------------------------------------------------------------------------------
 
-fn report(summary: String, bytes: u64, files: u64, digest: Option<String>) -> Report {
+pub(crate) fn report(summary: String, bytes: u64, files: u64, digest: Option<String>) -> Report {
     let mut report = Report { summary, ..Report::default() };
     report.metrics.insert("bytes".into(), bytes.into());
     report.metrics.insert("files".into(), files.into());
@@ -569,7 +351,7 @@ fn check_file_name(name: &str) -> Result<(), String> {
 }
 
 /// A relative path that stays inside `$OUT`.
-fn check_relative(path: &str) -> Result<(), String> {
+pub(crate) fn check_relative(path: &str) -> Result<(), String> {
     let inside = !path.is_empty()
         && Path::new(path).components().all(|component| matches!(component, Component::Normal(_)));
     if !inside {

@@ -10,6 +10,7 @@ pub mod bpe;
 pub mod command;
 pub mod download;
 mod http;
+mod hub;
 pub mod progress;
 pub mod shard;
 #[cfg(test)]
