@@ -93,6 +93,10 @@ impl<'de> Deserialize<'de> for Config {
 }
 
 impl Config {
+    fn pin(&self) -> anyhow::Result<Option<Digest>> {
+        self.digest.as_deref().map(Digest::parse).transpose().map_err(|error| anyhow!(error))
+    }
+
     /// Checks what serde cannot: exactly one source, and well-formed names and digests.
     pub fn validate(&self) -> Result<(), String> {
         let sources = [self.url.is_some(), self.hf.is_some(), self.path.is_some()];
@@ -174,18 +178,14 @@ fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyh
     };
     let target = ctx.out.join(&filename);
     let part = ctx.out.join(format!("{filename}.part"));
-    let digest = config.digest.as_deref().map(Digest::parse).transpose().map_err(|error| anyhow!(error))?;
+    let pin = config.pin()?;
 
     let bytes = http::fetch(&http::agent(), url, &part, retry, &filename)
         .with_context(|| format!("could not download `{url}` for stage `{stage}`"))?;
-    let actual =
-        verify(&part, digest.as_ref()).with_context(|| format!("could not hash `{}`", part.display()));
-    let actual = match actual {
-        Ok(actual) => actual,
-        Err(error) => return Err(error.context(format!("stage `{stage}`, `{url}`"))),
-    };
-    if let Some(expected) = &digest
-        && actual != expected.to_string()
+    let actual = Digest::of_file(pin.as_ref(), &part)
+        .with_context(|| format!("could not hash `{}` for stage `{stage}`", part.display()))?;
+    if let Some(expected) = &pin
+        && actual != *expected
     {
         // The bytes are wrong, not merely incomplete: the next run must start over, not resume.
         http::remove_if_present(&part)?;
@@ -194,7 +194,12 @@ fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyh
     }
     fs_err::rename(&part, &target)?;
     http::remove_if_present(&http::validator_path(&part))?;
-    Ok(report(format!("{filename}, {}, {actual}", format_bytes(bytes as f64)), bytes, 1, Some(actual)))
+    Ok(report(
+        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
+        bytes,
+        1,
+        Some(actual.to_string()),
+    ))
 }
 
 /// `https://host/a/b/input.txt?x=1#y` -> `input.txt`.
@@ -236,7 +241,10 @@ impl Digest {
         Ok(Digest { algorithm, hex: hex.to_ascii_lowercase() })
     }
 
-    fn of_file(algorithm: Algorithm, path: &Path) -> anyhow::Result<Digest> {
+    /// The digest of the file at `path` in the algorithm of `pin`; blake3 when there is no pin
+    /// (for the report, so that people can pin it).
+    fn of_file(pin: Option<&Digest>, path: &Path) -> anyhow::Result<Digest> {
+        let algorithm = pin.map_or(Algorithm::Blake3, |pin| pin.algorithm);
         let hex = match algorithm {
             Algorithm::Blake3 => {
                 blake3::Hasher::new().update_mmap_rayon(path)?.finalize().to_hex().to_string()
@@ -270,12 +278,6 @@ impl std::fmt::Display for Digest {
     }
 }
 
-/// The file's digest in the pinned algorithm, else blake3 (for the report, to pin it).
-fn verify(path: &Path, pin: Option<&Digest>) -> anyhow::Result<String> {
-    let algorithm = pin.map_or(Algorithm::Blake3, |pin| pin.algorithm);
-    Ok(Digest::of_file(algorithm, path)?.to_string())
-}
-
 // --- path --------------------------------------------------------------------------------------
 
 fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Report> {
@@ -295,19 +297,22 @@ fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Repor
         Some(filename) => filename.clone(),
         None => source.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
     };
-    let actual = verify(
-        &source,
-        config.digest.as_deref().map(Digest::parse).transpose().map_err(|e| anyhow!(e))?.as_ref(),
-    )
-    .with_context(|| format!("could not hash `{path}` for stage `{stage}`"))?;
-    if let Some(expected) = &config.digest
-        && &actual != expected
+    let pin = config.pin()?;
+    let actual = Digest::of_file(pin.as_ref(), &source)
+        .with_context(|| format!("could not hash `{path}` for stage `{stage}`"))?;
+    if let Some(expected) = &pin
+        && actual != *expected
     {
         bail!("`{path}` for stage `{stage}` has digest `{actual}`, but `digest` pins `{expected}`");
     }
     let bytes = fs_err::copy(&source, ctx.out.join(&filename))
         .with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
-    Ok(report(format!("{filename}, {}, {actual}", format_bytes(bytes as f64)), bytes, 1, Some(actual)))
+    Ok(report(
+        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
+        bytes,
+        1,
+        Some(actual.to_string()),
+    ))
 }
 
 /// Copies the contents of `from` into `to`, following symbolic links; returns (files, bytes).
@@ -631,7 +636,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ctx = context(dir.path());
         fs_err::write(dir.path().join("input.txt"), "hello").unwrap();
-        let pin = format!("blake3:{}", blake3::hash(b"hello").to_hex());
+        let pin = format!("blake3:{}", blake3::hash(b"hello").to_hex().to_ascii_uppercase());
         let config = Config { path: Some("input.txt".into()), digest: Some(pin), ..Config::default() };
         run(&config, &ctx).unwrap();
         assert_eq!(fs_err::read_to_string(ctx.out.join("input.txt")).unwrap(), "hello");

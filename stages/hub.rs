@@ -186,6 +186,12 @@ fn with_retries<T>(
             ApiError::IoError(_) | ApiError::TooManyRetries(_) => true,
             _ => false,
         };
+        if let ApiError::RequestError(request) = &error
+            && let ureq::Error::Status(401 | 403, _) = request.as_ref()
+        {
+            let hint = "the repo may be gated or private: accept its terms on the Hub and set `HF_TOKEN`";
+            return Err(anyhow::Error::new(error).context(hint));
+        }
         failures += 1;
         if !transient || failures > retry.retries {
             let error = anyhow::Error::new(error);
