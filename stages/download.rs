@@ -128,6 +128,9 @@ impl Config {
             }
             for file in &hub.files {
                 check_relative(file).map_err(|error| format!("`hf.files`: {error}"))?;
+                if hub::is_pattern(file) {
+                    hub::pattern(file).map_err(|error| format!("`hf.files`: {error}"))?;
+                }
             }
         }
         Ok(())
@@ -605,6 +608,11 @@ mod tests {
                 .contains("inside")
         );
         assert!(parse(serde_json::json!({"hf": {"repo": "a/b"}})).unwrap_err().contains("at least one"));
+        assert!(
+            parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["[a"]}}))
+                .unwrap_err()
+                .contains("pattern")
+        );
 
         // Defaults are filled in, unset options stay out of the serialized form (and the key).
         let config = parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["x"]}})).unwrap();

@@ -126,29 +126,40 @@ pub(crate) fn download(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> 
     Ok(report(format!("{count} files of {what}, {}", format_bytes(bytes as f64)), bytes, count, None))
 }
 
-/// The repo paths `hub.files` names, patterns expanded against the repo listing, in order and
-/// without repeats.
+/// The repo paths `hub.files` names, patterns expanded against the repo listing (fetched only
+/// when there is a pattern), in order and without repeats.
 fn hub_files(hub: &Hub, api_repo: &hf_hub::api::sync::ApiRepo, retry: Retry) -> anyhow::Result<Vec<String>> {
-    let is_pattern = |file: &str| file.contains(['*', '?', '[']);
     let listing = match hub.files.iter().any(|file| is_pattern(file)) {
         true => {
             let url = api_repo.info_request().url().to_string();
             let info = with_retries(retry, &url, || api_repo.info()).with_context(|| format!("`{url}`"))?;
-            let mut names: Vec<String> = info.siblings.into_iter().map(|sibling| sibling.rfilename).collect();
-            names.sort();
-            names
+            info.siblings.into_iter().map(|sibling| sibling.rfilename).collect()
         }
         false => Vec::new(),
     };
+    expand(&hub.files, listing)
+}
+
+pub(crate) fn is_pattern(file: &str) -> bool {
+    file.contains(['*', '?', '['])
+}
+
+/// Shell-style patterns: `*` stays within a folder, `**` as a whole segment crosses folders.
+pub(crate) fn pattern(text: &str) -> Result<glob::Pattern, String> {
+    glob::Pattern::new(text).map_err(|error| format!("`{text}` is not a valid pattern: {error}"))
+}
+
+fn expand(entries: &[String], mut listing: Vec<String>) -> anyhow::Result<Vec<String>> {
+    listing.sort();
     let options =
         glob::MatchOptions { case_sensitive: true, require_literal_separator: true, ..Default::default() };
     let mut files: Vec<String> = Vec::new();
-    for entry in &hub.files {
+    for entry in entries {
         if !is_pattern(entry) {
             files.push(entry.clone());
             continue;
         }
-        let pattern = glob::Pattern::new(entry).map_err(|error| anyhow!("bad pattern `{entry}`: {error}"))?;
+        let pattern = pattern(entry).map_err(|error| anyhow!(error))?;
         let matched: Vec<&String> =
             listing.iter().filter(|name| pattern.matches_with(name, options)).collect();
         if matched.is_empty() {
@@ -399,5 +410,19 @@ mod tests {
         assert!(error.contains("404"), "{error}");
         assert_eq!(hub.server.requests().len(), 1, "a 404 is not retried");
         assert_eq!(hub.server.requests()[0].path, "/openai-community/gpt2/resolve/main/nope.bin");
+    }
+
+    #[test]
+    fn patterns_match_within_or_across_folders() {
+        let listing =
+            files(&["b.parquet", "sample/10BT/000.parquet", "sample/10BT/x/001.parquet", "sample/a.json"]);
+        let expand = |entries: &[&str]| expand(&files(entries), listing.clone()).map_err(|e| e.to_string());
+        assert_eq!(expand(&["sample/10BT/*.parquet"]).unwrap(), ["sample/10BT/000.parquet"]);
+        assert_eq!(
+            expand(&["sample/**/*.parquet", "b.parquet"]).unwrap(),
+            ["sample/10BT/000.parquet", "sample/10BT/x/001.parquet", "b.parquet"]
+        );
+        assert_eq!(expand(&["*.parquet"]).unwrap(), ["b.parquet"]);
+        assert_eq!(expand(&["*.txt"]).unwrap_err(), "no file in the repo matches `*.txt`");
     }
 }
