@@ -1,0 +1,124 @@
+//! Integration tests: each runs the real `nanoflow` binary on a pipeline written into a fresh
+//! temporary directory (just's `Test` builder). Stages append their name to `runs.log` in that
+//! directory, so a test can see exactly which stages ran.
+
+mod cache;
+mod cli;
+mod process;
+mod store;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Test {
+    dir: tempfile::TempDir,
+}
+
+#[derive(Debug)]
+pub struct Output {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Test {
+    pub fn new() -> Test {
+        Test { dir: tempfile::tempdir().expect("a temporary directory") }
+    }
+
+    pub fn with_pipeline(yaml: &str) -> Test {
+        let test = Test::new();
+        test.write("pipeline.yaml", yaml);
+        test
+    }
+
+    pub fn path(&self, relative: &str) -> PathBuf {
+        self.dir.path().join(relative)
+    }
+
+    pub fn write(&self, relative: &str, contents: &str) {
+        let path = self.path(relative);
+        fs_err::create_dir_all(path.parent().unwrap()).unwrap();
+        fs_err::write(path, contents).unwrap();
+    }
+
+    pub fn read(&self, relative: &str) -> String {
+        fs_err::read_to_string(self.path(relative)).unwrap()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_nanoflow"));
+        command.args(args).current_dir(self.dir.path()).env("NO_COLOR", "1");
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        let output = self.command(args).output().expect("nanoflow starts");
+        Output {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// `nanoflow ARGS`, expecting exit code `code`.
+    pub fn expect(&self, args: &[&str], code: i32) -> Output {
+        let output = self.run(args);
+        assert_eq!(output.code, code, "nanoflow {args:?}\n--- stdout\n{}\n--- stderr\n{}", output.stdout, output.stderr);
+        output
+    }
+
+    pub fn spawn(&self, args: &[&str]) -> Child {
+        self.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("nanoflow starts")
+    }
+
+    /// The stages that ran since the last call, in order (from `runs.log`), and clears it.
+    pub fn runs(&self) -> Vec<String> {
+        let path = self.path("runs.log");
+        let runs = fs_err::read_to_string(&path).unwrap_or_default();
+        let _ = fs_err::remove_file(&path);
+        runs.lines().map(str::to_string).collect()
+    }
+
+    /// Published entries of `stage` (not partial, not `current`).
+    pub fn entries(&self, stage: &str) -> Vec<String> {
+        let dir = self.path(&format!("artifacts/{stage}"));
+        let mut entries: Vec<String> = fs_err::read_dir(dir)
+            .map(|entries| entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        entries.retain(|name| !name.starts_with('.') && name != "current");
+        entries.sort();
+        entries
+    }
+
+    pub fn wait_for_file(&self, relative: &str) -> String {
+        let path = self.path(relative);
+        wait_until(|| path.exists() && !fs_err::read_to_string(&path).unwrap_or_default().is_empty());
+        fs_err::read_to_string(path).unwrap()
+    }
+}
+
+/// A stage that logs its run and writes `text` into `file` in its output.
+pub fn stage(name: &str, run: &str) -> String {
+    format!("  {name}:\n    kind: command\n    run: |\n      echo {name} >> runs.log\n      {run}\n")
+}
+
+pub fn wait_until(condition: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn alive(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+pub fn signal(pid: i32, signal: i32) {
+    // SAFETY: sends a signal to a process this test started.
+    unsafe { libc::kill(pid, signal) };
+}

@@ -1,0 +1,141 @@
+//! Stages as processes: output streaming, failures, parallelism, signals and concurrent runs.
+
+use crate::{Test, alive, signal, stage, wait_until};
+
+#[test]
+fn output_is_streamed_with_a_prefix_and_kept_in_log_txt() {
+    let test = Test::with_pipeline(&format!("stages:\n{}", stage("talk", "echo to-stdout; echo to-stderr >&2; touch $OUT/x")));
+    let output = test.expect(&["run", "talk"], 0);
+    assert!(output.stderr.contains("[talk] to-stdout\n"), "{}", output.stderr);
+    assert!(output.stderr.contains("[talk] to-stderr\n"), "{}", output.stderr);
+    let log = test.read("artifacts/talk/current/log.txt");
+    assert!(log.contains("to-stdout\n") && log.contains("to-stderr\n"), "{log}");
+    // -q hides stage output and status lines.
+    test.expect(&["run", "talk", "--force", "talk", "-q"], 0);
+    assert_eq!(test.run(&["run", "talk", "-q"]).stderr, "");
+}
+
+#[test]
+fn a_failing_stage_exits_1_stops_its_dependents_and_keeps_its_siblings() {
+    let yaml = format!(
+        "stages:\n{}{}{}{}targets:\n  all: [after, sibling]\n",
+        stage("bad", "echo about to fail >&2; exit 3"),
+        stage("after", "cat ${bad}/x > $OUT/y"),
+        stage("sibling", "echo ok > $OUT/ok.txt"),
+        stage("unrelated", "true"),
+    );
+    let test = Test::with_pipeline(&yaml);
+    let output = test.expect(&["run", "all", "-j", "2"], 1);
+    let mut runs = test.runs();
+    runs.sort();
+    assert_eq!(runs, ["bad", "sibling"]);
+    assert!(output.stderr.contains("bad        failed   exit status 1: command exited with status 3"), "{}", output.stderr);
+    assert!(output.stderr.contains("after      skipped  (`bad` did not finish)"), "{}", output.stderr);
+    assert!(output.stderr.contains("error: 1 stage failed: `bad`; not run because of it: `after`"), "{}", output.stderr);
+    assert_eq!(test.read("artifacts/sibling/current/ok.txt"), "ok\n");
+    assert!(test.entries("bad").is_empty());
+    // The failed run's log is kept for reading.
+    let partial = std::fs::read_dir(test.path("artifacts/bad")).unwrap().next().unwrap().unwrap().path();
+    assert!(fs_err::read_to_string(partial.join("log.txt")).unwrap().contains("about to fail"));
+}
+
+#[test]
+fn missing_declared_outs_fail_the_stage() {
+    let test = Test::with_pipeline("stages:\n  a:\n    kind: command\n    run: touch $OUT/one\n    outs: [one, two]\n");
+    let output = test.expect(&["run", "a"], 1);
+    assert!(output.stderr.contains("command did not write its declared outs: two"), "{}", output.stderr);
+    assert!(test.entries("a").is_empty());
+}
+
+#[test]
+fn jobs_run_independent_stages_at_once() {
+    // Each stage waits for the other to start: only a parallel run finishes.
+    let yaml = format!(
+        "stages:\n{}{}targets:\n  both: [left, right]\n",
+        stage("left", "touch left.started; while [ ! -f right.started ]; do sleep 0.02; done"),
+        stage("right", "touch right.started; while [ ! -f left.started ]; do sleep 0.02; done"),
+    );
+    let test = Test::with_pipeline(&yaml);
+    test.expect(&["run", "both", "-j", "2"], 0);
+}
+
+/// A stage that, while `slow` exists, writes its shell's pid and sleeps.
+fn sleeper() -> Test {
+    let test = Test::with_pipeline(&format!(
+        "stages:\n{}",
+        stage("nap", "if [ -f slow ]; then echo $$ > pid; sleep 30; fi\n      echo rested > $OUT/x.txt")
+    ));
+    test.write("slow", "");
+    test
+}
+
+#[test]
+fn a_stage_killed_with_sigkill_publishes_nothing_and_runs_next_time() {
+    let test = sleeper();
+    let child = test.spawn(&["run", "nap"]);
+    let pid: i32 = test.wait_for_file("pid").trim().parse().unwrap();
+    signal(pid, libc::SIGKILL);
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("command was killed by a signal"), "{stderr}");
+    assert!(test.entries("nap").is_empty());
+    assert!(!test.path("artifacts/nap/current").exists());
+
+    fs_err::remove_file(test.path("slow")).unwrap();
+    test.runs();
+    test.expect(&["run", "nap"], 0);
+    assert_eq!(test.runs(), ["nap"]);
+    assert_eq!(test.read("artifacts/nap/current/x.txt"), "rested\n");
+}
+
+#[test]
+fn killing_nanoflow_with_sigkill_takes_its_stages_down_and_publishes_nothing() {
+    let test = sleeper();
+    let mut child = test.spawn(&["run", "nap"]);
+    let pid: i32 = test.wait_for_file("pid").trim().parse().unwrap();
+    signal(child.id() as i32, libc::SIGKILL);
+    child.wait().unwrap();
+    wait_until(|| !alive(pid));
+    assert!(test.entries("nap").is_empty());
+    fs_err::remove_file(test.path("slow")).unwrap();
+    test.runs();
+    test.expect(&["run", "nap"], 0);
+    assert_eq!(test.runs(), ["nap"]);
+}
+
+#[test]
+fn sigterm_stops_the_stages_exits_130_and_publishes_nothing() {
+    let test = sleeper();
+    let child = test.spawn(&["run", "nap"]);
+    let pid: i32 = test.wait_for_file("pid").trim().parse().unwrap();
+    signal(child.id() as i32, libc::SIGTERM);
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("interrupted: stopped by a signal; nothing half-done was published"), "{stderr}");
+    wait_until(|| !alive(pid));
+    assert!(test.entries("nap").is_empty());
+}
+
+#[test]
+fn two_concurrent_runs_on_one_store_run_each_stage_once() {
+    let yaml = format!(
+        "stages:\n{}{}{}targets:\n  all: [c]\n",
+        stage("a", "sleep 0.3; echo a > $OUT/a"),
+        stage("b", "sleep 0.3; cat ${a}/a > $OUT/b"),
+        stage("c", "sleep 0.3; cat ${b}/b > $OUT/c"),
+    );
+    let test = Test::with_pipeline(&yaml);
+    let first = test.spawn(&["run", "all"]);
+    let second = test.spawn(&["run", "all"]);
+    for child in [first, second] {
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+    assert_eq!(test.runs(), ["a", "b", "c"]);
+    assert_eq!(test.entries("c").len(), 1);
+    assert_eq!(test.read("artifacts/c/current/c"), "a\n");
+    test.expect(&["run", "all"], 0);
+    assert_eq!(test.runs(), Vec::<String>::new());
+}
