@@ -42,6 +42,9 @@ pub enum Error {
     #[error("missing key `{key}` in stage `{stage}` at {location}")]
     MissingKey { stage: String, key: String, location: Location },
 
+    #[error("invalid params in stage `{stage}` at {location}: {message}")]
+    InvalidParams { stage: String, location: Location, message: String },
+
     #[error("wrong type for `{key}` in stage `{stage}` {origin}: {message}")]
     WrongType { stage: String, key: String, origin: Origin, message: String },
 

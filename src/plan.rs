@@ -179,6 +179,9 @@ fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&s
     };
     let params = kind.validate(Value::Mapping(merged)).map_err(|error| match error {
         ParamError::Missing { key } => Error::MissingKey { stage: raw.name.clone(), key, location: raw.location.clone() },
+        ParamError::Invalid { key, message } if key.is_empty() => {
+            Error::InvalidParams { stage: raw.name.clone(), location: raw.location.clone(), message }
+        }
         ParamError::Invalid { key, message } => {
             Error::WrongType { stage: raw.name.clone(), origin: origin_of(&key), key, message }
         }

@@ -5,11 +5,12 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use nanoflow_stages::{Context, Report, command};
+use nanoflow_stages::{Context, Report, command, download};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StageKind {
     Command,
+    Download,
 }
 
 /// A param that does not fit the kind's `Config`.
@@ -22,7 +23,7 @@ pub enum ParamError {
 }
 
 impl StageKind {
-    pub const ALL: &'static [StageKind] = &[StageKind::Command];
+    pub const ALL: &'static [StageKind] = &[StageKind::Command, StageKind::Download];
 
     pub fn parse(name: &str) -> Option<StageKind> {
         StageKind::ALL.iter().copied().find(|kind| kind.name() == name)
@@ -31,6 +32,7 @@ impl StageKind {
     pub fn name(self) -> &'static str {
         match self {
             StageKind::Command => "command",
+            StageKind::Download => "download",
         }
     }
 
@@ -38,6 +40,7 @@ impl StageKind {
     pub fn version(self) -> u32 {
         match self {
             StageKind::Command => command::VERSION,
+            StageKind::Download => download::VERSION,
         }
     }
 
@@ -45,6 +48,7 @@ impl StageKind {
     pub fn fields(self) -> &'static [&'static str] {
         match self {
             StageKind::Command => fields_of::<command::Config>(),
+            StageKind::Download => fields_of::<download::Config>(),
         }
     }
 
@@ -52,6 +56,7 @@ impl StageKind {
     pub fn non_semantic(self) -> &'static [&'static str] {
         match self {
             StageKind::Command => &[],
+            StageKind::Download => download::NON_SEMANTIC,
         }
     }
 
@@ -60,6 +65,7 @@ impl StageKind {
     pub fn resumable(self) -> bool {
         match self {
             StageKind::Command => false,
+            StageKind::Download => download::RESUMABLE,
         }
     }
 
@@ -68,13 +74,15 @@ impl StageKind {
     pub fn validate(self, params: serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
         match self {
             StageKind::Command => resolve::<command::Config>(params),
+            StageKind::Download => resolve::<download::Config>(params),
         }
     }
 
     /// Local files and folders named by params whose contents enter the key.
-    pub fn local_inputs(self, _params: &serde_json::Value) -> Vec<String> {
+    pub fn local_inputs(self, params: &serde_json::Value) -> Vec<String> {
         match self {
             StageKind::Command => Vec::new(),
+            StageKind::Download => download::local_inputs(&config(params)),
         }
     }
 
@@ -83,6 +91,7 @@ impl StageKind {
     pub fn run(self, params: serde_json::Value, context: &Context) -> anyhow::Result<Report> {
         match self {
             StageKind::Command => command::run(&serde_json::from_value(params)?, context),
+            StageKind::Download => download::run(&serde_json::from_value(params)?, context),
         }
     }
 }
@@ -97,6 +106,11 @@ fn resolve<C: DeserializeOwned + Serialize>(params: serde_yaml::Value) -> Result
         }
     })?;
     Ok(serde_json::to_value(&config).expect("a Config always serializes to JSON"))
+}
+
+/// A config that `validate` produced, read back.
+fn config<C: DeserializeOwned>(params: &serde_json::Value) -> C {
+    serde_json::from_value(params.clone()).expect("validated params deserialize")
 }
 
 /// `missing field `run`` -> `run`.
