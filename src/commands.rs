@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::error::Error;
 use crate::executor::{self, Executor, Options};
 use crate::freshness::{self, Freshness};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, OUT};
 use crate::pipeline::{self, PipelineFile};
 use crate::plan::Plan;
 use crate::printer::{Printer, Style, show_path};
@@ -198,7 +198,7 @@ pub fn show(printer: &Printer, file: Option<&Path>, stage: &str) -> Result<ExitC
         return Ok(ExitCode::FAILURE);
     };
     let manifest = Manifest::read(&dir).map_err(store_error(&store))?;
-    printer.data(&show_path(&dir).display().to_string());
+    printer.data(&show_path(&dir.join(OUT)).display().to_string());
     if let Some(manifest) = manifest {
         printer.data(&serde_json::to_string_pretty(&manifest).expect("a manifest is JSON"));
     }
@@ -217,14 +217,14 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
     let mut stage_dirs: Vec<_> = stage_dirs.into_iter().filter(|dir| dir.is_dir() && !is_hidden(dir)).collect();
     stage_dirs.sort();
     for stage_dir in stage_dirs {
-        let current = fs_err::read_link(stage_dir.join("current")).ok();
+        let current = store.current(&stage_dir.file_name().unwrap_or_default().to_string_lossy());
         let mut entries: Vec<_> = fs_err::read_dir(&stage_dir).map_err(store_error(&store))?.filter_map(Result::ok).collect();
         entries.sort_by_key(|entry| entry.file_name());
         for entry in entries {
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             let keep = name == "current"
-                || current.as_deref().is_some_and(|target| target == Path::new(&name))
+                || current.as_deref().is_some_and(|entry| entry == path)
                 || (name.starts_with(".partial-") && !partial);
             if keep {
                 continue;
@@ -267,7 +267,7 @@ pub fn verify(printer: &Printer, file: Option<&Path>, names: &[String]) -> Resul
             None => vec!["`manifest.json` is missing".to_string()],
         };
         if damage.is_empty() {
-            printer.data(&row(&plan, name, "ok", &show_path(&dir).display().to_string()));
+            printer.data(&row(&plan, name, "ok", &show_path(&dir.join(OUT)).display().to_string()));
         } else {
             printer.data(&row(&plan, name, "damaged", &damage.join("; ")));
             damaged.insert(name.clone());

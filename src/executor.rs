@@ -17,7 +17,7 @@ use nanoflow_stages::Report;
 use crate::cache_key::KeyMaterial;
 use crate::error::Error;
 use crate::freshness::{self, Freshness};
-use crate::manifest::{LOG, Manifest, hash_outputs, output_digest};
+use crate::manifest::{LOG, Manifest, OUT, hash_outputs, output_digest};
 use crate::plan::Plan;
 use crate::printer::{Printer, Style, show_path};
 use crate::reference;
@@ -66,7 +66,8 @@ pub struct Summary {
 #[derive(Debug, Clone)]
 struct Done {
     digest: String,
-    entry: PathBuf,
+    /// Its output directory in the store.
+    out: PathBuf,
 }
 
 enum Outcome {
@@ -137,12 +138,12 @@ impl<'a> Executor<'a> {
                 let name = self.plan.stages[selected[position]].name.clone();
                 match outcome {
                     Outcome::Cached { done: finished, how } => {
-                        self.line(position, total, &name, Style::Green, how, &self.show_path(&finished.entry));
+                        self.line(position, total, &name, Style::Green, how, &self.show_path(&finished.out));
                         summary.cached += 1;
                         done.insert(name, finished);
                     }
                     Outcome::Ran { done: finished, seconds, summary: report } => {
-                        let detail = format!("{seconds:.1}s  {}", self.show_path(&finished.entry));
+                        let detail = format!("{seconds:.1}s  {}", self.show_path(&finished.out));
                         self.line(position, total, &name, Style::Green, "done", &detail);
                         if !report.is_empty() {
                             self.printer.status(&format!("      {report}"));
@@ -225,8 +226,8 @@ impl<'a> Executor<'a> {
 
     fn cached(&self, stage: &str, manifest: &Manifest, how: &'static str) -> std::io::Result<Outcome> {
         self.store.set_current(stage, &manifest.key)?;
-        let entry = self.store.entry_dir(stage, &manifest.key);
-        Ok(Outcome::Cached { done: Done { digest: manifest.output_digest.clone(), entry }, how })
+        let out = self.store.entry_dir(stage, &manifest.key).join(OUT);
+        Ok(Outcome::Cached { done: Done { digest: manifest.output_digest.clone(), out }, how })
     }
 
     /// Runs a stale stage: takes its key's lock (waiting if another process holds it, then
@@ -258,10 +259,11 @@ impl<'a> Executor<'a> {
         if !stage.kind.resumable() {
             store::remove_dir_all(&partial)?;
         }
-        fs_err::create_dir_all(&partial)?;
+        let out = partial.join(OUT);
+        fs_err::create_dir_all(&out)?;
         let mut params = stage.params.clone();
         reference::strings_mut(&mut params, &mut |text| {
-            *text = reference::substitute(text, |name| upstream[name].entry.display().to_string());
+            *text = reference::substitute(text, |name| upstream[name].out.display().to_string());
         });
         let report_path = self.store.stage_dir(&stage.name).join(format!(".report-{key}.json"));
         let _ = fs_err::remove_file(&report_path);
@@ -270,8 +272,8 @@ impl<'a> Executor<'a> {
             kind: stage.kind.name().to_string(),
             params: params.clone(),
             root: self.plan.root.clone(),
-            out: partial.clone(),
-            inputs: upstream.iter().map(|(name, done)| (name.clone(), done.entry.clone())).collect(),
+            out: out.clone(),
+            inputs: upstream.iter().map(|(name, done)| (name.clone(), done.out.clone())).collect(),
             report: report_path.clone(),
         };
 
@@ -300,7 +302,7 @@ impl<'a> Executor<'a> {
             .unwrap_or_default();
         let _ = fs_err::remove_file(&report_path);
 
-        let outputs = hash_outputs(&partial)?;
+        let outputs = hash_outputs(&out)?;
         let digest = output_digest(&outputs);
         let manifest = Manifest {
             nanoflow_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -321,13 +323,13 @@ impl<'a> Executor<'a> {
         if interrupted() {
             return Ok(Outcome::Interrupted);
         }
-        let entry = self.store.publish(&stage.name, key, &manifest)?;
+        let out = self.store.publish(&stage.name, key, &manifest)?.join(OUT);
         self.store.set_current(&stage.name, key)?;
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (relative, file) in &manifest.outputs {
-            cache.remember(&entry.join(relative), &file.digest)?;
+            cache.remember(&out.join(relative), &file.digest)?;
         }
-        Ok(Outcome::Ran { done: Done { digest, entry }, seconds: manifest.duration_s, summary: report.summary })
+        Ok(Outcome::Ran { done: Done { digest, out }, seconds: manifest.duration_s, summary: report.summary })
     }
 
     /// The key's lock, waiting politely for another process; `None` if interrupted meanwhile.

@@ -11,10 +11,11 @@ use serde::{Deserialize, Serialize};
 use crate::cache_key::KeyMaterial;
 use crate::stat_cache::{StatCache, files_under, hash_file};
 
+/// A store entry is `out/` (the stage's outputs and nothing else: what `${stage}` and `current`
+/// point at), the manifest and the log.
+pub const OUT: &str = "out";
 pub const MANIFEST: &str = "manifest.json";
 pub const LOG: &str = "log.txt";
-/// Files the engine itself writes into an output directory; they are not outputs.
-pub const ENGINE_FILES: &[&str] = &[MANIFEST, LOG];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
@@ -75,9 +76,10 @@ impl Manifest {
         }
     }
 
-    /// Whether the outputs under `dir` are still what was published, looking at each file's
-    /// `stat` first and reading only files that changed. Cheap enough for every `status`.
+    /// Whether the outputs of the entry `dir` are still what was published, looking at each
+    /// file's `stat` first and reading only files that changed. Cheap enough for every `status`.
     pub fn check(&self, dir: &Path, cache: &mut StatCache) -> io::Result<Vec<Damage>> {
+        let dir = dir.join(OUT);
         let mut damage = Vec::new();
         for (relative, recorded) in &self.outputs {
             let path = dir.join(relative);
@@ -94,7 +96,8 @@ impl Manifest {
 
     /// Like `check`, but reads every byte again and also reports files that should not be there.
     pub fn verify(&self, dir: &Path) -> io::Result<Vec<Damage>> {
-        let found = list_outputs(dir)?;
+        let dir = dir.join(OUT);
+        let found = list_outputs(&dir)?;
         let mut damage = Vec::new();
         for (relative, recorded) in &self.outputs {
             if !found.contains(relative) {
@@ -112,13 +115,9 @@ impl Manifest {
     }
 }
 
-/// The output files in a stage's directory, relative, sorted, without the engine's own files.
+/// The files in an output directory, relative, sorted.
 pub fn list_outputs(dir: &Path) -> io::Result<Vec<String>> {
-    Ok(files_under(dir)?
-        .into_iter()
-        .map(|path| path.to_string_lossy().into_owned())
-        .filter(|path| !ENGINE_FILES.contains(&path.as_str()))
-        .collect())
+    Ok(files_under(dir)?.into_iter().map(|path| path.to_string_lossy().into_owned()).collect())
 }
 
 /// Hashes every output in `dir`.
@@ -151,15 +150,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn output_digest_depends_on_names_and_bytes_only() {
+    fn output_digest_depends_on_names_and_bytes() {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
         for dir in [a.path(), b.path()] {
             fs_err::create_dir_all(dir.join("sub")).unwrap();
             fs_err::write(dir.join("sub/x.txt"), b"x").unwrap();
         }
-        fs_err::write(a.path().join(LOG), b"a log").unwrap();
-        fs_err::write(b.path().join(LOG), b"another log").unwrap();
         let digest_a = output_digest(&hash_outputs(a.path()).unwrap());
         assert_eq!(digest_a, output_digest(&hash_outputs(b.path()).unwrap()));
         fs_err::write(b.path().join("sub/x.txt"), b"y").unwrap();

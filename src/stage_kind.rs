@@ -5,12 +5,13 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use nanoflow_stages::{Context, Report, command, download};
+use nanoflow_stages::{Context, Report, command, download, tokenize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StageKind {
     Command,
     Download,
+    Tokenize,
 }
 
 /// A param that does not fit the kind's `Config`.
@@ -23,7 +24,7 @@ pub enum ParamError {
 }
 
 impl StageKind {
-    pub const ALL: &'static [StageKind] = &[StageKind::Command, StageKind::Download];
+    pub const ALL: &'static [StageKind] = &[StageKind::Command, StageKind::Download, StageKind::Tokenize];
 
     pub fn parse(name: &str) -> Option<StageKind> {
         StageKind::ALL.iter().copied().find(|kind| kind.name() == name)
@@ -33,6 +34,7 @@ impl StageKind {
         match self {
             StageKind::Command => "command",
             StageKind::Download => "download",
+            StageKind::Tokenize => "tokenize",
         }
     }
 
@@ -41,6 +43,7 @@ impl StageKind {
         match self {
             StageKind::Command => command::VERSION,
             StageKind::Download => download::VERSION,
+            StageKind::Tokenize => tokenize::VERSION,
         }
     }
 
@@ -49,6 +52,7 @@ impl StageKind {
         match self {
             StageKind::Command => fields_of::<command::Config>(),
             StageKind::Download => fields_of::<download::Config>(),
+            StageKind::Tokenize => fields_of::<tokenize::Config>(),
         }
     }
 
@@ -57,6 +61,7 @@ impl StageKind {
         match self {
             StageKind::Command => &[],
             StageKind::Download => download::NON_SEMANTIC,
+            StageKind::Tokenize => tokenize::NON_SEMANTIC,
         }
     }
 
@@ -66,6 +71,7 @@ impl StageKind {
         match self {
             StageKind::Command => false,
             StageKind::Download => download::RESUMABLE,
+            StageKind::Tokenize => false,
         }
     }
 
@@ -75,6 +81,7 @@ impl StageKind {
         match self {
             StageKind::Command => resolve::<command::Config>(params),
             StageKind::Download => resolve::<download::Config>(params),
+            StageKind::Tokenize => resolve::<tokenize::Config>(params),
         }
     }
 
@@ -83,6 +90,10 @@ impl StageKind {
         match self {
             StageKind::Command => Vec::new(),
             StageKind::Download => download::local_inputs(&config(params)),
+            StageKind::Tokenize => {
+                let config: tokenize::Config = config(params);
+                std::iter::once(config.input).chain(config.val_input).filter(|path| !path.is_empty()).collect()
+            }
         }
     }
 
@@ -92,6 +103,7 @@ impl StageKind {
         match self {
             StageKind::Command => command::run(&serde_json::from_value(params)?, context),
             StageKind::Download => download::run(&serde_json::from_value(params)?, context),
+            StageKind::Tokenize => tokenize::run(&serde_json::from_value(params)?, context),
         }
     }
 }

@@ -2,8 +2,9 @@
 //! complete), the `current` links, and the locks that let several nanoflow processes share it.
 //!
 //! ```text
-//! artifacts/<stage>/<key16>/            a published entry: outputs + log.txt + manifest.json
-//! artifacts/<stage>/current -> <key16>  what the pipeline last produced for the stage
+//! artifacts/<stage>/<key16>/out/            a published entry's outputs (what `${stage}` is)
+//! artifacts/<stage>/<key16>/manifest.json   ... its record, and log.txt its output
+//! artifacts/<stage>/current -> <key16>/out  what the pipeline last produced for the stage
 //! artifacts/<stage>/.partial-<key16>/   a run in progress (or interrupted); never served
 //! artifacts/.nanoflow/                  the stat cache and lock files
 //! ```
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::Error;
-use crate::manifest::{MANIFEST, Manifest};
+use crate::manifest::{MANIFEST, Manifest, OUT};
 
 /// Digits of the key used in directory names: 64 bits, and the manifest holds the full key.
 const SHORT_KEY: usize = 16;
@@ -54,11 +55,11 @@ impl Store {
         self.stage_dir(stage).join(format!(".partial-{}", &key[..SHORT_KEY]))
     }
 
-    /// The entry `current` points at, if any.
+    /// The entry `current` points into, if any.
     pub fn current(&self, stage: &str) -> Option<PathBuf> {
-        let link = self.stage_dir(stage).join("current");
-        let target = fs_err::read_link(&link).ok()?;
-        Some(self.stage_dir(stage).join(target))
+        let target = fs_err::read_link(self.stage_dir(stage).join("current")).ok()?;
+        let entry = target.components().next()?;
+        Some(self.stage_dir(stage).join(entry))
     }
 
     /// The manifest of the entry stored under `key`, if there is one and it is that key's.
@@ -70,11 +71,12 @@ impl Store {
     pub fn set_current(&self, stage: &str, key: &str) -> io::Result<()> {
         let dir = self.stage_dir(stage);
         let link = dir.join("current");
-        if fs_err::read_link(&link).is_ok_and(|target| target == Path::new(&key[..SHORT_KEY])) {
+        let target = Path::new(&key[..SHORT_KEY]).join(OUT);
+        if fs_err::read_link(&link).is_ok_and(|current| current == target) {
             return Ok(());
         }
         let temporary = dir.join(unique(".current"));
-        std::os::unix::fs::symlink(&key[..SHORT_KEY], &temporary)?;
+        std::os::unix::fs::symlink(&target, &temporary)?;
         fs_err::rename(&temporary, &link)
     }
 
@@ -85,7 +87,7 @@ impl Store {
         let partial = self.partial_dir(stage, key);
         let entry = self.entry_dir(stage, key);
         for relative in manifest.outputs.keys() {
-            make_read_only(&partial.join(relative))?;
+            make_read_only(&partial.join(OUT).join(relative))?;
         }
         let json = serde_json::to_vec_pretty(manifest).map_err(io::Error::other)?;
         write_atomic(&partial.join(MANIFEST), &json)?;

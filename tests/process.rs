@@ -8,7 +8,7 @@ fn output_is_streamed_with_a_prefix_and_kept_in_log_txt() {
     let output = test.expect(&["run", "talk"], 0);
     assert!(output.stderr.contains("[talk] to-stdout\n"), "{}", output.stderr);
     assert!(output.stderr.contains("[talk] to-stderr\n"), "{}", output.stderr);
-    let log = test.read("artifacts/talk/current/log.txt");
+    let log = test.read("artifacts/talk/current/../log.txt");
     assert!(log.contains("to-stdout\n") && log.contains("to-stderr\n"), "{log}");
     // -q hides stage output and status lines.
     test.expect(&["run", "talk", "--force", "talk", "-q"], 0);

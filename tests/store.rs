@@ -16,13 +16,13 @@ fn pipeline() -> Test {
 fn an_entry_holds_outputs_log_and_a_manifest() {
     let test = pipeline();
     test.expect(&["run", "b"], 0);
-    let manifest: serde_json::Value = serde_json::from_str(&test.read("artifacts/b/current/manifest.json")).unwrap();
+    let manifest: serde_json::Value = serde_json::from_str(&test.read("artifacts/b/current/../manifest.json")).unwrap();
     assert_eq!(manifest["stage"], "b");
     assert_eq!(manifest["kind"], "command");
     assert_eq!(manifest["exit_status"], 0);
     assert_eq!(manifest["key"].as_str().unwrap().len(), 64);
     assert_eq!(manifest["params"]["run"], "echo b >> runs.log\ncat ${a}/sub/a.txt > $OUT/b.txt\n");
-    let a_digest = serde_json::from_str::<serde_json::Value>(&test.read("artifacts/a/current/manifest.json")).unwrap()
+    let a_digest = serde_json::from_str::<serde_json::Value>(&test.read("artifacts/a/current/../manifest.json")).unwrap()
         ["output_digest"]
         .clone();
     assert_eq!(manifest["inputs"]["a"], a_digest);
