@@ -4,6 +4,7 @@
 
 mod cache;
 mod cli;
+mod data;
 mod process;
 mod store;
 mod validate;

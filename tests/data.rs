@@ -1,0 +1,87 @@
+//! The data stage kinds through the engine: `download` from a local HTTP server and a local
+//! path, `tokenize` of what it fetched, and the shipped pipeline.yaml being valid.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+
+use crate::Test;
+
+/// Serves `body` to every GET on 127.0.0.1 (one thread, plain HTTP/1.1) and returns its URL.
+fn serve(body: &'static str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&stream);
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|read| read > 2) {
+                line.clear();
+            }
+            let mut stream = &stream;
+            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+        }
+    });
+    format!("http://127.0.0.1:{port}/corpus.txt")
+}
+
+const TEXT: &str = "First Citizen:\nBefore we proceed any further, hear me speak.\n";
+
+#[test]
+fn download_then_tokenize_through_the_engine() {
+    let url = serve(TEXT);
+    let digest = blake3::hash(TEXT.as_bytes()).to_hex();
+    let test = Test::with_pipeline(&format!(
+        "stages:\n  text:\n    kind: download\n    url: {url}\n    digest: blake3:{digest}\n  chars:\n    kind: tokenize\n    input: ${{text}}\n    tokenizer: char\n    val_fraction: 0.25\n"
+    ));
+    test.expect(&["run", "chars"], 0);
+    assert_eq!(test.read("artifacts/text/current/corpus.txt"), TEXT);
+    let meta: serde_json::Value = serde_json::from_str(&test.read("artifacts/chars/current/meta.json")).unwrap();
+    let distinct = TEXT.chars().collect::<std::collections::BTreeSet<_>>().len();
+    assert_eq!(meta["vocab_size"], distinct);
+    let total = TEXT.chars().count();
+    let train = (total as f64 * 0.75).floor() as u64;
+    assert_eq!(meta["train_tokens"], train, "{meta}");
+    assert_eq!(meta["val_tokens"], total as u64 - train, "{meta}");
+    // A shard: 256 int32 header (magic 20240520, version 1, count), then uint16 tokens.
+    let shard = fs_err::read(test.path("artifacts/chars/current/train_000000.bin")).unwrap();
+    assert_eq!(&shard[..4], &20240520i32.to_le_bytes());
+    assert_eq!(&shard[4..8], &1i32.to_le_bytes());
+    assert_eq!(shard.len() as u64, 1024 + 2 * train);
+    // Nothing to do the second time, and no engine file leaks into a downstream stage's input.
+    let output = test.expect(&["run", "chars"], 0);
+    assert!(output.stderr.contains("ran 0, cached 2"), "{}", output.stderr);
+}
+
+#[test]
+fn a_pinned_download_with_the_wrong_digest_fails_and_publishes_nothing() {
+    let url = serve(TEXT);
+    let test = Test::with_pipeline(&format!(
+        "stages:\n  text:\n    kind: download\n    url: {url}\n    digest: blake3:{}\n",
+        "0".repeat(64)
+    ));
+    let output = test.expect(&["run", "text"], 1);
+    assert!(output.stderr.contains(&url), "{}", output.stderr);
+    assert!(test.entries("text").is_empty());
+}
+
+#[test]
+fn a_local_path_enters_the_key_by_content() {
+    let test = Test::with_pipeline("stages:\n  text:\n    kind: download\n    path: corpus.txt\n");
+    test.write("corpus.txt", "one\n");
+    test.expect(&["run", "text"], 0);
+    test.write("corpus.txt", "two\n");
+    assert_eq!(test.expect(&["status"], 0).stdout, "text  stale    file `corpus.txt` changed\n");
+    test.expect(&["run", "text"], 0);
+    assert_eq!(test.read("artifacts/text/current/corpus.txt"), "two\n");
+}
+
+#[test]
+fn the_shipped_pipeline_is_valid() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/pipeline.yaml");
+    let test = Test::new();
+    let output = test.expect(&["-f", shipped, "ls"], 0);
+    for target in ["shakespeare-char", "ci"] {
+        assert!(output.stdout.contains(&format!("  {target} ")), "{}", output.stdout);
+    }
+    test.expect(&["-f", shipped, "dag", "ci"], 0);
+}
