@@ -139,12 +139,14 @@ impl<'a> Executor<'a> {
                 match outcome {
                     Outcome::Cached { done: finished, how } => {
                         self.line(position, total, &name, Style::Green, how, &self.show_path(&finished.out));
+                        self.printer.verbose(&format!("      output digest {}", finished.digest));
                         summary.cached += 1;
                         done.insert(name, finished);
                     }
                     Outcome::Ran { done: finished, seconds, summary: report } => {
                         let detail = format!("{seconds:.1}s  {}", self.show_path(&finished.out));
                         self.line(position, total, &name, Style::Green, "done", &detail);
+                        self.printer.verbose(&format!("      output digest {}", finished.digest));
                         if !report.is_empty() {
                             self.printer.status(&format!("      {report}"));
                         }
@@ -184,6 +186,7 @@ impl<'a> Executor<'a> {
             Ok(Prepared::Cached(outcome)) => outcome,
             Ok(Prepared::Run { key, material, reasons }) => {
                 self.line(position, total, &stage.name, Style::Cyan, "running", &format!("({})", reasons.join("; ")));
+                self.printer.verbose(&format!("      key {key}"));
                 match self.execute(index, &key, material, upstream) {
                     Ok(outcome) => outcome,
                     Err(error) => Outcome::Failed {
@@ -378,11 +381,16 @@ impl<'a> Executor<'a> {
         let tail = Mutex::new(VecDeque::with_capacity(TAIL));
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
-        std::thread::scope(|scope| {
+        let status = std::thread::scope(|scope| {
             scope.spawn(|| self.stream(stage, stdout, &log, &tail));
             scope.spawn(|| self.stream(stage, stderr, &log, &tail));
+            let status = child.wait();
+            // Nothing of a stage outlives it: a script's background job or an orphaned worker
+            // would otherwise hold the output pipes open (and the engine with them).
+            // SAFETY: signals the process group this stage process led.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            status
         });
-        let status = child.wait();
         CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|&child| child != pid);
         Ok((status?, tail.into_inner().unwrap_or_default().into()))
     }

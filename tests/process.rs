@@ -139,3 +139,27 @@ fn two_concurrent_runs_on_one_store_run_each_stage_once() {
     test.expect(&["run", "all"], 0);
     assert_eq!(test.runs(), Vec::<String>::new());
 }
+
+#[test]
+fn gc_refuses_while_a_run_holds_the_store() {
+    let test = sleeper();
+    let child = test.spawn(&["run", "nap"]);
+    let pid: i32 = test.wait_for_file("pid").trim().parse().unwrap();
+    let output = test.expect(&["gc"], 1);
+    assert!(output.stderr.starts_with("error: another nanoflow process is using the store at `"), "{}", output.stderr);
+    signal(pid, libc::SIGKILL);
+    child.wait_with_output().unwrap();
+    test.expect(&["gc"], 0);
+}
+
+#[test]
+fn a_background_job_of_a_stage_does_not_outlive_it() {
+    // Without the group kill, the job kept the output pipe open and `run` waited for it.
+    let test = Test::with_pipeline(&format!(
+        "stages:\n{}",
+        stage("bg", "(sleep 0.5; touch late) &\n      echo done > $OUT/x")
+    ));
+    test.expect(&["run", "bg"], 0);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(!test.path("late").exists());
+}
