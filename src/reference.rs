@@ -14,11 +14,11 @@ fn pieces(text: &str) -> Vec<Piece<'_>> {
     let mut rest = text;
     while let Some(start) = rest.find('$') {
         let after = &rest[start + 1..];
-        if after.starts_with("${") {
+        if let Some(escaped) = after.strip_prefix("${") {
             // `$${` is a literal `${`.
             pieces.push(Piece::Text(&rest[..start]));
             pieces.push(Piece::Text("${"));
-            rest = &after[2..];
+            rest = escaped;
             continue;
         }
         let name = after
