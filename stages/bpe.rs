@@ -33,8 +33,21 @@ pub const VOCAB_SIZE: usize = 50257;
 
 /// The ranks and the inverse table, parsed once per process.
 pub struct Bpe {
-    ranks: FxHashMap<Box<[u8]>, u16>,
+    /// Tokens of up to 7 bytes (nearly all lookups), keyed by [`short_key`]: hashing a `u64`
+    /// is one multiply, hashing a slice is a loop.
+    short: FxHashMap<u64, u16>,
+    /// Longer tokens.
+    long: FxHashMap<Box<[u8]>, u16>,
     tokens: Vec<Box<[u8]>>,
+}
+
+/// The bytes of a token of at most 7 bytes and its length, in one `u64`.
+#[inline(always)]
+fn short_key(bytes: &[u8]) -> u64 {
+    let mut key = [0u8; 8];
+    key[..bytes.len()].copy_from_slice(bytes);
+    key[7] = bytes.len() as u8;
+    u64::from_le_bytes(key)
 }
 
 /// A piece longer than this merges over a heap; shorter ones rescan (fewer allocations).
@@ -54,7 +67,7 @@ impl Bpe {
     }
 
     fn parse(text: &str) -> anyhow::Result<Bpe> {
-        let mut ranks = FxHashMap::default();
+        let (mut short, mut long) = (FxHashMap::default(), FxHashMap::default());
         let mut tokens = Vec::new();
         for (number, line) in text.lines().enumerate() {
             let (token, rank) = line
@@ -67,7 +80,11 @@ impl Bpe {
                 "ranks are not consecutive at line {}",
                 number + 1
             );
-            ranks.insert(token.clone(), rank as u16);
+            if token.len() <= 7 {
+                short.insert(short_key(&token), rank as u16);
+            } else {
+                long.insert(token.clone(), rank as u16);
+            }
             tokens.push(token);
         }
         anyhow::ensure!(
@@ -75,7 +92,11 @@ impl Bpe {
             "expected {END_OF_TEXT} ranks, found {}",
             tokens.len()
         );
-        Ok(Bpe { ranks, tokens })
+        Ok(Bpe {
+            short,
+            long,
+            tokens,
+        })
     }
 
     /// Appends the tokens of `text` to `out`, like tiktoken's `encode_ordinary`.
@@ -115,8 +136,13 @@ impl Bpe {
         out
     }
 
+    #[inline(always)]
     fn rank(&self, bytes: &[u8]) -> Option<u16> {
-        self.ranks.get(bytes).copied()
+        if bytes.len() <= 7 {
+            self.short.get(&short_key(bytes)).copied()
+        } else {
+            self.long.get(bytes).copied()
+        }
     }
 
     fn encode_piece(&self, piece: &[u8], out: &mut Vec<u16>) {

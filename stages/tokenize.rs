@@ -506,8 +506,10 @@ impl CharVocab {
     }
 }
 
-/// Encodes every document of `files` into `writer`, a batch at a time: the batch's documents
-/// (and the chunks of long ones) encode in parallel and are written in order.
+/// Encodes every document of `files` into `writer`. A reader thread cuts the documents into
+/// batches of about `BATCH_BYTES` while the previous batch encodes: the batch's documents (and
+/// the chunks of long ones) encode in parallel and are written in order. At most two batches
+/// exist at once, so memory does not grow with the input.
 fn encode_files(
     files: &[SourceFile],
     field: &str,
@@ -516,45 +518,65 @@ fn encode_files(
     label: &str,
 ) -> anyhow::Result<()> {
     let mut progress = Progress::new(label, Unit::Bytes, None);
-    let mut batch: Vec<(String, bool)> = Vec::new();
-    let mut batch_bytes = 0;
-    let mut flush =
-        |batch: &mut Vec<(String, bool)>, progress: &mut Progress| -> anyhow::Result<()> {
-            let tasks: Vec<(&str, bool)> = batch
-                .iter()
-                .flat_map(|(text, end)| {
-                    let parts = bpe::chunks(text, CHUNK_BYTES);
-                    let last = parts.len() - 1;
-                    parts
-                        .into_iter()
-                        .enumerate()
-                        .map(move |(i, part)| (part, *end && i == last))
-                })
-                .collect();
-            let encoded: Vec<Vec<u16>> = tasks
-                .par_iter()
-                .map(|&(text, end)| encoder.encode(text, end))
-                .collect::<anyhow::Result<_>>()?;
-            for tokens in &encoded {
-                writer.write(tokens)?;
+    std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<(String, bool)>>(1);
+        let reader = scope.spawn(move || -> anyhow::Result<()> {
+            let mut batch = Vec::new();
+            let mut batch_bytes = 0;
+            for file in files {
+                read_documents(file, field, &mut |text, end| {
+                    batch.push((text.to_string(), end));
+                    batch_bytes += text.len();
+                    if batch_bytes >= BATCH_BYTES {
+                        batch_bytes = 0;
+                        // A closed channel means the encoder failed; its error is the one shown.
+                        ensure!(sender.send(std::mem::take(&mut batch)).is_ok(), "stopped");
+                    }
+                    Ok(())
+                })?;
+            }
+            let _ = sender.send(batch);
+            Ok(())
+        });
+        let mut encoded = Ok(());
+        for batch in &receiver {
+            encoded = encode_batch(&batch, encoder, writer);
+            if encoded.is_err() {
+                break;
             }
             progress.inc(batch.iter().map(|(text, _)| text.len() as u64).sum());
-            batch.clear();
-            Ok(())
-        };
-    for file in files {
-        read_documents(file, field, &mut |text, end| {
-            batch.push((text.to_string(), end));
-            batch_bytes += text.len();
-            if batch_bytes >= BATCH_BYTES {
-                flush(&mut batch, &mut progress)?;
-                batch_bytes = 0;
-            }
-            Ok(())
-        })?;
-    }
-    flush(&mut batch, &mut progress)?;
+        }
+        drop(receiver);
+        let read = reader.join().expect("the reader thread does not panic");
+        encoded.and(read)
+    })?;
     progress.finish();
+    Ok(())
+}
+
+fn encode_batch(
+    batch: &[(String, bool)],
+    encoder: &Encoder,
+    writer: &mut ShardWriter,
+) -> anyhow::Result<()> {
+    let tasks: Vec<(&str, bool)> = batch
+        .iter()
+        .flat_map(|(text, end)| {
+            let parts = bpe::chunks(text, CHUNK_BYTES);
+            let last = parts.len() - 1;
+            parts
+                .into_iter()
+                .enumerate()
+                .map(move |(i, part)| (part, *end && i == last))
+        })
+        .collect();
+    let encoded: Vec<Vec<u16>> = tasks
+        .par_iter()
+        .map(|&(text, end)| encoder.encode(text, end))
+        .collect::<anyhow::Result<_>>()?;
+    for tokens in &encoded {
+        writer.write(tokens)?;
+    }
     Ok(())
 }
 
