@@ -55,8 +55,11 @@ const HEAP_ABOVE: usize = 128;
 /// Per-thread cache of merged pieces; cleared when it grows past this many entries.
 const CACHE_ENTRIES: usize = 1 << 16;
 
+/// A piece's bytes -> its tokens.
+type PieceCache = FxHashMap<Box<[u8]>, Box<[u16]>>;
+
 thread_local! {
-    static CACHE: RefCell<FxHashMap<Box<[u8]>, Box<[u16]>>> = RefCell::new(FxHashMap::default());
+    static CACHE: RefCell<PieceCache> = RefCell::new(FxHashMap::default());
 }
 
 impl Bpe {
@@ -295,9 +298,7 @@ fn classes() -> &'static Classes {
                 unreachable!("{pattern} is a Unicode class")
             };
             for range in ranges.iter() {
-                for code in range.start() as usize..=range.end() as usize {
-                    flat[code] = class;
-                }
+                flat[range.start() as usize..=range.end() as usize].fill(class);
             }
         }
         let mut blocks = Vec::new();
@@ -388,12 +389,12 @@ fn run_end(bytes: &[u8], mut at: usize, class: Class) -> usize {
 /// The length of the first piece of (non-empty) `text` under GPT-2's pattern, alternatives
 /// tried in order as the regex does:
 /// 1. `'(?:[sdmt]|ll|ve|re)`: a contraction;
-/// 2–4. ` ?\p{L}++`, ` ?\p{N}++`, ` ?[^\s\p{L}\p{N}]++`: a run of one class, with one leading
-///    space (U+0020 only) when the space is followed by that class;
-/// 5. `\s++$`: whitespace that runs to the end of the text;
-/// 6. `\s+(?!\S)`: whitespace followed by a non-space: all but its last character, so that a
+/// 2. ` ?\p{L}++`, ` ?\p{N}++`, ` ?[^\s\p{L}\p{N}]++` (three alternatives): a run of one
+///    class, with one leading space (U+0020 only) when the space is followed by that class;
+/// 3. `\s++$`: whitespace that runs to the end of the text;
+/// 4. `\s+(?!\S)`: whitespace followed by a non-space: all but its last character, so that a
 ///    final space can join the next word (needs two or more characters);
-/// 7. `\s`: one whitespace character.
+/// 5. `\s`: one whitespace character.
 #[inline]
 fn next_piece(text: &str) -> usize {
     let bytes = text.as_bytes();

@@ -137,7 +137,7 @@ fn generated() -> String {
         state ^= state >> 7;
         state ^= state << 17;
         text.push_str(words[(state % words.len() as u64) as usize]);
-        text.push(if state % 11 == 0 { '\n' } else { ' ' });
+        text.push(if state.is_multiple_of(11) { '\n' } else { ' ' });
     }
     text
 }
