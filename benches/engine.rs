@@ -17,7 +17,8 @@ const STAGES: usize = 200;
 
 fn nanoflow(dir: &Path, args: &[&str]) -> Duration {
     let start = Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_nanoflow")).args(args).current_dir(dir).output().expect("nanoflow starts");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_nanoflow")).args(args).current_dir(dir).output().expect("nanoflow starts");
     let elapsed = start.elapsed();
     assert!(output.status.success(), "nanoflow {args:?} failed:\n{}", String::from_utf8_lossy(&output.stderr));
     elapsed
@@ -45,7 +46,11 @@ fn main() {
     let big = tempfile::tempdir().unwrap();
     pipeline(big.path(), |index| format!("\"head -c {megabytes}M /dev/urandom > $OUT/data-{index}.bin\""));
     let build = nanoflow(big.path(), &["run", "all", "-q", "-j", "2"]);
-    println!("status benchmark: {STAGES} stages, {} MB of outputs (built in {:.1}s)", STAGES * megabytes, build.as_secs_f64());
+    println!(
+        "status benchmark: {STAGES} stages, {} MB of outputs (built in {:.1}s)",
+        STAGES * megabytes,
+        build.as_secs_f64()
+    );
     let warm = median((0..5).map(|_| nanoflow(big.path(), &["status"])).collect());
     println!("  nanoflow status, nothing changed (stat cache):  {:>8.1} ms", warm.as_secs_f64() * 1e3);
     let cache = big.path().join("artifacts/.nanoflow/stat-cache.json");

@@ -76,7 +76,10 @@ pub fn run(
     let summary = Executor::new(&plan, &store, printer, options).run(&selected)?;
     let seconds = clock.elapsed().as_secs_f64();
     if summary.interrupted {
-        printer.error(&format!("{} stopped by a signal; nothing half-done was published", printer.paint(Style::Yellow, "interrupted:")));
+        printer.error(&format!(
+            "{} stopped by a signal; nothing half-done was published",
+            printer.paint(Style::Yellow, "interrupted:")
+        ));
         return Ok(ExitCode::from(INTERRUPTED));
     }
     if !summary.failed.is_empty() {
@@ -104,7 +107,9 @@ pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[
         let name = &plan.stages[index].name;
         let (state, why) = match &freshness {
             Freshness::Fresh { .. } => ("fresh", String::new()),
-            Freshness::Restorable { reasons, .. } => ("stale", format!("{} (stored: restores without running)", reasons.join("; "))),
+            Freshness::Restorable { reasons, .. } => {
+                ("stale", format!("{} (stored: restores without running)", reasons.join("; ")))
+            }
             Freshness::Stale { reasons, .. } => ("stale", reasons.join("; ")),
             Freshness::Waiting { upstream } => ("waiting", format!("on `{}`", upstream.join("`, `"))),
         };
@@ -170,7 +175,8 @@ pub fn dag(printer: &Printer, file: Option<&Path>, names: &[String], dot: bool) 
 
 pub fn ls(printer: &Printer, file: Option<&Path>) -> Result<ExitCode, Error> {
     let (plan, _) = load(file, &[])?;
-    let width = plan.stages.iter().map(|s| s.name.len()).chain(plan.targets.iter().map(|t| t.name.len())).max().unwrap_or(0);
+    let width =
+        plan.stages.iter().map(|s| s.name.len()).chain(plan.targets.iter().map(|t| t.name.len())).max().unwrap_or(0);
     if !plan.targets.is_empty() {
         printer.data("targets:");
         for target in &plan.targets {
@@ -218,7 +224,8 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
     stage_dirs.sort();
     for stage_dir in stage_dirs {
         let current = store.current(&stage_dir.file_name().unwrap_or_default().to_string_lossy());
-        let mut entries: Vec<_> = fs_err::read_dir(&stage_dir).map_err(store_error(&store))?.filter_map(Result::ok).collect();
+        let mut entries: Vec<_> =
+            fs_err::read_dir(&stage_dir).map_err(store_error(&store))?.filter_map(Result::ok).collect();
         entries.sort_by_key(|entry| entry.file_name());
         for entry in entries {
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -234,7 +241,11 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
             removed += 1;
             bytes += size;
             if !dry_run {
-                let result = if path.is_dir() && !path.is_symlink() { store::remove_dir_all(&path) } else { fs_err::remove_file(&path) };
+                let result = if path.is_dir() && !path.is_symlink() {
+                    store::remove_dir_all(&path)
+                } else {
+                    fs_err::remove_file(&path)
+                };
                 result.map_err(store_error(&store))?;
             }
         }
@@ -263,7 +274,9 @@ pub fn verify(printer: &Printer, file: Option<&Path>, names: &[String]) -> Resul
         };
         let manifest = Manifest::read(&dir).map_err(store_error(&store))?;
         let damage = match &manifest {
-            Some(manifest) => manifest.verify(&dir).map_err(store_error(&store))?.iter().map(ToString::to_string).collect(),
+            Some(manifest) => {
+                manifest.verify(&dir).map_err(store_error(&store))?.iter().map(ToString::to_string).collect()
+            }
             None => vec!["`manifest.json` is missing".to_string()],
         };
         if damage.is_empty() {

@@ -121,8 +121,8 @@ pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
         .into_iter()
         .filter_map(|candidate| {
             let distance = strsim::damerau_levenshtein(name, candidate);
-            let close = distance <= (name.len().max(candidate.len()) / 3).max(1)
-                || strsim::jaro_winkler(name, candidate) > 0.9;
+            let close =
+                distance <= (name.len().max(candidate.len()) / 3).max(1) || strsim::jaro_winkler(name, candidate) > 0.9;
             close.then_some((distance, candidate))
         })
         .min_by_key(|(distance, _)| *distance)

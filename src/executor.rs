@@ -72,9 +72,20 @@ struct Done {
 
 enum Outcome {
     /// Fresh already, or restored from the store, or published meanwhile by another process.
-    Cached { done: Done, how: &'static str },
-    Ran { done: Done, seconds: f64, summary: String },
-    Failed { message: String, tail: Vec<String>, log: PathBuf },
+    Cached {
+        done: Done,
+        how: &'static str,
+    },
+    Ran {
+        done: Done,
+        seconds: f64,
+        summary: String,
+    },
+    Failed {
+        message: String,
+        tail: Vec<String>,
+        log: PathBuf,
+    },
     Interrupted,
 }
 
@@ -111,10 +122,19 @@ impl<'a> Executor<'a> {
                     while let Some(position) = pending.pop_front() {
                         let stage = &self.plan.stages[selected[position]];
                         if let Some(failed) = stage.inputs.iter().find(|input| broken.contains(*input)) {
-                            self.line(position, total, &stage.name, Style::Yellow, "skipped", &format!("(`{failed}` did not finish)"));
+                            self.line(
+                                position,
+                                total,
+                                &stage.name,
+                                Style::Yellow,
+                                "skipped",
+                                &format!("(`{failed}` did not finish)"),
+                            );
                             broken.insert(stage.name.clone());
                             summary.skipped.push(stage.name.clone());
-                        } else if running < self.options.jobs.max(1) && stage.inputs.iter().all(|input| done.contains_key(input)) {
+                        } else if running < self.options.jobs.max(1)
+                            && stage.inputs.iter().all(|input| done.contains_key(input))
+                        {
                             let upstream: BTreeMap<String, Done> =
                                 stage.inputs.iter().map(|input| (input.clone(), done[input].clone())).collect();
                             let sender = sender.clone();
@@ -219,7 +239,9 @@ impl<'a> Executor<'a> {
         };
         match freshness {
             Freshness::Fresh { manifest } => Ok(Prepared::Cached(self.cached(&stage.name, &manifest, "cached")?)),
-            Freshness::Restorable { manifest, .. } => Ok(Prepared::Cached(self.cached(&stage.name, &manifest, "restored")?)),
+            Freshness::Restorable { manifest, .. } => {
+                Ok(Prepared::Cached(self.cached(&stage.name, &manifest, "restored")?))
+            }
             Freshness::Stale { key, material, reasons } => Ok(Prepared::Run { key, material, reasons }),
             Freshness::Waiting { upstream } => {
                 unreachable!("stage `{}` started before `{}` finished", stage.name, upstream.join("`, `"))
@@ -290,7 +312,9 @@ impl<'a> Executor<'a> {
         if !status.success() {
             let reason = match status.code() {
                 Some(code) => format!("exit status {code}"),
-                None => format!("killed by signal {}", std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0)),
+                None => {
+                    format!("killed by signal {}", std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0))
+                }
             };
             let error_line = tail.iter().rev().find(|line| line.starts_with("error: ")).cloned();
             let message = match error_line {
@@ -299,10 +323,8 @@ impl<'a> Executor<'a> {
             };
             return Ok(Outcome::Failed { message, tail, log: log_path });
         }
-        let report: Report = fs_err::read(&report_path)
-            .ok()
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
+        let report: Report =
+            fs_err::read(&report_path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default();
         let _ = fs_err::remove_file(&report_path);
 
         let outputs = hash_outputs(&out)?;

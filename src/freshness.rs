@@ -42,12 +42,8 @@ pub fn assess(
     upstream: &BTreeMap<String, Option<String>>,
 ) -> io::Result<Freshness> {
     let stage = &plan.stages[index];
-    let waiting: Vec<String> = stage
-        .inputs
-        .iter()
-        .filter(|input| upstream.get(*input).is_none_or(Option::is_none))
-        .cloned()
-        .collect();
+    let waiting: Vec<String> =
+        stage.inputs.iter().filter(|input| upstream.get(*input).is_none_or(Option::is_none)).cloned().collect();
     if !waiting.is_empty() {
         return Ok(Freshness::Waiting { upstream: waiting });
     }

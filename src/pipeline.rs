@@ -71,12 +71,7 @@ pub fn read_yaml(path: &Path) -> Result<(Value, SourceMap), Error> {
             [targets, name] if targets == "targets" => ("target", name.clone()),
             path => ("key", path.join(".")),
         };
-        return Err(Error::Duplicate {
-            what,
-            name,
-            first: duplicate.first.clone(),
-            second: duplicate.second.clone(),
-        });
+        return Err(Error::Duplicate { what, name, first: duplicate.first.clone(), second: duplicate.second.clone() });
     }
     let value: Value = serde_yaml::from_str(&text).map_err(|error| Error::Syntax {
         location: match error.location() {
@@ -114,10 +109,12 @@ impl PipelineFile {
             None => Vec::new(),
         };
         let targets = match top.get("targets") {
-            Some(targets) => as_mapping(targets, "`targets`", "a mapping of target names to stage lists", &map, &["targets"])?
-                .iter()
-                .map(|(name, list)| parse_target(key_str(name, &map, &["targets"])?, list, &map))
-                .collect::<Result<Vec<_>, _>>()?,
+            Some(targets) => {
+                as_mapping(targets, "`targets`", "a mapping of target names to stage lists", &map, &["targets"])?
+                    .iter()
+                    .map(|(name, list)| parse_target(key_str(name, &map, &["targets"])?, list, &map))
+                    .collect::<Result<Vec<_>, _>>()?
+            }
             None => Vec::new(),
         };
         Ok(PipelineFile { root, stages, targets })

@@ -72,7 +72,8 @@ impl Plan {
                     });
                 }
             }
-            targets.push(Target { name: raw.name.clone(), stages: raw.stages.iter().map(|(s, _)| s.clone()).collect() });
+            targets
+                .push(Target { name: raw.name.clone(), stages: raw.stages.iter().map(|(s, _)| s.clone()).collect() });
         }
         let order = topological_order(&stages)?;
         Ok(Plan { root: file.root, stages, targets, order })
@@ -130,7 +131,8 @@ fn parse_set(argument: &str, names: &[&str]) -> Result<(usize, Param), Error> {
     let (path, value) = argument.split_once('=').ok_or_else(|| invalid("no `=`".to_string()))?;
     let (stage, key) = path.split_once('.').ok_or_else(|| invalid("no `.` between stage and key".to_string()))?;
     let index = names.iter().position(|name| *name == stage).ok_or_else(|| {
-        let hint = suggest(stage, names.iter().copied()).map(|name| format!(" (did you mean `{name}`?)")).unwrap_or_default();
+        let hint =
+            suggest(stage, names.iter().copied()).map(|name| format!(" (did you mean `{name}`?)")).unwrap_or_default();
         invalid(format!("no stage `{stage}`{hint}"))
     })?;
     if ENGINE_KEYS.contains(&key) {
@@ -178,7 +180,9 @@ fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&s
             .unwrap_or_else(|| Origin::File(raw.location.clone()))
     };
     let params = kind.validate(Value::Mapping(merged)).map_err(|error| match error {
-        ParamError::Missing { key } => Error::MissingKey { stage: raw.name.clone(), key, location: raw.location.clone() },
+        ParamError::Missing { key } => {
+            Error::MissingKey { stage: raw.name.clone(), key, location: raw.location.clone() }
+        }
         ParamError::Invalid { key, message } if key.is_empty() => {
             Error::InvalidParams { stage: raw.name.clone(), location: raw.location.clone(), message }
         }
@@ -223,7 +227,14 @@ fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&s
     }
     deps.sort();
     deps.dedup();
-    Ok(Stage { name: raw.name.clone(), kind, location: raw.location.clone(), params, inputs: inputs.into_iter().collect(), deps })
+    Ok(Stage {
+        name: raw.name.clone(),
+        kind,
+        location: raw.location.clone(),
+        params,
+        inputs: inputs.into_iter().collect(),
+        deps,
+    })
 }
 
 /// A `config:` file: a mapping of params, each located in that file.
@@ -272,7 +283,13 @@ fn topological_order(stages: &[Stage]) -> Result<Vec<usize>, Error> {
         Open,
         Done,
     }
-    fn visit(index: usize, stages: &[Stage], marks: &mut [Mark], path: &mut Vec<usize>, order: &mut Vec<usize>) -> Result<(), Error> {
+    fn visit(
+        index: usize,
+        stages: &[Stage],
+        marks: &mut [Mark],
+        path: &mut Vec<usize>,
+        order: &mut Vec<usize>,
+    ) -> Result<(), Error> {
         match marks[index] {
             Mark::Done => return Ok(()),
             Mark::Open => {

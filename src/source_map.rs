@@ -98,10 +98,11 @@ impl SourceMap {
 
     /// The key at `path`, else the nearest enclosing key that is written down, else the top.
     pub fn nearest(&self, path: &[&str]) -> Location {
-        (0..=path.len())
-            .rev()
-            .find_map(|len| self.key(&path[..len]))
-            .unwrap_or_else(|| Location { file: self.file.clone(), line: 1, column: 1 })
+        (0..=path.len()).rev().find_map(|len| self.key(&path[..len])).unwrap_or_else(|| Location {
+            file: self.file.clone(),
+            line: 1,
+            column: 1,
+        })
     }
 
     fn location(&self, marker: &Marker) -> Location {

@@ -132,7 +132,9 @@ fn read_entries(file: &Path) -> HashMap<PathBuf, Entry> {
 /// blake3 of a file, memory-mapped and hashed on all cores when it is large.
 pub fn hash_file(path: &Path) -> io::Result<String> {
     let mut hasher = blake3::Hasher::new();
-    hasher.update_mmap_rayon(path).map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
+    hasher
+        .update_mmap_rayon(path)
+        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
     Ok(hasher.finalize().to_hex().to_string())
 }
 

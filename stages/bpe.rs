@@ -73,16 +73,11 @@ impl Bpe {
         let (mut short, mut long) = (FxHashMap::default(), FxHashMap::default());
         let mut tokens = Vec::new();
         for (number, line) in text.lines().enumerate() {
-            let (token, rank) = line
-                .split_once(' ')
-                .ok_or_else(|| anyhow::anyhow!("rank line {} has no space", number + 1))?;
+            let (token, rank) =
+                line.split_once(' ').ok_or_else(|| anyhow::anyhow!("rank line {} has no space", number + 1))?;
             let token: Box<[u8]> = base64_decode(token)?.into();
             let rank: usize = rank.parse()?;
-            anyhow::ensure!(
-                rank == tokens.len(),
-                "ranks are not consecutive at line {}",
-                number + 1
-            );
+            anyhow::ensure!(rank == tokens.len(), "ranks are not consecutive at line {}", number + 1);
             if token.len() <= 7 {
                 short.insert(short_key(&token), rank as u16);
             } else {
@@ -90,16 +85,8 @@ impl Bpe {
             }
             tokens.push(token);
         }
-        anyhow::ensure!(
-            tokens.len() == END_OF_TEXT as usize,
-            "expected {END_OF_TEXT} ranks, found {}",
-            tokens.len()
-        );
-        Ok(Bpe {
-            short,
-            long,
-            tokens,
-        })
+        anyhow::ensure!(tokens.len() == END_OF_TEXT as usize, "expected {END_OF_TEXT} ranks, found {}", tokens.len());
+        Ok(Bpe { short, long, tokens })
     }
 
     /// Appends the tokens of `text` to `out`, like tiktoken's `encode_ordinary`.
@@ -141,11 +128,7 @@ impl Bpe {
 
     #[inline(always)]
     fn rank(&self, bytes: &[u8]) -> Option<u16> {
-        if bytes.len() <= 7 {
-            self.short.get(&short_key(bytes)).copied()
-        } else {
-            self.long.get(bytes).copied()
-        }
+        if bytes.len() <= 7 { self.short.get(&short_key(bytes)).copied() } else { self.long.get(bytes).copied() }
     }
 
     fn encode_piece(&self, piece: &[u8], out: &mut Vec<u16>) {
@@ -176,14 +159,12 @@ impl Bpe {
     /// (the leftmost on a tie) until no pair is a token. `parts[i]` is (start of part i, rank of
     /// parts i and i+1 merged).
     fn merge_by_scanning(&self, piece: &[u8], out: &mut Vec<u16>) {
-        let mut parts: Vec<(usize, u32)> =
-            (0..=piece.len()).map(|start| (start, u32::MAX)).collect();
+        let mut parts: Vec<(usize, u32)> = (0..=piece.len()).map(|start| (start, u32::MAX)).collect();
         let pair_rank = |parts: &[(usize, u32)], i: usize| -> u32 {
             // The rank of parts i and i+1 merged, once part i+1 merged with i+2 is accounted for
             // by the caller (it passes the parts before removing one).
             if i + 3 < parts.len() {
-                self.rank(&piece[parts[i].0..parts[i + 3].0])
-                    .map_or(u32::MAX, u32::from)
+                self.rank(&piece[parts[i].0..parts[i + 3].0]).map_or(u32::MAX, u32::from)
             } else {
                 u32::MAX
             }
@@ -208,10 +189,7 @@ impl Bpe {
             parts.remove(at + 1);
         }
         for pair in parts.windows(2) {
-            out.push(
-                self.rank(&piece[pair[0].0..pair[1].0])
-                    .expect("every byte is a token"),
-            );
+            out.push(self.rank(&piece[pair[0].0..pair[1].0]).expect("every byte is a token"));
         }
     }
 
@@ -256,10 +234,7 @@ impl Bpe {
         }
         let mut start = 0;
         while start < n {
-            out.push(
-                self.rank(&piece[start..next[start]])
-                    .expect("every merged part is a token"),
-            );
+            out.push(self.rank(&piece[start..next[start]]).expect("every merged part is a token"));
             start = next[start];
         }
     }
@@ -286,15 +261,9 @@ fn classes() -> &'static Classes {
     static CLASSES: OnceLock<Classes> = OnceLock::new();
     CLASSES.get_or_init(|| {
         let mut flat = vec![Class::Other; 0x110000];
-        for (pattern, class) in [
-            (r"\p{L}", Class::Letter),
-            (r"\p{N}", Class::Number),
-            (r"\s", Class::Space),
-        ] {
+        for (pattern, class) in [(r"\p{L}", Class::Letter), (r"\p{N}", Class::Number), (r"\s", Class::Space)] {
             let hir = regex_syntax::parse(pattern).expect("a valid class");
-            let regex_syntax::hir::HirKind::Class(regex_syntax::hir::Class::Unicode(ranges)) =
-                hir.kind()
-            else {
+            let regex_syntax::hir::HirKind::Class(regex_syntax::hir::Class::Unicode(ranges)) = hir.kind() else {
                 unreachable!("{pattern} is a Unicode class")
             };
             for range in ranges.iter() {
@@ -345,10 +314,7 @@ fn class_at(bytes: &[u8]) -> (Class, usize) {
     }
     let (code, len) = decode(bytes);
     let classes = classes();
-    (
-        classes.table[classes.blocks[(code >> 8) as usize] as usize][(code & 0xff) as usize],
-        len,
-    )
+    (classes.table[classes.blocks[(code >> 8) as usize] as usize][(code & 0xff) as usize], len)
 }
 
 /// The code point and length of the (valid, non-ASCII) UTF-8 character at `bytes[0]`.
@@ -358,10 +324,7 @@ fn decode(bytes: &[u8]) -> (u32, usize) {
     if first < 0xe0 {
         (((first & 0x1f) << 6) | (bytes[1] as u32 & 0x3f), 2)
     } else if first < 0xf0 {
-        (
-            ((first & 0x0f) << 12) | ((bytes[1] as u32 & 0x3f) << 6) | (bytes[2] as u32 & 0x3f),
-            3,
-        )
+        (((first & 0x0f) << 12) | ((bytes[1] as u32 & 0x3f) << 6) | (bytes[2] as u32 & 0x3f), 3)
     } else {
         (
             ((first & 0x07) << 18)
@@ -522,17 +485,11 @@ mod tests {
     #[test]
     fn pre_tokenizes_like_the_gpt2_pattern() {
         assert_eq!(pieces("Hello world"), ["Hello", " world"]);
-        assert_eq!(
-            pieces("don't DON'T we'll"),
-            ["don", "'t", " DON", "'", "T", " we", "'ll"]
-        );
+        assert_eq!(pieces("don't DON'T we'll"), ["don", "'t", " DON", "'", "T", " we", "'ll"]);
         assert_eq!(pieces("a  b"), ["a", " ", " b"]);
         assert_eq!(pieces("a\n\nb"), ["a", "\n", "\n", "b"]);
         assert_eq!(pieces("a   \n  b  "), ["a", "   \n ", " b", "  "]);
-        assert_eq!(
-            pieces("x 's 123 4!? "),
-            ["x", " '", "s", " 123", " 4", "!?", " "]
-        );
+        assert_eq!(pieces("x 's 123 4!? "), ["x", " '", "s", " 123", " 4", "!?", " "]);
         assert_eq!(pieces("é\u{3000}日本"), ["é", "\u{3000}", "日本"]);
     }
 
@@ -548,10 +505,8 @@ mod tests {
     /// `tests/fixtures/gpt2_bpe.json` holds tiktoken's own output (`make_bpe_fixture.py`).
     #[test]
     fn matches_tiktoken_fixture() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/gpt2_bpe.json");
-        let fixture: serde_json::Value =
-            serde_json::from_str(&fs_err::read_to_string(path).unwrap()).unwrap();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2_bpe.json");
+        let fixture: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(path).unwrap()).unwrap();
         let bpe = Bpe::gpt2();
         for case in fixture["cases"].as_array().unwrap() {
             let text = case["text"].as_str().unwrap();
@@ -569,21 +524,15 @@ mod tests {
     fn matches_tiktoken_rs() {
         let reference = tiktoken_rs::r50k_base().unwrap();
         let bpe = Bpe::gpt2();
-        let mut texts = vec![
-            "Ünïcödé ΑΒΓ 日本語 🦀👩‍👩‍👧 can't WON'T 3.14 x = [1, 2]; \t\n\r\n  \u{a0} \u{2003}end  "
-                .repeat(50),
-        ];
+        let mut texts =
+            vec!["Ünïcödé ΑΒΓ 日本語 🦀👩‍👩‍👧 can't WON'T 3.14 x = [1, 2]; \t\n\r\n  \u{a0} \u{2003}end  ".repeat(50)];
         let path = std::path::Path::new("/work/shared/data/tinyshakespeare/input.txt");
         match fs_err::read_to_string(path) {
             Ok(text) => texts.push(text),
             Err(_) => eprintln!("skipped tiny shakespeare: no `{}`", path.display()),
         }
         for text in texts {
-            let expected: Vec<u16> = reference
-                .encode_ordinary(&text)
-                .into_iter()
-                .map(|t| t as u16)
-                .collect();
+            let expected: Vec<u16> = reference.encode_ordinary(&text).into_iter().map(|t| t as u16).collect();
             let mut got = Vec::new();
             bpe.encode(&text, &mut got);
             assert_eq!(got.len(), expected.len());
@@ -611,7 +560,8 @@ mod tests {
     #[test]
     fn chunks_encode_like_the_whole() {
         let bpe = Bpe::gpt2();
-        let text = "It's 2024: naïve café-owners   said \"don't!\"\n\n  Über 123,456.78 — 日本語のテキスト。\t\tend  ".repeat(40);
+        let text = "It's 2024: naïve café-owners   said \"don't!\"\n\n  Über 123,456.78 — 日本語のテキスト。\t\tend  "
+            .repeat(40);
         let mut whole = Vec::new();
         bpe.encode(&text, &mut whole);
         for target in [1, 7, 50, 333] {

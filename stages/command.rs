@@ -46,8 +46,7 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
             None => bail!("command was killed by a signal ({status})"),
         }
     }
-    let missing: Vec<&str> =
-        config.outs.iter().filter(|out| !ctx.out.join(out).exists()).map(String::as_str).collect();
+    let missing: Vec<&str> = config.outs.iter().filter(|out| !ctx.out.join(out).exists()).map(String::as_str).collect();
     if !missing.is_empty() {
         bail!("command did not write its declared outs: {}", missing.join(", "));
     }

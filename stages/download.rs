@@ -153,9 +153,7 @@ pub(crate) fn run_with(
     ctx: &Context,
     hub_env: &dyn Fn() -> anyhow::Result<HubEnv>,
 ) -> anyhow::Result<Report> {
-    config
-        .validate()
-        .map_err(|error| anyhow!(error).context(format!("invalid params for stage `{}`", ctx.stage)))?;
+    config.validate().map_err(|error| anyhow!(error).context(format!("invalid params for stage `{}`", ctx.stage)))?;
     fs_err::create_dir_all(&ctx.out)?;
     let retry = Retry { retries: config.retries, backoff: Duration::from_millis(config.backoff_ms) };
     if let Some(url) = &config.url {
@@ -175,9 +173,7 @@ fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyh
     let stage = &ctx.stage;
     let filename = match &config.filename {
         Some(filename) => filename.clone(),
-        None => {
-            url_file_name(url).with_context(|| format!("set `filename` for `{url}` in stage `{stage}`"))?
-        }
+        None => url_file_name(url).with_context(|| format!("set `filename` for `{url}` in stage `{stage}`"))?,
     };
     let target = ctx.out.join(&filename);
     let part = ctx.out.join(format!("{filename}.part"));
@@ -197,12 +193,7 @@ fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyh
     }
     fs_err::rename(&part, &target)?;
     http::remove_if_present(&http::validator_path(&part))?;
-    Ok(report(
-        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
-        bytes,
-        1,
-        Some(actual.to_string()),
-    ))
+    Ok(report(format!("{filename}, {}, {actual}", format_bytes(bytes as f64)), bytes, 1, Some(actual.to_string())))
 }
 
 /// `https://host/a/b/input.txt?x=1#y` -> `input.txt`.
@@ -249,9 +240,7 @@ impl Digest {
     fn of_file(pin: Option<&Digest>, path: &Path) -> anyhow::Result<Digest> {
         let algorithm = pin.map_or(Algorithm::Blake3, |pin| pin.algorithm);
         let hex = match algorithm {
-            Algorithm::Blake3 => {
-                blake3::Hasher::new().update_mmap_rayon(path)?.finalize().to_hex().to_string()
-            }
+            Algorithm::Blake3 => blake3::Hasher::new().update_mmap_rayon(path)?.finalize().to_hex().to_string(),
             Algorithm::Sha256 => {
                 use sha2::Digest as _;
                 let mut hasher = sha2::Sha256::new();
@@ -286,14 +275,13 @@ impl std::fmt::Display for Digest {
 fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     let stage = &ctx.stage;
     let source = ctx.root.join(path);
-    let metadata =
-        fs_err::metadata(&source).with_context(|| format!("stage `{stage}` cannot read its `path`"))?;
+    let metadata = fs_err::metadata(&source).with_context(|| format!("stage `{stage}` cannot read its `path`"))?;
     if metadata.is_dir() {
         if config.filename.is_some() || config.digest.is_some() {
             bail!("stage `{stage}`: `filename` and `digest` apply to a file, and `{path}` is a folder");
         }
-        let (files, bytes) = copy_dir(&source, &ctx.out)
-            .with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
+        let (files, bytes) =
+            copy_dir(&source, &ctx.out).with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
         return Ok(report(format!("{files} files, {}", format_bytes(bytes as f64)), bytes, files, None));
     }
     let filename = match &config.filename {
@@ -310,12 +298,7 @@ fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Repor
     }
     let bytes = fs_err::copy(&source, ctx.out.join(&filename))
         .with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
-    Ok(report(
-        format!("{filename}, {}, {actual}", format_bytes(bytes as f64)),
-        bytes,
-        1,
-        Some(actual.to_string()),
-    ))
+    Ok(report(format!("{filename}, {}, {actual}", format_bytes(bytes as f64)), bytes, 1, Some(actual.to_string())))
 }
 
 /// Copies the contents of `from` into `to`, following symbolic links; returns (files, bytes).
@@ -360,8 +343,8 @@ fn check_file_name(name: &str) -> Result<(), String> {
 
 /// A relative path that stays inside `$OUT`.
 pub(crate) fn check_relative(path: &str) -> Result<(), String> {
-    let inside = !path.is_empty()
-        && Path::new(path).components().all(|component| matches!(component, Component::Normal(_)));
+    let inside =
+        !path.is_empty() && Path::new(path).components().all(|component| matches!(component, Component::Normal(_)));
     if !inside {
         return Err(format!("`{path}` must be a relative path inside the repo"));
     }
@@ -390,10 +373,8 @@ mod tests {
     }
 
     fn listing(dir: &Path) -> Vec<String> {
-        let mut names: Vec<String> = fs_err::read_dir(dir)
-            .unwrap()
-            .map(|entry| entry.unwrap().file_name().to_string_lossy().into())
-            .collect();
+        let mut names: Vec<String> =
+            fs_err::read_dir(dir).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into()).collect();
         names.sort();
         names
     }
@@ -536,15 +517,11 @@ mod tests {
         let server = Server::start();
         server.route("/input.txt", Route::new(body()));
         let sha256: String = sha2::Sha256::digest(body()).iter().map(|byte| format!("{byte:02x}")).collect();
-        let pins = [
-            format!("blake3:{}", blake3::hash(&body()).to_hex()),
-            format!("sha256:{}", sha256.to_uppercase()),
-        ];
+        let pins = [format!("blake3:{}", blake3::hash(&body()).to_hex()), format!("sha256:{}", sha256.to_uppercase())];
         for pin in pins {
             let dir = tempfile::tempdir().unwrap();
             let ctx = context(dir.path());
-            let config =
-                Config { digest: Some(pin.clone()), ..url_config(format!("{}/input.txt", server.url)) };
+            let config = Config { digest: Some(pin.clone()), ..url_config(format!("{}/input.txt", server.url)) };
             let report = run(&config, &ctx).unwrap();
             assert_eq!(report.metrics["digest"], pin.to_lowercase().as_str());
             assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
@@ -557,10 +534,8 @@ mod tests {
         let ctx = context(dir.path());
         let server = Server::start();
         server.route("/download", Route::new(body()));
-        let config = Config {
-            filename: Some("shakespeare.txt".into()),
-            ..url_config(format!("{}/download", server.url))
-        };
+        let config =
+            Config { filename: Some("shakespeare.txt".into()), ..url_config(format!("{}/download", server.url)) };
         run(&config, &ctx).unwrap();
         assert_eq!(listing(&ctx.out), ["shakespeare.txt"]);
     }
@@ -576,43 +551,21 @@ mod tests {
 
     #[test]
     fn params_are_checked_when_read() {
-        let parse =
-            |json: serde_json::Value| serde_json::from_value::<Config>(json).map_err(|e| e.to_string());
-        assert_eq!(
-            parse(serde_json::json!({})).unwrap_err(),
-            "a download needs one of `url`, `hf` or `path`"
-        );
+        let parse = |json: serde_json::Value| serde_json::from_value::<Config>(json).map_err(|e| e.to_string());
+        assert_eq!(parse(serde_json::json!({})).unwrap_err(), "a download needs one of `url`, `hf` or `path`");
         assert_eq!(
             parse(serde_json::json!({"url": "https://a/b", "path": "x"})).unwrap_err(),
             "a download takes only one of `url`, `hf` and `path`"
         );
         assert!(parse(serde_json::json!({"url": "ftp://a/b"})).unwrap_err().contains("`http://`"));
+        assert!(parse(serde_json::json!({"url": "https://a/b", "digest": "md5:00"})).unwrap_err().contains("`blake3:"));
         assert!(
-            parse(serde_json::json!({"url": "https://a/b", "digest": "md5:00"}))
-                .unwrap_err()
-                .contains("`blake3:")
+            parse(serde_json::json!({"url": "https://a/b", "retry": 3})).unwrap_err().contains("unknown field `retry`")
         );
-        assert!(
-            parse(serde_json::json!({"url": "https://a/b", "retry": 3}))
-                .unwrap_err()
-                .contains("unknown field `retry`")
-        );
-        assert!(
-            parse(serde_json::json!({"hf": {"repo": "gpt2", "files": ["a"]}}))
-                .unwrap_err()
-                .contains("owner/name")
-        );
-        assert!(
-            parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["../x"]}}))
-                .unwrap_err()
-                .contains("inside")
-        );
+        assert!(parse(serde_json::json!({"hf": {"repo": "gpt2", "files": ["a"]}})).unwrap_err().contains("owner/name"));
+        assert!(parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["../x"]}})).unwrap_err().contains("inside"));
         assert!(parse(serde_json::json!({"hf": {"repo": "a/b"}})).unwrap_err().contains("at least one"));
-        assert!(
-            parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["[a"]}}))
-                .unwrap_err()
-                .contains("pattern")
-        );
+        assert!(parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["[a"]}})).unwrap_err().contains("pattern"));
 
         // Defaults are filled in, unset options stay out of the serialized form (and the key).
         let config = parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["x"]}})).unwrap();

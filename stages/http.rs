@@ -99,9 +99,7 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress)
                 return Ok(());
             }
             truncate(part).map_err(Attempt::Fatal)?;
-            return Err(Attempt::Retry(anyhow!(
-                "the server refused to resume at byte {start}; starting over"
-            )));
+            return Err(Attempt::Retry(anyhow!("the server refused to resume at byte {start}; starting over")));
         }
         Err(ureq::Error::Status(code, response)) => {
             let error = anyhow!("the server answered {code} {}", response.status_text());
@@ -127,12 +125,9 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress)
         }
     };
     // A weak validator (`W/"..."`) cannot be used in `If-Range`; `Last-Modified` then serves.
-    let validator =
-        response.header("ETag").filter(|etag| !etag.starts_with("W/")).or(response.header("Last-Modified"));
+    let validator = response.header("ETag").filter(|etag| !etag.starts_with("W/")).or(response.header("Last-Modified"));
     match validator {
-        Some(validator) => {
-            fs_err::write(&validator_file, validator).map_err(|error| Attempt::Fatal(error.into()))?
-        }
+        Some(validator) => fs_err::write(&validator_file, validator).map_err(|error| Attempt::Fatal(error.into()))?,
         None => remove_if_present(&validator_file).map_err(Attempt::Fatal)?,
     }
 

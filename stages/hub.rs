@@ -114,14 +114,11 @@ pub(crate) fn download(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> 
                 let progress = HubProgress(Progress::new(file.as_str(), Unit::Bytes, None));
                 api_repo.download_with_progress(file, progress)
             })
-            .with_context(|| {
-                format!("could not download `{file}` of {what} (`{url}`) for stage `{stage}`")
-            })?,
+            .with_context(|| format!("could not download `{file}` of {what} (`{url}`) for stage `{stage}`"))?,
         };
         let target = ctx.out.join(file);
-        bytes += place(&cached, &target).with_context(|| {
-            format!("could not place `{file}` of {what} in the output of stage `{stage}`")
-        })?;
+        bytes += place(&cached, &target)
+            .with_context(|| format!("could not place `{file}` of {what} in the output of stage `{stage}`"))?;
     }
     Ok(report(format!("{count} files of {what}, {}", format_bytes(bytes as f64)), bytes, count, None))
 }
@@ -151,8 +148,7 @@ pub(crate) fn pattern(text: &str) -> Result<glob::Pattern, String> {
 
 fn expand(entries: &[String], mut listing: Vec<String>) -> anyhow::Result<Vec<String>> {
     listing.sort();
-    let options =
-        glob::MatchOptions { case_sensitive: true, require_literal_separator: true, ..Default::default() };
+    let options = glob::MatchOptions { case_sensitive: true, require_literal_separator: true, ..Default::default() };
     let mut files: Vec<String> = Vec::new();
     for entry in entries {
         if !is_pattern(entry) {
@@ -160,8 +156,7 @@ fn expand(entries: &[String], mut listing: Vec<String>) -> anyhow::Result<Vec<St
             continue;
         }
         let pattern = pattern(entry).map_err(|error| anyhow!(error))?;
-        let matched: Vec<&String> =
-            listing.iter().filter(|name| pattern.matches_with(name, options)).collect();
+        let matched: Vec<&String> = listing.iter().filter(|name| pattern.matches_with(name, options)).collect();
         if matched.is_empty() {
             bail!("no file in the repo matches `{entry}`");
         }
@@ -289,8 +284,7 @@ mod tests {
         fn run(&self, hub: Hub) -> (Context, anyhow::Result<Report>) {
             let out = self.dir.path().join(format!("out{}", self.server.requests().len()));
             fs_err::create_dir_all(&out).unwrap();
-            let ctx =
-                Context { stage: "gpt2".into(), root: self.dir.path().into(), out, inputs: BTreeMap::new() };
+            let ctx = Context { stage: "gpt2".into(), root: self.dir.path().into(), out, inputs: BTreeMap::new() };
             let config = Config { hf: Some(hub), retries: 2, backoff_ms: 1, ..Config::default() };
             let report = run_with(&config, &ctx, &|| self.env());
             (ctx, report)
@@ -322,11 +316,7 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::MetadataExt;
-            assert_eq!(
-                fs_err::metadata(ctx.out.join("config.json")).unwrap().nlink(),
-                2,
-                "hard-linked from the cache"
-            );
+            assert_eq!(fs_err::metadata(ctx.out.join("config.json")).unwrap().nlink(), 2, "hard-linked from the cache");
         }
 
         // The cache holds this revision now: a second stage needs no network.
@@ -340,8 +330,7 @@ mod tests {
     fn dataset_patterns_expand_against_the_repo_listing() {
         let hub = FakeHub::start();
         let repo = "datasets/HuggingFaceFW/fineweb-edu";
-        let names =
-            ["README.md", "sample/100BT/000.parquet", "sample/10BT/000.parquet", "sample/10BT/001.parquet"];
+        let names = ["README.md", "sample/100BT/000.parquet", "sample/10BT/000.parquet", "sample/10BT/001.parquet"];
         for name in names.iter().chain(&["sample/10BT/extra/002.parquet"]) {
             hub.file(repo, name, name.as_bytes());
         }
@@ -356,10 +345,7 @@ mod tests {
         };
         let (ctx, report) = hub.run(spec.clone());
         assert_eq!(report.unwrap().metrics["files"], 3);
-        assert_eq!(
-            fs_err::read_to_string(ctx.out.join("sample/10BT/001.parquet")).unwrap(),
-            "sample/10BT/001.parquet"
-        );
+        assert_eq!(fs_err::read_to_string(ctx.out.join("sample/10BT/001.parquet")).unwrap(), "sample/10BT/001.parquet");
         assert!(ctx.out.join("README.md").exists());
         assert!(!ctx.out.join("sample/100BT").exists());
 
@@ -381,11 +367,7 @@ mod tests {
         // breaks after 20000 bytes.
         let route = Route { breaks: 2, break_after: 20_000, ..route };
         hub.server.route("/openai-community/gpt2/resolve/main/model.safetensors", route);
-        let spec = Hub {
-            repo: "openai-community/gpt2".into(),
-            files: files(&["model.safetensors"]),
-            ..Hub::default()
-        };
+        let spec = Hub { repo: "openai-community/gpt2".into(), files: files(&["model.safetensors"]), ..Hub::default() };
         let (ctx, report) = hub.run(spec);
         report.unwrap();
         assert_eq!(fs_err::read(ctx.out.join("model.safetensors")).unwrap(), body);
@@ -397,8 +379,7 @@ mod tests {
     #[test]
     fn a_missing_file_names_the_file_the_repo_and_the_url() {
         let hub = FakeHub::start();
-        let spec =
-            Hub { repo: "openai-community/gpt2".into(), files: files(&["nope.bin"]), ..Hub::default() };
+        let spec = Hub { repo: "openai-community/gpt2".into(), files: files(&["nope.bin"]), ..Hub::default() };
         let error = format!("{:#}", hub.run(spec).1.unwrap_err());
         let url = format!("{}/openai-community/gpt2/resolve/main/nope.bin", hub.server.url);
         assert!(
@@ -414,8 +395,7 @@ mod tests {
 
     #[test]
     fn patterns_match_within_or_across_folders() {
-        let listing =
-            files(&["b.parquet", "sample/10BT/000.parquet", "sample/10BT/x/001.parquet", "sample/a.json"]);
+        let listing = files(&["b.parquet", "sample/10BT/000.parquet", "sample/10BT/x/001.parquet", "sample/a.json"]);
         let expand = |entries: &[&str]| expand(&files(entries), listing.clone()).map_err(|e| e.to_string());
         assert_eq!(expand(&["sample/10BT/*.parquet"]).unwrap(), ["sample/10BT/000.parquet"]);
         assert_eq!(

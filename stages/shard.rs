@@ -64,20 +64,16 @@ impl ShardWriter {
             if self.current.is_none() {
                 let path = self.dir.join(shard_name(&self.split, self.paths.len()));
                 let mut file = BufWriter::with_capacity(1 << 20, fs_err::File::create(&path)?);
-                file.write_all(&header(0)?)
-                    .with_context(|| format!("could not write `{}`", path.display()))?;
+                file.write_all(&header(0)?).with_context(|| format!("could not write `{}`", path.display()))?;
                 self.paths.push(path);
                 self.current = Some((file, 0));
             }
             let (file, count) = self.current.as_mut().expect("a shard is open");
-            let take = ((self.shard_tokens - *count) as usize)
-                .min(tokens.len())
-                .min(1 << 20);
+            let take = ((self.shard_tokens - *count) as usize).min(tokens.len()).min(1 << 20);
             bytes.clear();
             bytes.extend(tokens[..take].iter().flat_map(|token| token.to_le_bytes()));
             let path = self.paths.last().expect("a shard is open");
-            file.write_all(&bytes)
-                .with_context(|| format!("could not write `{}`", path.display()))?;
+            file.write_all(&bytes).with_context(|| format!("could not write `{}`", path.display()))?;
             *count += take as u64;
             self.total += take as u64;
             tokens = &tokens[take..];
@@ -94,8 +90,7 @@ impl ShardWriter {
             let mut file = file.into_inner().map_err(|error| error.into_error())?;
             file.seek(SeekFrom::Start(0))?;
             file.write_all(&header(count)?)?;
-            file.sync_all()
-                .with_context(|| format!("could not write `{}`", path.display()))?;
+            file.sync_all().with_context(|| format!("could not write `{}`", path.display()))?;
         }
         Ok(())
     }
@@ -120,11 +115,7 @@ pub fn split_off_tail(
     let keep = total - tail;
     {
         let split = TokenSplit::from_paths(paths.to_vec(), Layout::Sharded)?;
-        ensure!(
-            split.len() == total,
-            "shards hold {} tokens, expected {total}",
-            split.len()
-        );
+        ensure!(split.len() == total, "shards hold {} tokens, expected {total}", split.len());
         let mut buffer = vec![0u16; 1 << 20];
         let mut offset = keep;
         while offset < total {
@@ -173,10 +164,7 @@ fn check_header(path: &Path, bytes: &[u8]) -> anyhow::Result<u64> {
     let hint = "re-run the `tokenize` stage that produced it";
     if bytes.len() < 12 || int(bytes, 0) != MAGIC {
         let magic = if bytes.len() >= 4 { int(bytes, 0) } else { 0 };
-        bail!(
-            "`{}` is not a token shard (magic {magic}, expected {MAGIC})\nhint: {hint}",
-            path.display()
-        );
+        bail!("`{}` is not a token shard (magic {magic}, expected {MAGIC})\nhint: {hint}", path.display());
     }
     let version = int(bytes, 1);
     if version != FORMAT_VERSION {
@@ -186,11 +174,7 @@ fn check_header(path: &Path, bytes: &[u8]) -> anyhow::Result<u64> {
         );
     }
     let count = int(bytes, 2);
-    ensure!(
-        count >= 0,
-        "`{}` has a negative token count {count}\nhint: {hint}",
-        path.display()
-    );
+    ensure!(count >= 0, "`{}` has a negative token count {count}\nhint: {hint}", path.display());
     Ok(count as u64)
 }
 
@@ -228,13 +212,8 @@ impl TokenSplit {
         let mut paths = Vec::new();
         for entry in fs_err::read_dir(dir)? {
             let path = entry?.path();
-            let name = path
-                .file_name()
-                .and_then(|name| name.to_str())
-                .unwrap_or_default();
-            if let Some(digits) = name
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.strip_suffix(".bin"))
+            let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            if let Some(digits) = name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(".bin"))
                 && !digits.is_empty()
                 && digits.bytes().all(|b| b.is_ascii_digit())
             {
@@ -247,11 +226,7 @@ impl TokenSplit {
         }
         let raw = dir.join(format!("{split}.bin"));
         if raw.is_file() {
-            let layout = if has_valid_header(&raw)? {
-                Layout::Sharded
-            } else {
-                Layout::Raw
-            };
+            let layout = if has_valid_header(&raw)? { Layout::Sharded } else { Layout::Raw };
             return TokenSplit::from_paths(vec![raw], layout);
         }
         bail!(
@@ -273,7 +248,12 @@ impl TokenSplit {
                 Layout::Sharded => {
                     let mut head = [0u8; 12];
                     use std::io::Read;
-                    (&file).read_exact(&mut head).map_err(|_| anyhow::anyhow!("`{}` is too short for a token shard\nhint: re-run the `tokenize` stage that produced it", path.display()))?;
+                    (&file).read_exact(&mut head).map_err(|_| {
+                        anyhow::anyhow!(
+                            "`{}` is too short for a token shard\nhint: re-run the `tokenize` stage that produced it",
+                            path.display()
+                        )
+                    })?;
                     let tokens = check_header(&path, &head)?;
                     let expected = HEADER_BYTES as u64 + 2 * tokens;
                     ensure!(
@@ -297,23 +277,13 @@ impl TokenSplit {
             }
             // SAFETY: the store never rewrites a published file; a file changed underneath us
             // would give wrong tokens, not memory unsafety beyond what any mmap reader accepts.
-            let map = unsafe { Mmap::map(file.file()) }
-                .with_context(|| format!("could not map `{}`", path.display()))?;
+            let map =
+                unsafe { Mmap::map(file.file()) }.with_context(|| format!("could not map `{}`", path.display()))?;
             starts.push(len);
             len += tokens;
-            shards.push(Shard {
-                path,
-                map,
-                data,
-                tokens,
-            });
+            shards.push(Shard { path, map, data, tokens });
         }
-        Ok(TokenSplit {
-            shards,
-            starts,
-            len,
-            layout,
-        })
+        Ok(TokenSplit { shards, starts, len, layout })
     }
 
     /// The number of tokens in the split.
@@ -337,19 +307,14 @@ impl TokenSplit {
     /// Copies `out.len()` tokens starting at stream position `offset` into `out`, across shard
     /// boundaries.
     pub fn read(&self, offset: u64, out: &mut [u16]) -> anyhow::Result<()> {
-        let end = offset
-            .checked_add(out.len() as u64)
-            .filter(|&end| end <= self.len);
+        let end = offset.checked_add(out.len() as u64).filter(|&end| end <= self.len);
         ensure!(
             end.is_some(),
             "tokens {offset}..{} are past the end of the split ({} tokens)",
             offset + out.len() as u64,
             self.len
         );
-        let mut index = self
-            .starts
-            .partition_point(|&start| start <= offset)
-            .saturating_sub(1);
+        let mut index = self.starts.partition_point(|&start| start <= offset).saturating_sub(1);
         let mut position = offset;
         let mut done = 0;
         while done < out.len() {
@@ -395,12 +360,7 @@ fn has_valid_header(path: &Path) -> anyhow::Result<bool> {
 mod tests {
     use super::*;
 
-    fn write_split(
-        dir: &Path,
-        split: &str,
-        tokens: &[u16],
-        shard_tokens: u64,
-    ) -> (Vec<PathBuf>, u64) {
+    fn write_split(dir: &Path, split: &str, tokens: &[u16], shard_tokens: u64) -> (Vec<PathBuf>, u64) {
         let mut writer = ShardWriter::new(dir, split, shard_tokens).unwrap();
         for chunk in tokens.chunks(7) {
             writer.write(chunk).unwrap();
@@ -416,10 +376,7 @@ mod tests {
         assert_eq!(paths, vec![dir.path().join("train_000000.bin")]);
         let bytes = fs_err::read(&paths[0]).unwrap();
         assert_eq!(bytes.len(), 1024 + 6);
-        assert_eq!(
-            &bytes[0..12],
-            &[0x88, 0xd8, 0x34, 0x01, 1, 0, 0, 0, 3, 0, 0, 0]
-        );
+        assert_eq!(&bytes[0..12], &[0x88, 0xd8, 0x34, 0x01, 1, 0, 0, 0, 3, 0, 0, 0]);
         assert!(bytes[12..1024].iter().all(|&b| b == 0));
         assert_eq!(&bytes[1024..], &[1, 0, 2, 0, 2, 1]);
     }
@@ -450,16 +407,10 @@ mod tests {
             split_off_tail(&paths, total, tail, &mut val).unwrap();
             val.finish().unwrap();
             let train = TokenSplit::open(&train_dir, "train").unwrap();
-            assert_eq!(
-                train.slice(0, train.len() as usize).unwrap(),
-                tokens[..100 - tail as usize]
-            );
+            assert_eq!(train.slice(0, train.len() as usize).unwrap(), tokens[..100 - tail as usize]);
             if tail > 0 {
                 let val = TokenSplit::open(&train_dir, "val").unwrap();
-                assert_eq!(
-                    val.slice(0, val.len() as usize).unwrap(),
-                    tokens[100 - tail as usize..]
-                );
+                assert_eq!(val.slice(0, val.len() as usize).unwrap(), tokens[100 - tail as usize..]);
             }
         }
     }
@@ -467,10 +418,7 @@ mod tests {
     #[test]
     fn reads_nanogpt_raw_bin() {
         let dir = tempfile::tempdir().unwrap();
-        let bytes: Vec<u8> = [5u16, 6, 65535]
-            .iter()
-            .flat_map(|t| t.to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = [5u16, 6, 65535].iter().flat_map(|t| t.to_le_bytes()).collect();
         fs_err::write(dir.path().join("val.bin"), bytes).unwrap();
         let split = TokenSplit::open(dir.path(), "val").unwrap();
         assert_eq!(split.layout(), Layout::Raw);
@@ -481,24 +429,15 @@ mod tests {
     fn wrong_magic_names_the_file_and_the_stage() {
         let dir = tempfile::tempdir().unwrap();
         fs_err::write(dir.path().join("train_000000.bin"), vec![7u8; 2048]).unwrap();
-        let error = TokenSplit::open(dir.path(), "train")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            error.contains("train_000000.bin` is not a token shard"),
-            "{error}"
-        );
+        let error = TokenSplit::open(dir.path(), "train").err().unwrap().to_string();
+        assert!(error.contains("train_000000.bin` is not a token shard"), "{error}");
         assert!(error.contains("re-run the `tokenize` stage"), "{error}");
 
         let (paths, _) = write_split(dir.path(), "val", &[1, 2], 10);
         let mut bytes = fs_err::read(&paths[0]).unwrap();
         bytes[4] = 9;
         fs_err::write(&paths[0], bytes).unwrap();
-        let error = TokenSplit::open(dir.path(), "val")
-            .err()
-            .unwrap()
-            .to_string();
+        let error = TokenSplit::open(dir.path(), "val").err().unwrap().to_string();
         assert!(error.contains("has token shard version 9"), "{error}");
     }
 }

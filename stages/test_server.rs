@@ -132,13 +132,7 @@ impl Server {
 }
 
 /// Writes a response with the full `Content-Length`, then `cut` bytes of the body at most.
-fn respond(
-    mut stream: TcpStream,
-    status: &str,
-    headers: &[(String, String)],
-    body: &[u8],
-    cut: Option<usize>,
-) {
+fn respond(mut stream: TcpStream, status: &str, headers: &[(String, String)], body: &[u8], cut: Option<usize>) {
     let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     for (name, value) in headers {
         head.push_str(&format!("{name}: {value}\r\n"));

@@ -93,10 +93,7 @@ const BATCH_BYTES: usize = 16 << 20;
 const CHUNK_BYTES: usize = 64 << 10;
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
-    ensure!(
-        !config.input.is_empty(),
-        "`input` is required: the file or folder of text to tokenize"
-    );
+    ensure!(!config.input.is_empty(), "`input` is required: the file or folder of text to tokenize");
     let val_fraction = match (config.val_fraction, &config.val_input) {
         (Some(_), Some(_)) => {
             bail!("`val_fraction` and `val_input` both choose the val split: set one")
@@ -105,13 +102,8 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
         (None, Some(_)) => 0.0,
         (None, None) => 0.1,
     };
-    ensure!(
-        (0.0..1.0).contains(&val_fraction),
-        "`val_fraction` must be at least 0 and below 1, not {val_fraction}"
-    );
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(config.threads)
-        .build()?;
+    ensure!((0.0..1.0).contains(&val_fraction), "`val_fraction` must be at least 0 and below 1, not {val_fraction}");
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(config.threads).build()?;
 
     let train_files = list_files(&ctx.root.join(&config.input), config.format)?;
     let val_files = match &config.val_input {
@@ -120,35 +112,16 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     };
     let encoder = match config.tokenizer {
         Tokenizer::Gpt2 => Encoder::Gpt2(Bpe::gpt2()),
-        Tokenizer::Char => Encoder::Char(CharVocab::collect(
-            train_files.iter().chain(&val_files),
-            &config.field,
-        )?),
+        Tokenizer::Char => Encoder::Char(CharVocab::collect(train_files.iter().chain(&val_files), &config.field)?),
     };
 
     let mut train = ShardWriter::new(&ctx.out, "train", config.shard_tokens)?;
-    pool.install(|| {
-        encode_files(
-            &train_files,
-            &config.field,
-            &encoder,
-            &mut train,
-            "tokenize train",
-        )
-    })?;
+    pool.install(|| encode_files(&train_files, &config.field, &encoder, &mut train, "tokenize train"))?;
     let (train_paths, mut train_tokens) = train.finish()?;
     ensure!(train_tokens > 0, "`input` holds no text to tokenize");
     let mut val = ShardWriter::new(&ctx.out, "val", config.shard_tokens)?;
     if !val_files.is_empty() {
-        pool.install(|| {
-            encode_files(
-                &val_files,
-                &config.field,
-                &encoder,
-                &mut val,
-                "tokenize val",
-            )
-        })?;
+        pool.install(|| encode_files(&val_files, &config.field, &encoder, &mut val, "tokenize val"))?;
     } else if val_fraction > 0.0 {
         let keep = (train_tokens as f64 * (1.0 - val_fraction)).floor() as u64;
         shard::split_off_tail(&train_paths, train_tokens, train_tokens - keep, &mut val)?;
@@ -182,21 +155,12 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     fs_err::write(&meta_path, serde_json::to_string_pretty(&meta)? + "\n")?;
 
     let mut report = Report {
-        summary: format!(
-            "{train_tokens} train tokens, {val_tokens} val tokens, vocab {}",
-            encoder.vocab_size()
-        ),
+        summary: format!("{train_tokens} train tokens, {val_tokens} val tokens, vocab {}", encoder.vocab_size()),
         ..Report::default()
     };
-    report
-        .metrics
-        .insert("train_tokens".into(), train_tokens.into());
-    report
-        .metrics
-        .insert("val_tokens".into(), val_tokens.into());
-    report
-        .metrics
-        .insert("vocab_size".into(), encoder.vocab_size().into());
+    report.metrics.insert("train_tokens".into(), train_tokens.into());
+    report.metrics.insert("val_tokens".into(), val_tokens.into());
+    report.metrics.insert("vocab_size".into(), encoder.vocab_size().into());
     Ok(report)
 }
 
@@ -225,29 +189,22 @@ fn list_files(input: &Path, format: Format) -> anyhow::Result<Vec<SourceFile>> {
     if metadata.is_file() {
         let format = match format {
             Format::Auto => format_of(input).with_context(|| {
-                format!("cannot tell the format of `{}` from its extension\nhint: set `format:` to text, jsonl or parquet", input.display())
+                format!(
+                    "cannot tell the format of `{}` from its extension\nhint: set `format:` to text, jsonl or parquet",
+                    input.display()
+                )
             })?,
             format => format,
         };
-        let name = input
-            .file_name()
-            .map(|name| name.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        return Ok(vec![SourceFile {
-            path: input.to_path_buf(),
-            name,
-            format,
-        }]);
+        let name = input.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+        return Ok(vec![SourceFile { path: input.to_path_buf(), name, format }]);
     }
     let mut found = Vec::new();
     let mut folders = vec![input.to_path_buf()];
     while let Some(folder) = folders.pop() {
         for entry in fs_err::read_dir(&folder)? {
             let path = entry?.path();
-            if path
-                .file_name()
-                .is_some_and(|name| name.to_string_lossy().starts_with('.'))
-            {
+            if path.file_name().is_some_and(|name| name.to_string_lossy().starts_with('.')) {
                 continue;
             }
             if path.is_dir() {
@@ -260,11 +217,7 @@ fn list_files(input: &Path, format: Format) -> anyhow::Result<Vec<SourceFile>> {
     found.sort();
     let mut files = Vec::new();
     for path in found {
-        let name = path
-            .strip_prefix(input)
-            .unwrap_or(&path)
-            .to_string_lossy()
-            .replace('\\', "/");
+        let name = path.strip_prefix(input).unwrap_or(&path).to_string_lossy().replace('\\', "/");
         let file_format = match format {
             Format::Auto => match format_of(&path) {
                 Some(format) => format,
@@ -275,11 +228,7 @@ fn list_files(input: &Path, format: Format) -> anyhow::Result<Vec<SourceFile>> {
             },
             format => format,
         };
-        files.push(SourceFile {
-            path,
-            name,
-            format: file_format,
-        });
+        files.push(SourceFile { path, name, format: file_format });
     }
     ensure!(!files.is_empty(), "no input files in `{}`", input.display());
     Ok(files)
@@ -309,11 +258,9 @@ fn read_documents(
                 let valid = match std::str::from_utf8(&buffer) {
                     Ok(text) => text.len(),
                     Err(error) if error.error_len().is_none() && !at_end => error.valid_up_to(),
-                    Err(error) => bail!(
-                        "`{}` is not UTF-8 text (byte {})",
-                        path.display(),
-                        offset + error.valid_up_to() as u64
-                    ),
+                    Err(error) => {
+                        bail!("`{}` is not UTF-8 text (byte {})", path.display(), offset + error.valid_up_to() as u64)
+                    }
                 };
                 let text = std::str::from_utf8(&buffer[..valid]).expect("checked above");
                 if at_end {
@@ -331,26 +278,17 @@ fn read_documents(
             let mut line = String::new();
             for number in 1.. {
                 line.clear();
-                if reader
-                    .read_line(&mut line)
-                    .with_context(|| format!("could not read `{}`", path.display()))?
-                    == 0
-                {
+                if reader.read_line(&mut line).with_context(|| format!("could not read `{}`", path.display()))? == 0 {
                     return Ok(());
                 }
                 if line.trim().is_empty() {
                     continue;
                 }
-                let mut object: serde_json::Map<String, serde_json::Value> =
-                    serde_json::from_str(&line).with_context(|| {
-                        format!("`{}:{number}` is not a JSON object", path.display())
-                    })?;
+                let mut object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&line)
+                    .with_context(|| format!("`{}:{number}` is not a JSON object", path.display()))?;
                 match object.get_mut(field) {
                     Some(serde_json::Value::String(text)) => sink(text, true)?,
-                    Some(_) => bail!(
-                        "field `{field}` in `{}:{number}` is not a string",
-                        path.display()
-                    ),
+                    Some(_) => bail!("field `{field}` in `{}:{number}` is not a string", path.display()),
                     None => bail!(
                         "`{}:{number}` has no field `{field}`\nhint: set `field:` to the field holding the text",
                         path.display()
@@ -376,12 +314,7 @@ fn read_parquet(
     let file = fs_err::File::open(path)?.into_file();
     let builder = ParquetRecordBatchReaderBuilder::try_new(file)
         .with_context(|| format!("`{}` is not a parquet file", path.display()))?;
-    let columns: Vec<String> = builder
-        .schema()
-        .fields()
-        .iter()
-        .map(|column| column.name().clone())
-        .collect();
+    let columns: Vec<String> = builder.schema().fields().iter().map(|column| column.name().clone()).collect();
     let Some(index) = columns.iter().position(|name| name == field) else {
         bail!(
             "`{}` has no column `{field}` (it has: {})\nhint: set `field:` to the column holding the text",
@@ -394,13 +327,8 @@ fn read_parquet(
     for batch in reader {
         let batch = batch.with_context(|| format!("could not read `{}`", path.display()))?;
         let column = batch.column(0);
-        let not_text = || {
-            anyhow::anyhow!(
-                "column `{field}` of `{}` is {}, not text",
-                path.display(),
-                column.data_type()
-            )
-        };
+        let not_text =
+            || anyhow::anyhow!("column `{field}` of `{}` is {}, not text", path.display(), column.data_type());
         if let Some(array) = column.as_string_opt::<i32>() {
             for text in array.iter().flatten() {
                 sink(text, true)?;
@@ -462,10 +390,7 @@ struct CharVocab {
 }
 
 impl CharVocab {
-    fn collect<'a>(
-        files: impl Iterator<Item = &'a SourceFile>,
-        field: &str,
-    ) -> anyhow::Result<CharVocab> {
+    fn collect<'a>(files: impl Iterator<Item = &'a SourceFile>, field: &str) -> anyhow::Result<CharVocab> {
         let mut seen = vec![false; 0x110000];
         for file in files {
             read_documents(file, field, &mut |text, _| {
@@ -475,10 +400,8 @@ impl CharVocab {
                 Ok(())
             })?;
         }
-        let chars: Vec<char> = (0..0x110000u32)
-            .filter(|&code| seen[code as usize])
-            .filter_map(char::from_u32)
-            .collect();
+        let chars: Vec<char> =
+            (0..0x110000u32).filter(|&code| seen[code as usize]).filter_map(char::from_u32).collect();
         ensure!(
             chars.len() <= 1 << 16,
             "the input has {} distinct characters; token ids must fit uint16 (65536)",
@@ -554,26 +477,17 @@ fn encode_files(
     Ok(())
 }
 
-fn encode_batch(
-    batch: &[(String, bool)],
-    encoder: &Encoder,
-    writer: &mut ShardWriter,
-) -> anyhow::Result<()> {
+fn encode_batch(batch: &[(String, bool)], encoder: &Encoder, writer: &mut ShardWriter) -> anyhow::Result<()> {
     let tasks: Vec<(&str, bool)> = batch
         .iter()
         .flat_map(|(text, end)| {
             let parts = bpe::chunks(text, CHUNK_BYTES);
             let last = parts.len() - 1;
-            parts
-                .into_iter()
-                .enumerate()
-                .map(move |(i, part)| (part, *end && i == last))
+            parts.into_iter().enumerate().map(move |(i, part)| (part, *end && i == last))
         })
         .collect();
-    let encoded: Vec<Vec<u16>> = tasks
-        .par_iter()
-        .map(|&(text, end)| encoder.encode(text, end))
-        .collect::<anyhow::Result<_>>()?;
+    let encoded: Vec<Vec<u16>> =
+        tasks.par_iter().map(|&(text, end)| encoder.encode(text, end)).collect::<anyhow::Result<_>>()?;
     for tokens in &encoded {
         writer.write(tokens)?;
     }
@@ -589,12 +503,7 @@ mod tests {
     fn context(dir: &Path) -> Context {
         let out = dir.join("out");
         fs_err::create_dir_all(&out).unwrap();
-        Context {
-            stage: "test".into(),
-            root: dir.to_path_buf(),
-            out,
-            inputs: BTreeMap::new(),
-        }
+        Context { stage: "test".into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
     }
 
     fn tokens(dir: &Path, split: &str) -> Vec<u16> {
@@ -607,11 +516,7 @@ mod tests {
     }
 
     fn char_config(input: &str) -> Config {
-        Config {
-            input: input.into(),
-            tokenizer: Tokenizer::Char,
-            ..Config::default()
-        }
+        Config { input: input.into(), tokenizer: Tokenizer::Char, ..Config::default() }
     }
 
     #[test]
@@ -627,10 +532,7 @@ mod tests {
         chars.dedup();
         let n = text.chars().count();
         let train_n = (n as f64 * 0.9) as usize;
-        let expected: Vec<u16> = text
-            .chars()
-            .map(|c| chars.binary_search(&c).unwrap() as u16)
-            .collect();
+        let expected: Vec<u16> = text.chars().map(|c| chars.binary_search(&c).unwrap() as u16).collect();
         assert_eq!(tokens(&ctx.out, "train"), expected[..train_n]);
         assert_eq!(tokens(&ctx.out, "val"), expected[train_n..]);
         let meta = meta(&ctx.out);
@@ -638,31 +540,19 @@ mod tests {
         assert_eq!(meta["itos"][0], "\n");
         assert_eq!(meta["train_tokens"], train_n);
         assert_eq!(meta["sources"][0]["path"], "input.txt");
-        assert_eq!(
-            meta["sources"][0]["blake3"],
-            blake3::hash(text.as_bytes()).to_hex().as_str()
-        );
+        assert_eq!(meta["sources"][0]["blake3"], blake3::hash(text.as_bytes()).to_hex().as_str());
         assert_eq!(
             report.summary,
-            format!(
-                "{train_n} train tokens, {} val tokens, vocab {}",
-                n - train_n,
-                chars.len()
-            )
+            format!("{train_n} train tokens, {} val tokens, vocab {}", n - train_n, chars.len())
         );
     }
 
     #[test]
     fn tiny_shakespeare_gives_nanogpts_numbers() {
         let path = Path::new("/work/shared/data/tinyshakespeare/input.txt");
-        let path = std::env::var_os("TINY_SHAKESPEARE")
-            .map(PathBuf::from)
-            .unwrap_or(path.into());
+        let path = std::env::var_os("TINY_SHAKESPEARE").map(PathBuf::from).unwrap_or(path.into());
         if !path.is_file() {
-            eprintln!(
-                "skipped: no tiny shakespeare at `{}` (set TINY_SHAKESPEARE)",
-                path.display()
-            );
+            eprintln!("skipped: no tiny shakespeare at `{}` (set TINY_SHAKESPEARE)", path.display());
             return;
         }
         let dir = tempfile::tempdir().unwrap();
@@ -672,20 +562,15 @@ mod tests {
         assert_eq!(meta["vocab_size"], 65);
         assert_eq!(meta["train_tokens"], 1_003_854);
         assert_eq!(meta["val_tokens"], 111_540);
-        assert_eq!(
-            TokenSplit::open(&ctx.out, "train").unwrap().len(),
-            1_003_854
-        );
+        assert_eq!(TokenSplit::open(&ctx.out, "train").unwrap().len(), 1_003_854);
         assert_eq!(TokenSplit::open(&ctx.out, "val").unwrap().len(), 111_540);
     }
 
     #[test]
     fn gpt2_documents_end_with_eot_and_shards_do_not_depend_on_threads() {
         let fixture: serde_json::Value = serde_json::from_str(
-            &fs_err::read_to_string(
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2_bpe.json"),
-            )
-            .unwrap(),
+            &fs_err::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/gpt2_bpe.json"))
+                .unwrap(),
         )
         .unwrap();
         let dir = tempfile::tempdir().unwrap();
@@ -696,14 +581,10 @@ mod tests {
             .map(|text| serde_json::json!({"id": 1, "text": text}).to_string() + "\n")
             .collect();
         fs_err::write(dir.path().join("docs.jsonl"), lines).unwrap();
-        let expected: Vec<u16> =
-            serde_json::from_value(fixture["document_stream"].clone()).unwrap();
+        let expected: Vec<u16> = serde_json::from_value(fixture["document_stream"].clone()).unwrap();
         let mut outputs = Vec::new();
         for threads in [1, 3] {
-            let ctx = Context {
-                out: dir.path().join(format!("out{threads}")),
-                ..context(dir.path())
-            };
+            let ctx = Context { out: dir.path().join(format!("out{threads}")), ..context(dir.path()) };
             fs_err::create_dir_all(&ctx.out).unwrap();
             let config = Config {
                 input: "docs.jsonl".into(),
@@ -732,10 +613,7 @@ mod tests {
         fs_err::write(dir.path().join("train/.hidden"), "zzz").unwrap();
         fs_err::write(dir.path().join("val.txt"), "ab").unwrap();
         let ctx = context(dir.path());
-        let config = Config {
-            val_input: Some("val.txt".into()),
-            ..char_config("train")
-        };
+        let config = Config { val_input: Some("val.txt".into()), ..char_config("train") };
         run(&config, &ctx).unwrap();
         assert_eq!(tokens(&ctx.out, "train"), [0, 1, 1, 2]);
         assert_eq!(tokens(&ctx.out, "val"), [0, 1]);
@@ -751,17 +629,11 @@ mod tests {
     #[test]
     fn long_text_streams_in_blocks_like_one_piece() {
         let dir = tempfile::tempdir().unwrap();
-        let text = "Lorem ipsum dolor sit amet, it's 12345 — naïve “quotes”   and\n\n\ttabs.  "
-            .repeat(150_000);
+        let text = "Lorem ipsum dolor sit amet, it's 12345 — naïve “quotes”   and\n\n\ttabs.  ".repeat(150_000);
         fs_err::write(dir.path().join("big.txt"), &text).unwrap();
         let ctx = context(dir.path());
         run(
-            &Config {
-                input: "big.txt".into(),
-                val_fraction: Some(0.25),
-                shard_tokens: 1 << 20,
-                ..Config::default()
-            },
+            &Config { input: "big.txt".into(), val_fraction: Some(0.25), shard_tokens: 1 << 20, ..Config::default() },
             &ctx,
         )
         .unwrap();
@@ -785,19 +657,14 @@ mod tests {
         let texts = ["hello", "world", "ab"];
         let batch = RecordBatch::try_from_iter([
             ("id", Arc::new(Int32Array::from(vec![1, 2, 3])) as ArrayRef),
-            (
-                "content",
-                Arc::new(StringArray::from(texts.to_vec())) as ArrayRef,
-            ),
+            ("content", Arc::new(StringArray::from(texts.to_vec())) as ArrayRef),
         ])
         .unwrap();
         let properties = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_row_count(Some(2))
             .build();
-        let file = fs_err::File::create(dir.path().join("data.parquet"))
-            .unwrap()
-            .into_file();
+        let file = fs_err::File::create(dir.path().join("data.parquet")).unwrap().into_file();
         let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties)).unwrap();
         writer.write(&batch).unwrap();
         writer.close().unwrap();
@@ -817,19 +684,8 @@ mod tests {
         }
         assert_eq!(tokens(&ctx.out, "train"), expected);
 
-        let error = run(
-            &Config {
-                field: "body".into(),
-                ..config
-            },
-            &context(dir.path()),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            error.contains("has no column `body` (it has: id, content)"),
-            "{error}"
-        );
+        let error = run(&Config { field: "body".into(), ..config }, &context(dir.path())).unwrap_err().to_string();
+        assert!(error.contains("has no column `body` (it has: id, content)"), "{error}");
     }
 
     #[test]
@@ -839,20 +695,9 @@ mod tests {
         let ctx = context(dir.path());
         let error = run(&char_config("notes.md"), &ctx).unwrap_err().to_string();
         assert!(error.contains("cannot tell the format of"), "{error}");
-        let config = Config {
-            val_fraction: Some(0.1),
-            val_input: Some("v.txt".into()),
-            ..char_config("notes.md")
-        };
-        assert!(
-            run(&config, &ctx)
-                .unwrap_err()
-                .to_string()
-                .contains("set one")
-        );
-        let unknown = serde_json::from_str::<Config>(r#"{"input": "x", "tokeniser": "char"}"#)
-            .unwrap_err()
-            .to_string();
+        let config = Config { val_fraction: Some(0.1), val_input: Some("v.txt".into()), ..char_config("notes.md") };
+        assert!(run(&config, &ctx).unwrap_err().to_string().contains("set one"));
+        let unknown = serde_json::from_str::<Config>(r#"{"input": "x", "tokeniser": "char"}"#).unwrap_err().to_string();
         assert!(unknown.contains("unknown field `tokeniser`"), "{unknown}");
     }
 }

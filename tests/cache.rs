@@ -101,7 +101,10 @@ fn deps_file_content_enters_the_key_and_touch_does_not() {
 fn config_files_enter_the_key_and_stage_keys_override_them() {
     let yaml = "stages:\n  a:\n    kind: command\n    config: configs/a.yaml\n    outs: [x.txt]\n";
     let test = Test::with_pipeline(yaml);
-    test.write("configs/a.yaml", "# what to run\nrun: echo from-config > $OUT/x.txt; echo a >> runs.log\nouts: [other.txt]\n");
+    test.write(
+        "configs/a.yaml",
+        "# what to run\nrun: echo from-config > $OUT/x.txt; echo a >> runs.log\nouts: [other.txt]\n",
+    );
     test.expect(&["run", "a"], 0);
     assert_eq!(test.read("artifacts/a/current/x.txt"), "from-config\n");
     test.write("configs/a.yaml", "run: echo changed > $OUT/x.txt; echo a >> runs.log\n");

@@ -18,7 +18,8 @@ fn serve(body: &'static str) -> String {
                 line.clear();
             }
             let mut stream = &stream;
-            let _ = write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ =
+                write!(stream, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
         }
     });
     format!("http://127.0.0.1:{port}/corpus.txt")

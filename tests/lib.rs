@@ -73,7 +73,11 @@ impl Test {
     /// `nanoflow ARGS`, expecting exit code `code`.
     pub fn expect(&self, args: &[&str], code: i32) -> Output {
         let output = self.run(args);
-        assert_eq!(output.code, code, "nanoflow {args:?}\n--- stdout\n{}\n--- stderr\n{}", output.stdout, output.stderr);
+        assert_eq!(
+            output.code, code,
+            "nanoflow {args:?}\n--- stdout\n{}\n--- stderr\n{}",
+            output.stdout, output.stderr
+        );
         output
     }
 
@@ -93,7 +97,9 @@ impl Test {
     pub fn entries(&self, stage: &str) -> Vec<String> {
         let dir = self.path(&format!("artifacts/{stage}"));
         let mut entries: Vec<String> = fs_err::read_dir(dir)
-            .map(|entries| entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .map(|entries| {
+                entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+            })
             .unwrap_or_default();
         entries.retain(|name| !name.starts_with('.') && name != "current");
         entries.sort();

@@ -4,7 +4,8 @@ use crate::{Test, alive, signal, stage, wait_until};
 
 #[test]
 fn output_is_streamed_with_a_prefix_and_kept_in_log_txt() {
-    let test = Test::with_pipeline(&format!("stages:\n{}", stage("talk", "echo to-stdout; echo to-stderr >&2; touch $OUT/x")));
+    let test =
+        Test::with_pipeline(&format!("stages:\n{}", stage("talk", "echo to-stdout; echo to-stderr >&2; touch $OUT/x")));
     let output = test.expect(&["run", "talk"], 0);
     assert!(output.stderr.contains("[talk] to-stdout\n"), "{}", output.stderr);
     assert!(output.stderr.contains("[talk] to-stderr\n"), "{}", output.stderr);
@@ -29,9 +30,17 @@ fn a_failing_stage_exits_1_stops_its_dependents_and_keeps_its_siblings() {
     let mut runs = test.runs();
     runs.sort();
     assert_eq!(runs, ["bad", "sibling"]);
-    assert!(output.stderr.contains("bad        failed   exit status 1: command exited with status 3"), "{}", output.stderr);
+    assert!(
+        output.stderr.contains("bad        failed   exit status 1: command exited with status 3"),
+        "{}",
+        output.stderr
+    );
     assert!(output.stderr.contains("after      skipped  (`bad` did not finish)"), "{}", output.stderr);
-    assert!(output.stderr.contains("error: 1 stage failed: `bad`; not run because of it: `after`"), "{}", output.stderr);
+    assert!(
+        output.stderr.contains("error: 1 stage failed: `bad`; not run because of it: `after`"),
+        "{}",
+        output.stderr
+    );
     assert_eq!(test.read("artifacts/sibling/current/ok.txt"), "ok\n");
     assert!(test.entries("bad").is_empty());
     // The failed run's log is kept for reading.

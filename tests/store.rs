@@ -22,8 +22,8 @@ fn an_entry_holds_outputs_log_and_a_manifest() {
     assert_eq!(manifest["exit_status"], 0);
     assert_eq!(manifest["key"].as_str().unwrap().len(), 64);
     assert_eq!(manifest["params"]["run"], "echo b >> runs.log\ncat ${a}/sub/a.txt > $OUT/b.txt\n");
-    let a_digest = serde_json::from_str::<serde_json::Value>(&test.read("artifacts/a/current/../manifest.json")).unwrap()
-        ["output_digest"]
+    let a_digest = serde_json::from_str::<serde_json::Value>(&test.read("artifacts/a/current/../manifest.json"))
+        .unwrap()["output_digest"]
         .clone();
     assert_eq!(manifest["inputs"]["a"], a_digest);
     assert_eq!(manifest["outputs"]["b.txt"]["digest"], blake3::hash(b"one\n").to_hex().as_str());

@@ -41,7 +41,9 @@ fn unknown_key_with_a_suggestion() {
 #[test]
 fn reference_to_a_missing_stage() {
     assert_eq!(
-        error("stages:\n  train:\n    kind: command\n    run: cat ${tokenise}/x\n  tokenize: {kind: command, run: x}\n"),
+        error(
+            "stages:\n  train:\n    kind: command\n    run: cat ${tokenise}/x\n  tokenize: {kind: command, run: x}\n"
+        ),
         "error: stage `train` refers to unknown stage `tokenise` at pipeline.yaml:4:5\n\nhint: did you mean `tokenize`?\n"
     );
 }
@@ -118,8 +120,14 @@ fn bad_targets_names_and_arguments() {
         "error: invalid stage name `a/b` at pipeline.yaml:2:3: use letters, digits, `-` and `_`\n"
     );
     let test = Test::with_pipeline("stages:\n  a: {kind: command, run: x}\ntargets:\n  all: [a]\n");
-    assert_eq!(test.expect(&["run"], 2).stderr, "error: no target or stage given\n\nhint: targets in this pipeline: all\n");
-    assert_eq!(test.expect(&["run", "al"], 2).stderr, "error: no target or stage named `al`\n\nhint: did you mean `all`?\n");
+    assert_eq!(
+        test.expect(&["run"], 2).stderr,
+        "error: no target or stage given\n\nhint: targets in this pipeline: all\n"
+    );
+    assert_eq!(
+        test.expect(&["run", "al"], 2).stderr,
+        "error: no target or stage named `al`\n\nhint: did you mean `all`?\n"
+    );
     assert_eq!(
         test.expect(&["run", "all", "--set", "a.run"], 2).stderr,
         "error: invalid `--set a.run`: no `=`\n\nhint: write it as `--set stage.key=value`\n"
@@ -146,5 +154,9 @@ fn no_pipeline_file() {
     let test = Test::new();
     let output = test.expect(&["status"], 2);
     assert!(output.stderr.starts_with("error: no `pipeline.yaml` in `"), "{}", output.stderr);
-    assert!(output.stderr.ends_with("or any parent directory\n\nhint: pass another file with `-f FILE`\n"), "{}", output.stderr);
+    assert!(
+        output.stderr.ends_with("or any parent directory\n\nhint: pass another file with `-f FILE`\n"),
+        "{}",
+        output.stderr
+    );
 }

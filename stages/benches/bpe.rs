@@ -13,14 +13,8 @@ use nanoflow_stages::bpe::{self, Bpe};
 use rayon::prelude::*;
 
 fn main() {
-    let args: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|arg| !arg.starts_with("--"))
-        .collect();
-    let path = args
-        .first()
-        .cloned()
-        .unwrap_or("/work/shared/data/tinyshakespeare/input.txt".into());
+    let args: Vec<String> = std::env::args().skip(1).filter(|arg| !arg.starts_with("--")).collect();
+    let path = args.first().cloned().unwrap_or("/work/shared/data/tinyshakespeare/input.txt".into());
     let megabytes: usize = args.get(1).and_then(|mb| mb.parse().ok()).unwrap_or(20);
     let seed = match fs_err::read_to_string(&path) {
         Ok(text) => {
@@ -50,10 +44,7 @@ fn main() {
         let start = Instant::now();
         let tokens = f();
         let seconds = start.elapsed().as_secs_f64();
-        println!(
-            "{name:<32} {:>8.1} MB/s  ({tokens} tokens, {seconds:.2} s)",
-            mb / seconds
-        );
+        println!("{name:<32} {:>8.1} MB/s  ({tokens} tokens, {seconds:.2} s)", mb / seconds);
         (tokens, mb / seconds)
     };
     let ours_one = time("nanoflow bpe, 1 thread", &|| {
@@ -64,10 +55,7 @@ fn main() {
         out.len()
     });
     let theirs_one = time("tiktoken-rs r50k_base, 1 thread", &|| {
-        chunks
-            .iter()
-            .map(|chunk| reference.encode_ordinary(chunk).len())
-            .sum()
+        chunks.iter().map(|chunk| reference.encode_ordinary(chunk).len()).sum()
     });
     let ours_all = time(&format!("nanoflow bpe, {threads} threads"), &|| {
         chunks
@@ -79,15 +67,9 @@ fn main() {
             })
             .sum()
     });
-    let theirs_all = time(
-        &format!("tiktoken-rs r50k_base, {threads} threads"),
-        &|| {
-            chunks
-                .par_iter()
-                .map(|chunk| reference.encode_ordinary(chunk).len())
-                .sum()
-        },
-    );
+    let theirs_all = time(&format!("tiktoken-rs r50k_base, {threads} threads"), &|| {
+        chunks.par_iter().map(|chunk| reference.encode_ordinary(chunk).len()).sum()
+    });
     assert_eq!(ours_one.0, theirs_one.0, "token counts differ");
     assert_eq!(ours_all.0, theirs_all.0, "token counts differ");
     println!(
