@@ -221,7 +221,9 @@ fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&s
     }
     for path in kind.local_inputs(&params) {
         if reference::references(&path).is_empty() {
-            check_exists("local input", raw, &path, &Origin::File(raw.location.clone()), root)?;
+            let key = params.as_object().into_iter().flatten().find(|(_, value)| value.as_str() == Some(path.as_str()));
+            let origin = key.map_or_else(|| Origin::File(raw.location.clone()), |(key, _)| origin_of(key));
+            check_exists("local input", raw, &path, &origin, root)?;
             deps.push(path);
         }
     }

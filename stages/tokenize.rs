@@ -25,8 +25,11 @@ pub const VERSION: u32 = 1;
 /// Params that cannot change the output: the shards are byte-identical at any thread count.
 pub const NON_SEMANTIC: &[&str] = &["threads"];
 
+/// `#[serde(remote = "Self")]` derives inherent (de)serialize functions that the trait impls
+/// below wrap, so that a missing `input` or a contradictory split is rejected while the pipeline
+/// is read (exit code 2, nothing ran), not when the stage runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(remote = "Self", deny_unknown_fields, default)]
 pub struct Config {
     /// The text to tokenize: a file, or a folder whose files are read in sorted path order
     /// (hidden files skipped). Required; usually `${download-stage}`.
@@ -92,17 +95,41 @@ const BATCH_BYTES: usize = 16 << 20;
 /// A long document splits into chunks of about this size so that its pieces encode in parallel.
 const CHUNK_BYTES: usize = 64 << 10;
 
-pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
-    ensure!(!config.input.is_empty(), "`input` is required: the file or folder of text to tokenize");
-    let val_fraction = match (config.val_fraction, &config.val_input) {
-        (Some(_), Some(_)) => {
-            bail!("`val_fraction` and `val_input` both choose the val split: set one")
+impl<'de> Deserialize<'de> for Config {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Config, D::Error> {
+        let config = Config::deserialize(deserializer)?;
+        if config.input.is_empty() {
+            return Err(serde::de::Error::missing_field("input"));
         }
-        (Some(fraction), None) => fraction,
-        (None, Some(_)) => 0.0,
-        (None, None) => 0.1,
-    };
-    ensure!((0.0..1.0).contains(&val_fraction), "`val_fraction` must be at least 0 and below 1, not {val_fraction}");
+        config.val_fraction().map_err(serde::de::Error::custom)?;
+        Ok(config)
+    }
+}
+
+impl Serialize for Config {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        Config::serialize(self, serializer)
+    }
+}
+
+impl Config {
+    /// The fraction of the stream that goes to `val`, from `val_fraction` and `val_input`.
+    fn val_fraction(&self) -> Result<f64, String> {
+        let fraction = match (self.val_fraction, &self.val_input) {
+            (Some(_), Some(_)) => return Err("`val_fraction` and `val_input` both choose the val split: set one".into()),
+            (Some(fraction), None) => fraction,
+            (None, Some(_)) => 0.0,
+            (None, None) => 0.1,
+        };
+        if !(0.0..1.0).contains(&fraction) {
+            return Err(format!("`val_fraction` must be at least 0 and below 1, not {fraction}"));
+        }
+        Ok(fraction)
+    }
+}
+
+pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
+    let val_fraction = config.val_fraction().map_err(anyhow::Error::msg)?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(config.threads).build()?;
 
     let train_files = list_files(&ctx.root.join(&config.input), config.format)?;

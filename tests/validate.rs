@@ -160,3 +160,23 @@ fn no_pipeline_file() {
         output.stderr
     );
 }
+
+#[test]
+fn a_kind_checks_its_params_while_the_pipeline_is_read() {
+    assert_eq!(
+        error("stages:\n  t:\n    kind: tokenize\n    tokenizer: char\n"),
+        "error: missing key `input` in stage `t` at pipeline.yaml:2:3\n"
+    );
+    assert_eq!(
+        error("stages:\n  t:\n    kind: tokenize\n    input: exists.txt\n    tokenizer: bytes\n"),
+        "error: wrong type for `tokenizer` in stage `t` at pipeline.yaml:5:5: unknown variant `bytes`, expected `char` or `gpt2`\n"
+    );
+    assert_eq!(
+        error("stages:\n  d:\n    kind: download\n    url: https://example.com/a\n    path: exists.txt\n"),
+        "error: invalid params in stage `d` at pipeline.yaml:2:3: a download takes only one of `url`, `hf` and `path`\n"
+    );
+    assert_eq!(
+        error("stages:\n  d:\n    kind: download\n    path: nope.txt\n"),
+        "error: local input `nope.txt` of stage `d` does not exist at pipeline.yaml:4:5\n"
+    );
+}
