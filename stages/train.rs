@@ -1,0 +1,792 @@
+//! `kind: train`: nanoGPT's train.py. It owns the training loop — batches drawn at random
+//! offsets of the token shards, gradient accumulation, AdamW with warmup and cosine decay,
+//! gradient clipping, periodic train/val loss estimates, checkpoints, resume, and the metrics
+//! record. The model is `gpt.rs`'s, the optimizer and schedule `optim.rs`'s, the checkpoint
+//! layout `checkpoint.rs`'s and the record's files `metrics.rs`'s. `finetune` is this loop with
+//! other defaults.
+//!
+//! Reproducibility: batches come from one seeded RNG whose state is checkpointed, and each
+//! evaluation draws from its own stream derived from (seed, iteration), so neither how often
+//! the loss is logged nor when it is evaluated changes the training trajectory; a resumed run
+//! repeats the losses of an uninterrupted one. Two departures from train.py: nanoGPT takes one
+//! more step after the evaluation at `max_iters` and never saves it, this loop stops there; and
+//! the best checkpoint is also written at iteration 0, so that one always exists.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail, ensure};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{self, State};
+use crate::gpt::{self, Gpt, GptConfig};
+use crate::metrics::{self, Row};
+use crate::optim::{AdamW, AdamWParams, Schedule};
+use crate::shard::TokenSplit;
+use crate::{Context, Report};
+
+/// Bumped when the same params would train a different model or write different files.
+pub const VERSION: u32 = 1;
+
+/// Params that cannot change results. `log_interval` only prints; the record keeps every
+/// iteration. (`eval_interval` and `eval_iters` do not change the trajectory either, but they
+/// choose which model is the best checkpoint and what its val loss is, so they stay in the key.)
+pub const NON_SEMANTIC: &[&str] = &["log_interval"];
+
+/// A re-run of an interrupted stage finds its checkpoints and continues from the latest.
+pub const RESUMABLE: bool = true;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// A tokenize stage's output: token shards and meta.json. Required; usually `${stage}`.
+    pub data: String,
+    /// Where the weights start: `scratch` (GPT-2 init, nanoGPT's default), the output of a
+    /// `train` or `finetune` stage (its best checkpoint, `ckpt`), or a folder in the Hugging
+    /// Face GPT-2 layout (`config.json` + `model.safetensors`, e.g. a download stage's output).
+    pub init_from: String,
+    /// Layers. Unset: 12 (GPT-2 124M) from scratch, the checkpoint's otherwise.
+    pub n_layer: Option<usize>,
+    /// Attention heads. Unset: 12 from scratch, the checkpoint's otherwise.
+    pub n_head: Option<usize>,
+    /// Embedding width. Unset: 768 from scratch, the checkpoint's otherwise.
+    pub n_embd: Option<usize>,
+    /// Context length. Unset: 1024 from scratch, the checkpoint's otherwise; smaller than the
+    /// checkpoint's crops its position embeddings (nanoGPT's `crop_block_size`).
+    pub block_size: Option<usize>,
+    /// Biases in Linear and LayerNorm layers. Unset: false from scratch (nanoGPT: "a bit better
+    /// and faster"), the checkpoint's otherwise.
+    pub bias: Option<bool>,
+    /// Vocabulary size. Unset: the data's (meta.json `vocab_size`) from scratch, the
+    /// checkpoint's otherwise.
+    pub vocab_size: Option<usize>,
+    /// Round a from-scratch vocabulary up to a multiple of this: 64 turns GPT-2's 50257 into
+    /// nanoGPT's 50304, which is faster on GPUs. 1: no padding.
+    pub pad_vocab_to_multiple_of: usize,
+    /// Dropout probability: 0 for pretraining (nanoGPT), 0.1+ for finetuning small data.
+    pub dropout: f64,
+    /// Sequences per micro-batch (nanoGPT: 12).
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed per step, to simulate a larger batch
+    /// (nanoGPT: 5 * 8 = 40, about 0.5M tokens per step with batch 12 and block 1024).
+    pub gradient_accumulation_steps: usize,
+    /// Optimizer steps (nanoGPT: 600000 for GPT-2 124M on OpenWebText).
+    pub max_iters: usize,
+    /// Peak learning rate (nanoGPT: 6e-4).
+    pub learning_rate: f64,
+    /// AdamW weight decay, applied to 2-D parameters only (nanoGPT: 0.1).
+    pub weight_decay: f64,
+    /// AdamW beta1 (nanoGPT: 0.9).
+    pub beta1: f64,
+    /// AdamW beta2 (nanoGPT: 0.95; 0.99 for small data, where steps see few tokens).
+    pub beta2: f64,
+    /// Clip gradients to this global L2 norm; 0 disables (nanoGPT: 1.0).
+    pub grad_clip: f64,
+    /// Warm up and cosine-decay the learning rate; false keeps it constant (nanoGPT: true).
+    pub decay_lr: bool,
+    /// Linear warmup steps (nanoGPT: 2000).
+    pub warmup_iters: usize,
+    /// The step where the cosine reaches `min_lr`; about `max_iters` per Chinchilla (nanoGPT:
+    /// 600000).
+    pub lr_decay_iters: usize,
+    /// The floor of the schedule, about `learning_rate` / 10 per Chinchilla (nanoGPT: 6e-5).
+    pub min_lr: f64,
+    /// Estimate train and val loss every this many steps, and checkpoint (nanoGPT: 2000).
+    pub eval_interval: usize,
+    /// Batches per loss estimate (nanoGPT: 200).
+    pub eval_iters: usize,
+    /// Print a loss line every this many steps (nanoGPT: 1). Does not change results.
+    pub log_interval: usize,
+    /// Save the best checkpoint at every evaluation, not only when val loss improves
+    /// (nanoGPT: true).
+    pub always_save_checkpoint: bool,
+    /// Seeds the initialisation, the batches and the evaluations (nanoGPT: 1337).
+    pub seed: u64,
+    /// `auto` (CUDA when built with it and present, else CPU), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// `auto` (float32; nanoGPT picks bfloat16 on GPUs) or `float32`. Training runs in float32
+    /// for now.
+    pub dtype: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            data: String::new(),
+            init_from: "scratch".into(),
+            n_layer: None,
+            n_head: None,
+            n_embd: None,
+            block_size: None,
+            bias: None,
+            vocab_size: None,
+            pad_vocab_to_multiple_of: 1,
+            dropout: 0.0,
+            batch_size: 12,
+            gradient_accumulation_steps: 40,
+            max_iters: 600_000,
+            learning_rate: 6e-4,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+            decay_lr: true,
+            warmup_iters: 2000,
+            lr_decay_iters: 600_000,
+            min_lr: 6e-5,
+            eval_interval: 2000,
+            eval_iters: 200,
+            log_interval: 1,
+            always_save_checkpoint: true,
+            seed: 1337,
+            device: "auto".into(),
+            dtype: "auto".into(),
+        }
+    }
+}
+
+/// Ways for tests to stop a run part-way, as a kill would.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Hooks {
+    /// Fail once this many steps are done in this process.
+    pub stop_after: Option<usize>,
+}
+
+pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
+    train(config, ctx, &Hooks::default())
+}
+
+pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Result<Report> {
+    check(config)?;
+    eprintln!("config: {}", serde_json::to_string(config)?);
+    let device = device(&config.device)?;
+
+    // -----------------------------------------------------------------------------
+    // data: random windows of the token stream, like nanoGPT's memmapped get_batch
+    ensure!(!config.data.is_empty(), "`data` is required: a tokenize stage's output, e.g. `data: ${{tokenize-stage}}`");
+    let data_dir = ctx.root.join(&config.data);
+    let data_vocab = data_vocab_size(&data_dir)?;
+    let train_data = TokenSplit::open(&data_dir, "train")?;
+    let val_data = TokenSplit::open(&data_dir, "val")?;
+
+    // -----------------------------------------------------------------------------
+    // model init: scratch, a train stage's checkpoint, or GPT-2 weights in the Hugging Face layout
+    let varmap = VarMap::new();
+    let model = init_model(config, ctx, data_vocab, &varmap, &device)?;
+    let model_config = model.config.clone();
+    let block_size = model_config.block_size;
+    ensure!(
+        data_vocab <= model_config.vocab_size,
+        "the data's vocabulary ({data_vocab} tokens) does not fit the model's ({})",
+        model_config.vocab_size
+    );
+    for (name, split) in [("train", &train_data), ("val", &val_data)] {
+        ensure!(
+            split.len() > block_size as u64,
+            "the {name} split of `{}` has {} tokens, fewer than `block_size` + 1 = {}",
+            data_dir.display(),
+            split.len(),
+            block_size + 1
+        );
+    }
+    let tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * block_size;
+    eprintln!("tokens per iteration will be: {tokens_per_iter}");
+    eprintln!("number of parameters: {:.2}M", model_config.num_params(true) as f64 / 1e6);
+
+    // optimizer: AdamW, weight decay on 2-D parameters only (nanoGPT's configure_optimizers)
+    let params = AdamWParams { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
+    let mut optimizer = AdamW::new(varmap.data().lock().expect("varmap lock").clone(), params)?;
+    let [(decay_tensors, decay_params), (nodecay_tensors, nodecay_params)] = optimizer.groups();
+    eprintln!("num decayed parameter tensors: {decay_tensors}, with {decay_params} parameters");
+    eprintln!("num non-decayed parameter tensors: {nodecay_tensors}, with {nodecay_params} parameters");
+    let schedule = Schedule {
+        learning_rate: config.learning_rate,
+        decay_lr: config.decay_lr,
+        warmup_iters: config.warmup_iters,
+        lr_decay_iters: config.lr_decay_iters,
+        min_lr: config.min_lr,
+    };
+
+    // -----------------------------------------------------------------------------
+    // resume: an interrupted run of the same key left its checkpoints in the output directory
+    let mut iter = 0;
+    let mut best_val_loss = f64::INFINITY;
+    let mut rng = Rng::new(config.seed);
+    let mut rows: Vec<Row> = Vec::new();
+    let mut resumed_from = None;
+    if let Some((name, state)) = latest_checkpoint(&ctx.out)? {
+        check_same_run(config, &state, &ctx.out)?;
+        let mut varmap = varmap.clone();
+        checkpoint::load_weights(&ctx.out, name, &mut varmap, Some(&mut optimizer))?;
+        iter = state.iter;
+        best_val_loss = state.best_val_loss;
+        rng = Rng(state.rng);
+        let metrics_path = ctx.out.join("metrics.parquet");
+        if metrics_path.exists() {
+            rows = metrics::read_parquet(&metrics_path)?;
+            rows.retain(|row| row.iter <= iter as i64);
+        }
+        eprintln!("resuming from `{}` at iter {iter}", checkpoint::state_path(&ctx.out, name).display());
+        resumed_from = Some(iter);
+    }
+
+    // -----------------------------------------------------------------------------
+    // training loop
+    let mut last_good = resumed_from;
+    let mut steps_here = 0;
+    let mut running_mfu = -1.0;
+    let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
+    loop {
+        let lr = schedule.lr(iter);
+
+        // evaluate the loss on train/val sets and write checkpoints
+        let due = iter % config.eval_interval == 0 || iter == config.max_iters;
+        if due && resumed_from != Some(iter) {
+            let losses = estimate_loss(&model, config, &train_data, &val_data, iter, &device)?;
+            eprintln!("step {iter}: train loss {:.4}, val loss {:.4}", losses[0], losses[1]);
+            for (split, loss) in ["train", "val"].iter().zip(losses) {
+                if !loss.is_finite() {
+                    bail!(diverged(&format!("the {split} loss estimate is {loss}"), iter, last_good));
+                }
+            }
+            row(&mut rows, iter).train_loss = Some(losses[0]);
+            row(&mut rows, iter).val_loss = Some(losses[1]);
+            let improved = losses[1] < best_val_loss;
+            if improved || config.always_save_checkpoint {
+                best_val_loss = best_val_loss.min(losses[1]);
+            }
+            let state = State {
+                format: checkpoint::FORMAT.into(),
+                version: checkpoint::FORMAT_VERSION,
+                iter,
+                best_val_loss,
+                val_loss: losses[1],
+                model: model_config.clone(),
+                config: serde_json::to_value(config)?,
+                rng: rng.0,
+                files: Default::default(),
+            };
+            // The record first: a checkpoint may be older than the record, never newer.
+            metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
+            checkpoint::save(&ctx.out, "last", &varmap, &optimizer, state.clone())?;
+            if improved || config.always_save_checkpoint {
+                eprintln!("saving checkpoint to {}", ctx.out.display());
+                checkpoint::save(&ctx.out, "ckpt", &varmap, &optimizer, state)?;
+            }
+            metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
+            last_good = Some(iter);
+        }
+        if iter == config.max_iters {
+            break;
+        }
+
+        // forward backward update, with optional gradient accumulation to simulate larger batch size
+        let started = Instant::now();
+        let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.vars().count()];
+        let mut lossf = 0.0;
+        for _micro_step in 0..config.gradient_accumulation_steps {
+            let (x, y) = get_batch(&train_data, &mut rng, config.batch_size, block_size, &device)?;
+            let logits = model.forward(&x, true)?; // (B, T, vocab_size)
+            let loss = gpt::cross_entropy(&logits, &y)?;
+            lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !lossf.is_finite() {
+                bail!(diverged(&format!("the training loss is {lossf}"), iter, last_good));
+            }
+            // scale the loss to account for gradient accumulation
+            let loss = (loss / config.gradient_accumulation_steps as f64)?;
+            let store = loss.backward()?;
+            for (sum, var) in grads.iter_mut().zip(optimizer.vars()) {
+                if let Some(grad) = store.get(var.as_tensor()) {
+                    *sum = Some(match sum.take() {
+                        Some(sum) => (sum + grad)?,
+                        None => grad.clone(),
+                    });
+                }
+            }
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(optimizer.vars())
+            .map(|(grad, var)| grad.map_or_else(|| var.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        // clip the gradient
+        if config.grad_clip != 0.0 {
+            crate::optim::clip_grad_norm(&mut grads, config.grad_clip)?;
+        }
+        // step the optimizer
+        optimizer.step(&grads, lr)?;
+        let dt = started.elapsed().as_secs_f64();
+
+        // timing and logging
+        step_seconds += dt;
+        step_tokens += tokens_per_iter;
+        steps_here += 1;
+        if steps_here >= 5 {
+            // let the training loop settle a bit
+            let mfu = estimate_mfu(&model_config, config.batch_size * config.gradient_accumulation_steps, dt);
+            running_mfu = if running_mfu == -1.0 { mfu } else { 0.9 * running_mfu + 0.1 * mfu };
+        }
+        if iter % config.log_interval == 0 {
+            eprintln!("iter {iter}: loss {lossf:.4}, time {:.2}ms, mfu {:.2}%", dt * 1000.0, running_mfu * 100.0);
+        }
+        let record = row(&mut rows, iter);
+        record.lr = Some(lr);
+        record.loss = Some(lossf);
+        record.ms_per_iter = Some(dt * 1000.0);
+        record.tokens_per_second = Some(tokens_per_iter as f64 / dt);
+        iter += 1;
+        if hooks.stop_after == Some(steps_here) {
+            bail!("stopped after {steps_here} steps (test hook)");
+        }
+    }
+
+    metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
+    metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
+    let last = rows.iter().rev().find_map(|row| Some((row.train_loss?, row.val_loss?)));
+    let (train_loss, val_loss) = last.unwrap_or((f64::NAN, f64::NAN));
+    let tokens_per_second = if step_seconds > 0.0 { step_tokens as f64 / step_seconds } else { 0.0 };
+    let mut report = Report {
+        summary: format!(
+            "{} iters, val loss {val_loss:.4} (best {best_val_loss:.4}), {:.0} tokens/s",
+            config.max_iters, tokens_per_second
+        ),
+        ..Report::default()
+    };
+    let metrics = &mut report.metrics;
+    metrics.insert("iters".into(), config.max_iters.into());
+    metrics.insert("train_loss".into(), json_number(train_loss));
+    metrics.insert("val_loss".into(), json_number(val_loss));
+    metrics.insert("best_val_loss".into(), json_number(best_val_loss));
+    metrics.insert("tokens_per_second".into(), json_number(tokens_per_second));
+    metrics.insert("ms_per_iter".into(), json_number(1000.0 * step_seconds / steps_here.max(1) as f64));
+    metrics.insert("parameters".into(), model_config.num_params(true).into());
+    if let Some(iter) = resumed_from {
+        metrics.insert("resumed_from_iter".into(), iter.into());
+    }
+    Ok(report)
+}
+
+/// Params that no run could use, caught before anything loads.
+fn check(config: &Config) -> anyhow::Result<()> {
+    ensure!(config.batch_size > 0, "`batch_size` must be at least 1");
+    ensure!(config.gradient_accumulation_steps > 0, "`gradient_accumulation_steps` must be at least 1");
+    ensure!(config.eval_interval > 0, "`eval_interval` must be at least 1");
+    ensure!(config.eval_iters > 0, "`eval_iters` must be at least 1");
+    ensure!(config.log_interval > 0, "`log_interval` must be at least 1");
+    ensure!(config.pad_vocab_to_multiple_of > 0, "`pad_vocab_to_multiple_of` must be at least 1");
+    ensure!((0.0..1.0).contains(&config.dropout), "`dropout` must be at least 0 and below 1, not {}", config.dropout);
+    ensure!(config.learning_rate.is_finite() && config.learning_rate >= 0.0, "`learning_rate` must be at least 0");
+    match config.dtype.as_str() {
+        "auto" | "float32" => {}
+        "bfloat16" | "float16" => bail!("`dtype: {}`: training runs in float32 for now", config.dtype),
+        other => bail!("unknown `dtype` `{other}`: use auto or float32"),
+    }
+    Ok(())
+}
+
+fn device(name: &str) -> anyhow::Result<Device> {
+    Ok(match name {
+        "auto" => Device::cuda_if_available(0)?,
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(0).context("`device: cuda`: no CUDA device (nanoflow needs `--features cuda`)")?,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(ordinal) => Device::new_cuda(ordinal).with_context(|| {
+                format!("`device: {other}`: no such CUDA device (nanoflow needs `--features cuda`)")
+            })?,
+            None => bail!("unknown `device` `{other}`: use auto, cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+/// meta.json's `vocab_size`, which the tokenize stage writes.
+fn data_vocab_size(data: &Path) -> anyhow::Result<usize> {
+    let path = data.join("meta.json");
+    let text = fs_err::read_to_string(&path).context("`data` must be a tokenize stage's output")?;
+    let meta: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", path.display()))?;
+    meta["vocab_size"].as_u64().map(|n| n as usize).with_context(|| format!("`{}` has no `vocab_size`", path.display()))
+}
+
+/// Builds the model in `varmap`: GPT-2 init from scratch, or a checkpoint's weights with the
+/// shape its config asks for (cropped to a smaller `block_size`, `dropout` replaced).
+fn init_model(
+    config: &Config,
+    ctx: &Context,
+    data_vocab: usize,
+    varmap: &VarMap,
+    device: &Device,
+) -> anyhow::Result<Gpt> {
+    if config.init_from == "scratch" {
+        let vocab_size = config.vocab_size.unwrap_or(data_vocab).next_multiple_of(config.pad_vocab_to_multiple_of);
+        let model_config = GptConfig {
+            block_size: config.block_size.unwrap_or(1024),
+            vocab_size,
+            n_layer: config.n_layer.unwrap_or(12),
+            n_head: config.n_head.unwrap_or(12),
+            n_embd: config.n_embd.unwrap_or(768),
+            dropout: config.dropout,
+            bias: config.bias.unwrap_or(false),
+        };
+        eprintln!("initializing a new model from scratch");
+        return Ok(Gpt::init(&model_config, varmap, device, config.seed)?);
+    }
+    let source = ctx.root.join(&config.init_from);
+    let (source_config, tensors) = if checkpoint::state_path(&source, "ckpt").exists() {
+        let state = checkpoint::load_state(&source, "ckpt")?
+            .with_context(|| format!("the checkpoint in `{}` is incomplete", source.display()))?;
+        let path = checkpoint::model_path(&source, "ckpt");
+        let tensors = candle_core::safetensors::load(&path, device)
+            .with_context(|| format!("could not read model `{}`", path.display()))?;
+        eprintln!("initializing from the best checkpoint of `{}` (iter {})", source.display(), state.iter);
+        (state.model, tensors)
+    } else if source.join("config.json").exists() {
+        let hub = VarMap::new();
+        let model = Gpt::load_hf(&source, &hub, device)?;
+        let tensors =
+            hub.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        eprintln!("initializing from GPT-2 weights in `{}`", source.display());
+        (model.config.clone(), tensors)
+    } else if ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"].contains(&config.init_from.as_str()) {
+        bail!(
+            "`init_from: {0}` needs the weights on disk\nhint: add a download stage for `hf://openai-community/{0}` and set `init_from: ${{that-stage}}`",
+            config.init_from
+        );
+    } else {
+        bail!(
+            "`init_from`: `{}` is neither `scratch`, a train stage's output (ckpt.json) nor a Hugging Face GPT-2 folder (config.json)",
+            source.display()
+        );
+    };
+
+    // Shape params must agree with the checkpoint, except a smaller block_size, which crops.
+    let mismatch = |key: &str, asked: usize, found: usize| {
+        anyhow::anyhow!("`{key}: {asked}` does not match the checkpoint's {found} in `{}`", source.display())
+    };
+    for (key, asked, found) in [
+        ("n_layer", config.n_layer, source_config.n_layer),
+        ("n_head", config.n_head, source_config.n_head),
+        ("n_embd", config.n_embd, source_config.n_embd),
+        ("vocab_size", config.vocab_size, source_config.vocab_size),
+    ] {
+        if let Some(asked) = asked.filter(|&asked| asked != found) {
+            return Err(mismatch(key, asked, found));
+        }
+    }
+    if let Some(bias) = config.bias.filter(|&bias| bias != source_config.bias) {
+        bail!("`bias: {bias}` does not match the checkpoint's {} in `{}`", source_config.bias, source.display());
+    }
+    let block_size = config.block_size.unwrap_or(source_config.block_size);
+    ensure!(
+        block_size <= source_config.block_size,
+        "`block_size: {block_size}` is larger than the checkpoint's {}; it can only shrink",
+        source_config.block_size
+    );
+    let model_config = GptConfig { block_size, dropout: config.dropout, ..source_config };
+    let model = Gpt::init(&model_config, varmap, device, config.seed)?;
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        let tensor =
+            tensors.get(name).with_context(|| format!("the checkpoint in `{}` has no `{name}`", source.display()))?;
+        // Cropping: the first block_size positions of the position embedding (B, T) table.
+        let tensor = if name == "wpe.weight" { tensor.narrow(0, 0, block_size)? } else { tensor.clone() };
+        var.set(&tensor.to_dtype(var.dtype())?).with_context(|| format!("could not load `{name}`"))?;
+    }
+    Ok(model)
+}
+
+/// The most advanced complete checkpoint in `dir`, if any.
+fn latest_checkpoint(dir: &Path) -> anyhow::Result<Option<(&'static str, State)>> {
+    let mut latest: Option<(&'static str, State)> = None;
+    for name in ["last", "ckpt"] {
+        if let Some(state) = checkpoint::load_state(dir, name)? {
+            if latest.as_ref().is_none_or(|(_, best)| state.iter > best.iter) {
+                latest = Some((name, state));
+            }
+        }
+    }
+    Ok(latest)
+}
+
+/// A checkpoint in the output directory must come from the same run: the engine keeps it only
+/// for the same key, so anything else is a stray file.
+fn check_same_run(config: &Config, state: &State, out: &Path) -> anyhow::Result<()> {
+    let semantic = |value: &serde_json::Value| {
+        let mut value = value.clone();
+        if let Some(map) = value.as_object_mut() {
+            for key in NON_SEMANTIC.iter().chain(&["data", "init_from"]) {
+                map.remove(*key);
+            }
+        }
+        value
+    };
+    ensure!(
+        semantic(&state.config) == semantic(&serde_json::to_value(config)?),
+        "`{}` holds a checkpoint of another config\nhint: remove it to start over",
+        out.display()
+    );
+    Ok(())
+}
+
+fn diverged(what: &str, iter: usize, last_good: Option<usize>) -> String {
+    let kept = match last_good {
+        Some(at) => format!("the last good checkpoint (iter {at}) is kept"),
+        None => "no checkpoint was written yet".into(),
+    };
+    format!(
+        "{what} at iter {iter}: training diverged; {kept}\nhint: lower `learning_rate`, raise `warmup_iters` or set `grad_clip`"
+    )
+}
+
+/// The record's row for `iter`, added when missing.
+fn row(rows: &mut Vec<Row>, iter: usize) -> &mut Row {
+    if rows.last().is_none_or(|row| row.iter != iter as i64) {
+        rows.push(Row { iter: iter as i64, ..Row::default() });
+    }
+    rows.last_mut().expect("just pushed")
+}
+
+/// nanoGPT's get_batch: `batch_size` windows at uniform random offsets; y is x shifted by one.
+fn get_batch(
+    data: &TokenSplit,
+    rng: &mut Rng,
+    batch_size: usize,
+    block_size: usize,
+    device: &Device,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let mut window = vec![0u16; block_size + 1];
+    let mut x = Vec::with_capacity(batch_size * block_size);
+    let mut y = Vec::with_capacity(batch_size * block_size);
+    for _ in 0..batch_size {
+        let offset = rng.below(data.len() - block_size as u64);
+        data.read(offset, &mut window)?;
+        x.extend(window[..block_size].iter().map(|&token| token as u32));
+        y.extend(window[1..].iter().map(|&token| token as u32));
+    }
+    let x = Tensor::from_vec(x, (batch_size, block_size), device)?; // (B, T)
+    let y = Tensor::from_vec(y, (batch_size, block_size), device)?; // (B, T)
+    Ok((x, y))
+}
+
+/// Where evaluation streams start: far from the training stream (which starts at the seed) on
+/// SplitMix64's cycle of 2^64.
+const EVAL_STREAM: u64 = 0x6576_616c_0000_0000;
+
+/// nanoGPT's estimate_loss: the mean loss over `eval_iters` batches of each split, with the
+/// model in eval mode (no dropout). Batches come from a stream of their own, fixed by the seed
+/// and the iteration, so evaluating never moves the training batches.
+fn estimate_loss(
+    model: &Gpt,
+    config: &Config,
+    train_data: &TokenSplit,
+    val_data: &TokenSplit,
+    iter: usize,
+    device: &Device,
+) -> anyhow::Result<[f64; 2]> {
+    let mut out = [0.0; 2];
+    for (split, (data, mean)) in [train_data, val_data].into_iter().zip(out.iter_mut()).enumerate() {
+        let mut rng = Rng::new(config.seed ^ EVAL_STREAM ^ ((iter as u64) << 1 | split as u64));
+        let mut sum = 0.0;
+        for _ in 0..config.eval_iters {
+            let (x, y) = get_batch(data, &mut rng, config.batch_size, model.config.block_size, device)?;
+            let logits = model.forward(&x, false)?;
+            sum += gpt::cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        }
+        *mean = sum / config.eval_iters as f64;
+    }
+    Ok(out)
+}
+
+/// nanoGPT's estimate_mfu: achieved FLOPs per second as a fraction of an A100's bfloat16 peak
+/// (312 TFLOPS), from the PaLM paper's 6N + 12LHQT FLOPs per token.
+fn estimate_mfu(model: &GptConfig, fwdbwd_per_iter: usize, dt: f64) -> f64 {
+    let flops_per_iter = model.flops_per_token() * model.block_size as f64 * fwdbwd_per_iter as f64;
+    flops_per_iter / dt / 312e12
+}
+
+fn json_number(x: f64) -> serde_json::Value {
+    serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
+}
+
+/// SplitMix64 (Steele, Lea & Flood, 2014): a whole generator in one u64, so its state goes into
+/// a checkpoint as a number.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Rng(pub u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (Lemire's multiply-shift without rejection: the bias is below n / 2^64).
+    pub fn below(&mut self, n: u64) -> u64 {
+        ((self.next_u64() as u128 * n as u128) >> 64) as u64
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    pub fn context(root: &Path, out: &str) -> Context {
+        let out = root.join(out);
+        fs_err::create_dir_all(&out).unwrap();
+        Context { stage: "train".into(), root: root.to_path_buf(), out, inputs: BTreeMap::new() }
+    }
+
+    /// data/ci/corpus.txt (12 KB of Shakespeare), tokenized by characters into `root/data`.
+    pub fn char_data(root: &Path) -> String {
+        let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/ci/corpus.txt");
+        let config = crate::tokenize::Config {
+            input: corpus.into(),
+            tokenizer: crate::tokenize::Tokenizer::Char,
+            ..Default::default()
+        };
+        let ctx = context(root, "data");
+        crate::tokenize::run(&config, &ctx).unwrap();
+        ctx.out.to_string_lossy().into_owned()
+    }
+
+    /// A model and run small enough for seconds on a CPU.
+    pub fn tiny(data: String) -> Config {
+        Config {
+            data,
+            n_layer: Some(1),
+            n_head: Some(2),
+            n_embd: Some(32),
+            block_size: Some(32),
+            batch_size: 8,
+            gradient_accumulation_steps: 2,
+            max_iters: 8,
+            learning_rate: 1e-2,
+            warmup_iters: 2,
+            lr_decay_iters: 8,
+            min_lr: 1e-3,
+            eval_interval: 2,
+            eval_iters: 2,
+            device: "cpu".into(),
+            ..Config::default()
+        }
+    }
+
+    fn losses(out: &Path) -> Vec<(i64, Option<f64>, Option<f64>)> {
+        let rows = metrics::read_parquet(&out.join("metrics.parquet")).unwrap();
+        rows.iter().map(|row| (row.iter, row.loss, row.val_loss)).collect()
+    }
+
+    #[test]
+    fn batches_are_reproducible_windows() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let data = char_data(dir.path());
+        let split = TokenSplit::open(Path::new(&data), "train")?;
+        let draw = |seed| get_batch(&split, &mut Rng::new(seed), 4, 16, &Device::Cpu).unwrap();
+        let (x, y) = draw(1337);
+        let (x2, y2) = draw(1337);
+        assert_eq!(x.to_vec2::<u32>()?, x2.to_vec2::<u32>()?);
+        assert_eq!(y.to_vec2::<u32>()?, y2.to_vec2::<u32>()?);
+        assert_ne!(x.to_vec2::<u32>()?, draw(1338).0.to_vec2::<u32>()?);
+        for (x, y) in x.to_vec2::<u32>()?.iter().zip(y.to_vec2::<u32>()?) {
+            assert_eq!(x[1..], y[..15], "y is x shifted by one");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rng_draws_cover_the_range() {
+        let mut rng = Rng::new(1);
+        let draws: Vec<u64> = (0..1000).map(|_| rng.below(10)).collect();
+        assert!(draws.iter().all(|&d| d < 10));
+        assert!((0..10).all(|d| draws.contains(&d)));
+    }
+
+    #[test]
+    fn tiny_run_learns_and_writes_its_files() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = Config {
+            max_iters: 30,
+            eval_interval: 10,
+            eval_iters: 4,
+            lr_decay_iters: 30,
+            ..tiny(char_data(dir.path()))
+        };
+        let ctx = context(dir.path(), "out");
+        let report = run(&config, &ctx)?;
+        let rows = metrics::read_parquet(&ctx.out.join("metrics.parquet"))?;
+        let val: Vec<f64> = rows.iter().filter_map(|row| row.val_loss).collect();
+        assert_eq!(val.len(), 4, "evaluated at 0, 10, 20, 30");
+        assert!(val[3] < val[0] - 0.3, "val loss fell: {val:?}");
+        assert_eq!(rows.iter().filter(|row| row.loss.is_some()).count(), 30);
+        for name in
+            ["ckpt.safetensors", "ckpt.optim.safetensors", "ckpt.json", "last.safetensors", "last.json", "loss.png"]
+        {
+            assert!(ctx.out.join(name).exists(), "{name}");
+        }
+        assert_eq!(checkpoint::load_state(&ctx.out, "last")?.unwrap().iter, 30);
+        assert_eq!(report.metrics["iters"], 30);
+        assert!(report.metrics["best_val_loss"].as_f64().unwrap() <= val[3]);
+        Ok(())
+    }
+
+    #[test]
+    fn resumed_run_repeats_the_uninterrupted_losses() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = tiny(char_data(dir.path()));
+        let whole = context(dir.path(), "whole");
+        train(&config, &whole, &Hooks::default())?;
+
+        let interrupted = context(dir.path(), "interrupted");
+        let error = train(&config, &interrupted, &Hooks { stop_after: Some(5) }).unwrap_err();
+        assert!(error.to_string().contains("test hook"), "{error}");
+        assert_eq!(checkpoint::load_state(&interrupted.out, "last")?.unwrap().iter, 4);
+        let report = train(&config, &interrupted, &Hooks::default())?;
+        assert_eq!(report.metrics["resumed_from_iter"], 4);
+
+        let (expected, found) = (losses(&whole.out), losses(&interrupted.out));
+        assert_eq!(expected.len(), 9);
+        assert_eq!(expected.len(), found.len());
+        for (a, b) in expected.iter().zip(&found) {
+            assert_eq!(a.0, b.0);
+            for (a, b) in [(a.1, b.1), (a.2, b.2)] {
+                assert_eq!(a.is_some(), b.is_some());
+                assert!((a.unwrap_or(0.0) - b.unwrap_or(0.0)).abs() < 1e-6, "{expected:?}\n{found:?}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn divergence_stops_with_a_clear_error() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = Config {
+            learning_rate: 1e9,
+            decay_lr: false,
+            grad_clip: 0.0,
+            max_iters: 20,
+            ..tiny(char_data(dir.path()))
+        };
+        let ctx = context(dir.path(), "out");
+        let error = run(&config, &ctx).unwrap_err().to_string();
+        assert!(error.contains("training diverged"), "{error}");
+        assert!(error.contains("the last good checkpoint (iter"), "{error}");
+        // The kept checkpoint reads back.
+        assert!(checkpoint::load_state(&ctx.out, "last")?.is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        let error = serde_json::from_value::<Config>(serde_json::json!({"data": "d", "n_embed": 4})).unwrap_err();
+        assert!(error.to_string().contains("unknown field `n_embed`"), "{error}");
+        let config = Config { dtype: "bfloat16".into(), ..Config::default() };
+        assert!(check(&config).unwrap_err().to_string().contains("float32"));
+    }
+}
