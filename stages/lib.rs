@@ -9,6 +9,7 @@
 pub mod bpe;
 pub mod command;
 pub mod download;
+pub mod gpt;
 mod http;
 mod hub;
 pub mod progress;

@@ -1,0 +1,847 @@
+//! The GPT: nanoGPT's model.py in Candle, read top to bottom the same way. It owns the model's
+//! shape (`GptConfig` and the GPT-2 presets), its layers and forward pass, GPT-2's init, the loss,
+//! and reading and writing the Hugging Face GPT-2 layout (model.safetensors + config.json). It
+//! does not own training (optimizer, schedule, checkpoints: `train.rs`) or sampling.
+//!
+//! Variable names are the Hugging Face GPT-2 keys without the `transformer.` prefix (`wte.weight`,
+//! `h.3.attn.c_attn.weight`, `ln_f.bias`), in candle's orientation: a linear weight is
+//! (out, in). The Hugging Face files store those weights as Conv1D, (in, out); `load_hf` and
+//! `save_hf` transpose them, and `is_conv1d` is the one place that knows which.
+//!
+//! Every op here has a backward. candle 0.11's `candle_nn::LayerNorm` and `softmax_last_dim` take
+//! fused kernels without one and would silently stop the gradient, so LayerNorm is written out
+//! and softmax is `candle_nn::ops::softmax` (max, exp, sum).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use anyhow::{Context as _, bail, ensure};
+use candle_core::{D, DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+/// GPT-2's init: weights ~ N(0, 0.02) (model.py's `_init_weights`).
+const INIT_STD: f64 = 0.02;
+/// GPT-2's LayerNorm epsilon (HF `layer_norm_epsilon`; PyTorch's default too).
+const LAYER_NORM_EPS: f64 = 1e-5;
+/// `save_pretrained` writes GPT2LMHeadModel's keys under its base model, `transformer.`.
+const HF_PREFIX: &str = "transformer.";
+
+/// The model's shape. Names follow nanoGPT's `GPTConfig`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GptConfig {
+    /// The longest context in tokens (HF `n_positions`); the size of `wpe`.
+    pub block_size: usize,
+    /// Rows of `wte`: the tokenizer's vocabulary, possibly padded (`with_padded_vocab`).
+    pub vocab_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    /// The probability of zeroing an activation while training: after the embeddings, on the
+    /// attention weights and on each residual branch. Read at every forward, so it can be
+    /// changed on a built model.
+    pub dropout: f64,
+    /// Biases in the Linear and LayerNorm layers (GPT-2 has them; nanoGPT finds a model a little
+    /// better and faster without).
+    pub bias: bool,
+}
+
+impl GptConfig {
+    /// The names `preset` knows.
+    pub const PRESETS: [&'static str; 4] = ["gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"];
+
+    /// OpenAI's GPT-2 sizes (nanoGPT's `from_pretrained`): 124M, 350M, 774M and 1558M params.
+    pub fn preset(name: &str) -> Option<GptConfig> {
+        let (n_layer, n_head, n_embd) = match name {
+            "gpt2" => (12, 12, 768),
+            "gpt2-medium" => (24, 16, 1024),
+            "gpt2-large" => (36, 20, 1280),
+            "gpt2-xl" => (48, 25, 1600),
+            _ => return None,
+        };
+        Some(GptConfig { block_size: 1024, vocab_size: 50257, n_layer, n_head, n_embd, dropout: 0.0, bias: true })
+    }
+
+    /// The vocabulary rounded up to a multiple of `multiple`: nanoGPT trains GPT-2 with 50304
+    /// (= 50257 padded to 64) rows, since matmuls are faster on such shapes; the extra tokens
+    /// never occur and learn to get no probability.
+    pub fn with_padded_vocab(&self, multiple: usize) -> GptConfig {
+        GptConfig { vocab_size: self.vocab_size.div_ceil(multiple.max(1)) * multiple.max(1), ..self.clone() }
+    }
+
+    /// The number of parameters, the tied `wte`/`lm_head` counted once (nanoGPT's
+    /// `get_num_params`). `non_embedding` leaves out the position embeddings, as nanoGPT reports;
+    /// the token embeddings stay, since they are also the output layer.
+    pub fn num_params(&self, non_embedding: bool) -> usize {
+        let c = self.n_embd;
+        let bias = usize::from(self.bias);
+        let layer_norm = c + bias * c;
+        let linear = |fan_in: usize, fan_out: usize| fan_in * fan_out + bias * fan_out;
+        let block = 2 * layer_norm + linear(c, 3 * c) + linear(c, c) + linear(c, 4 * c) + linear(4 * c, c);
+        let wpe = self.block_size * c;
+        let total = self.vocab_size * c + wpe + self.n_layer * block + layer_norm;
+        if non_embedding { total - wpe } else { total }
+    }
+
+    /// FLOPs of one token's forward and backward at full context (nanoGPT's `estimate_mfu`, from
+    /// the PaLM paper, appendix B): 6 per parameter plus the attention's 12·L·H·Q·T.
+    pub fn flops_per_token(&self) -> f64 {
+        let (l, h, q, t) = (self.n_layer, self.n_head, self.n_embd / self.n_head, self.block_size);
+        6.0 * self.num_params(true) as f64 + 12.0 * (l * h * q * t) as f64
+    }
+
+    fn check(&self) -> Result<()> {
+        let sizes = [self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd];
+        if sizes.contains(&0) || !self.n_embd.is_multiple_of(self.n_head) || !(0.0..1.0).contains(&self.dropout) {
+            candle_core::bail!(
+                "invalid GPT config {self:?}: sizes must be positive, `n_embd` a multiple of `n_head`, `dropout` in [0, 1)"
+            )
+        }
+        Ok(())
+    }
+}
+
+/// LayerNorm with an optional bias, from differentiable ops (see the module docs).
+struct LayerNorm {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl LayerNorm {
+    fn new(config: &GptConfig, vb: VarBuilder) -> Result<LayerNorm> {
+        let weight = vb.get_with_hints(config.n_embd, "weight", Init::Const(1.0))?;
+        let bias = config.bias.then(|| vb.get_with_hints(config.n_embd, "bias", Init::Const(0.0))).transpose()?;
+        Ok(LayerNorm { weight, bias })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?; // (B, T, 1)
+        let x = x.broadcast_sub(&mean)?; // (B, T, C)
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?; // (B, T, 1), biased as PyTorch's
+        let x = x.broadcast_div(&(variance + LAYER_NORM_EPS)?.sqrt()?)?.broadcast_mul(&self.weight)?;
+        match &self.bias {
+            Some(bias) => x.broadcast_add(bias),
+            None => Ok(x),
+        }
+    }
+}
+
+/// A Linear layer with GPT-2's init: weight ~ N(0, `std`), bias zero.
+fn linear(fan_in: usize, fan_out: usize, std: f64, config: &GptConfig, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get_with_hints((fan_out, fan_in), "weight", Init::Randn { mean: 0.0, stdev: std })?;
+    let bias = config.bias.then(|| vb.get_with_hints(fan_out, "bias", Init::Const(0.0))).transpose()?;
+    Ok(Linear::new(weight, bias))
+}
+
+/// The init of the projections that end a residual branch (`c_proj`): GPT-2 scales them by
+/// 1/sqrt(2·n_layer), two branches per layer adding up on the residual stream.
+fn residual_std(config: &GptConfig) -> f64 {
+    INIT_STD / (2.0 * config.n_layer as f64).sqrt()
+}
+
+/// Inverted dropout with probability `p`; the identity when `p` is 0 (not training).
+fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
+    if p > 0.0 { candle_nn::ops::dropout(x, p) } else { Ok(x.clone()) }
+}
+
+struct CausalSelfAttention {
+    /// Query, key and value projections for all heads, in one matmul.
+    c_attn: Linear,
+    c_proj: Linear,
+    n_head: usize,
+}
+
+impl CausalSelfAttention {
+    fn new(config: &GptConfig, vb: VarBuilder) -> Result<CausalSelfAttention> {
+        let c = config.n_embd;
+        let c_attn = linear(c, 3 * c, INIT_STD, config, vb.pp("c_attn"))?;
+        let c_proj = linear(c, c, residual_std(config), config, vb.pp("c_proj"))?;
+        Ok(CausalSelfAttention { c_attn, c_proj, n_head: config.n_head })
+    }
+
+    fn forward(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let (b, t, c) = x.dims3()?; // batch size, sequence length, embedding dimensionality (n_embd)
+        let hs = c / self.n_head;
+        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        // (B, nh, T, hs): the heads move next to the batch.
+        let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+        // Scaled dot-product attention, each position seeing only itself and earlier ones.
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?; // (B, nh, T, T)
+        let future = causal_mask(t, x.device())?.broadcast_as(att.shape())?;
+        let att = future.where_cond(&Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?, &att)?;
+        let att = dropout(&candle_nn::ops::softmax(&att, D::Minus1)?, p)?;
+        let y = att.matmul(&v)?; // (B, nh, T, hs)
+        let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): the heads side by side again
+        dropout(&self.c_proj.forward(&y)?, p)
+    }
+}
+
+/// (T, T), 1 where the key comes after the query.
+fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<u8> = (0..t).flat_map(|i| (0..t).map(move |j| u8::from(j > i))).collect();
+    Tensor::from_vec(mask, (t, t), device)
+}
+
+struct Mlp {
+    c_fc: Linear,
+    c_proj: Linear,
+}
+
+impl Mlp {
+    fn new(config: &GptConfig, vb: VarBuilder) -> Result<Mlp> {
+        let c = config.n_embd;
+        let c_fc = linear(c, 4 * c, INIT_STD, config, vb.pp("c_fc"))?;
+        let c_proj = linear(4 * c, c, residual_std(config), config, vb.pp("c_proj"))?;
+        Ok(Mlp { c_fc, c_proj })
+    }
+
+    fn forward(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        // candle's `gelu` is the tanh approximation GPT-2 uses (HF's "gelu_new").
+        let x = self.c_fc.forward(x)?.gelu()?; // (B, T, 4C)
+        dropout(&self.c_proj.forward(&x)?, p)
+    }
+}
+
+/// A pre-LayerNorm transformer block (GPT-2 moved the LayerNorms to the branch inputs).
+struct Block {
+    ln_1: LayerNorm,
+    attn: CausalSelfAttention,
+    ln_2: LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(config: &GptConfig, vb: VarBuilder) -> Result<Block> {
+        Ok(Block {
+            ln_1: LayerNorm::new(config, vb.pp("ln_1"))?,
+            attn: CausalSelfAttention::new(config, vb.pp("attn"))?,
+            ln_2: LayerNorm::new(config, vb.pp("ln_2"))?,
+            mlp: Mlp::new(config, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, p)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?, p)?
+    }
+}
+
+pub struct Gpt {
+    pub config: GptConfig,
+    wte: Embedding,
+    wpe: Embedding,
+    h: Vec<Block>,
+    ln_f: LayerNorm,
+    /// Shares its weight with `wte` (weight tying, Press & Wolf 2017): one variable, whose
+    /// gradient sums both uses.
+    lm_head: Linear,
+}
+
+impl Gpt {
+    /// Builds the model over `vb`; variables it lacks are created with GPT-2's init (a `VarMap`
+    /// backend) or are an error (a file backend).
+    pub fn new(config: &GptConfig, vb: VarBuilder) -> Result<Gpt> {
+        config.check()?;
+        let embedding = |rows: usize, name: &str| -> Result<Embedding> {
+            let weight = vb.get_with_hints((rows, config.n_embd), name, Init::Randn { mean: 0.0, stdev: INIT_STD })?;
+            Ok(Embedding::new(weight, config.n_embd))
+        };
+        let wte = embedding(config.vocab_size, "wte.weight")?;
+        let wpe = embedding(config.block_size, "wpe.weight")?;
+        let h = (0..config.n_layer).map(|i| Block::new(config, vb.pp(format!("h.{i}")))).collect::<Result<_>>()?;
+        let ln_f = LayerNorm::new(config, vb.pp("ln_f"))?;
+        let lm_head = Linear::new(wte.embeddings().clone(), None);
+        Ok(Gpt { config: config.clone(), wte, wpe, h, ln_f, lm_head })
+    }
+
+    /// A fresh model with GPT-2's init, its variables in `varmap`: the same seed gives the same
+    /// weights on any device. Variables already in `varmap` are kept.
+    pub fn init(config: &GptConfig, varmap: &VarMap, device: &Device, seed: u64) -> Result<Gpt> {
+        let backend = SeededVarMap { varmap: varmap.clone(), normal: Mutex::new(Normal::new(seed)) };
+        Gpt::new(config, VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()))
+    }
+
+    /// idx (B, T) u32 token ids -> logits (B, T, vocab_size) f32. `train` turns dropout on.
+    pub fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor> {
+        let (_, t) = idx.dims2()?;
+        if t > self.config.block_size {
+            candle_core::bail!("cannot forward a sequence of length {t}, block size is only {}", self.config.block_size)
+        }
+        let p = if train { self.config.dropout as f32 } else { 0.0 };
+        let pos = Tensor::arange(0u32, t as u32, idx.device())?; // (T)
+        let tok_emb = self.wte.forward(idx)?; // (B, T, C)
+        let pos_emb = self.wpe.forward(&pos)?; // (T, C)
+        let mut x = dropout(&tok_emb.broadcast_add(&pos_emb)?, p)?;
+        for block in &self.h {
+            x = block.forward(&x, p)?;
+        }
+        let x = self.ln_f.forward(&x)?;
+        self.lm_head.forward(&x) // (B, T, vocab_size)
+    }
+
+    /// Shortens the context to `block_size` by keeping the first rows of `wpe` (nanoGPT's
+    /// `crop_block_size`): finetuning GPT-2 on short sequences need not carry 1024 positions.
+    /// `wpe.weight` in `varmap` becomes a new, smaller variable.
+    pub fn crop_block_size(&mut self, varmap: &VarMap, block_size: usize) -> Result<()> {
+        if block_size == 0 || block_size > self.config.block_size {
+            candle_core::bail!("cannot crop block size {} to {block_size}", self.config.block_size)
+        }
+        let wpe = Var::from_tensor(&self.wpe.embeddings().narrow(0, 0, block_size)?.contiguous()?)?;
+        self.wpe = Embedding::new(wpe.as_tensor().clone(), self.config.n_embd);
+        lock(varmap.data()).insert("wpe.weight".to_string(), wpe);
+        self.config.block_size = block_size;
+        Ok(())
+    }
+
+    /// Loads a Hugging Face GPT-2 (a folder with model.safetensors and config.json, or the
+    /// .safetensors file with config.json beside it) into `varmap`. Keys may carry the
+    /// `transformer.` prefix (`save_pretrained`) or not (the Hub's openai-community/gpt2);
+    /// `lm_head.weight`, if present, must equal `wte.weight`, and the attention mask buffers are
+    /// skipped. Dropout starts at 0; set `config.dropout` to train with it.
+    pub fn load_hf(dir_or_file: &Path, varmap: &VarMap, device: &Device) -> anyhow::Result<Gpt> {
+        let (weights, config_path) = if dir_or_file.is_dir() {
+            (dir_or_file.join("model.safetensors"), dir_or_file.join("config.json"))
+        } else {
+            (dir_or_file.to_path_buf(), dir_or_file.with_file_name("config.json"))
+        };
+        let config = read_hf_config(&config_path)?;
+        let tensors = candle_core::safetensors::load(&weights, device)
+            .with_context(|| format!("could not read `{}`", weights.display()))?;
+        let mut vars = HashMap::new();
+        let mut lm_head = None;
+        for (key, tensor) in tensors {
+            let name = key.strip_prefix(HF_PREFIX).unwrap_or(&key);
+            let tensor = tensor.to_dtype(DType::F32)?;
+            if name == "lm_head.weight" {
+                lm_head = Some(tensor);
+            } else if !(name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")) {
+                let tensor = if is_conv1d(name) { tensor.t()?.contiguous()? } else { tensor };
+                vars.insert(name.to_string(), Var::from_tensor(&tensor)?);
+            }
+        }
+        let tensors = vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
+        let gpt = Gpt::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device))
+            .with_context(|| format!("`{}` does not hold the GPT-2 its config.json describes", weights.display()))?;
+        let count: usize = vars.values().map(|var| var.elem_count()).sum();
+        ensure!(
+            count == config.num_params(false),
+            "`{}` holds {count} parameters, its config.json describes {}",
+            weights.display(),
+            config.num_params(false)
+        );
+        if let Some(lm_head) = lm_head {
+            let tied = lm_head.shape() == gpt.wte.embeddings().shape()
+                && lm_head.sub(gpt.wte.embeddings())?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
+            ensure!(tied, "`{}` has an `lm_head.weight` that differs from `wte.weight`", weights.display());
+        }
+        lock(varmap.data()).extend(vars);
+        Ok(gpt)
+    }
+
+    /// Writes `varmap` as a Hugging Face GPT-2 into `dir`: model.safetensors with
+    /// `save_pretrained`'s keys (`transformer.` prefix, Conv1D orientation, no `lm_head.weight`)
+    /// and config.json, so that `GPT2LMHeadModel.from_pretrained(dir)` loads it. A model without
+    /// biases gets zero ones, which computes the same: HF's GPT-2 always has them.
+    pub fn save_hf(&self, varmap: &VarMap, dir: &Path) -> anyhow::Result<()> {
+        let vars: HashMap<String, Tensor> =
+            lock(varmap.data()).iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
+        let mut tensors = HashMap::new();
+        for (name, tensor) in &vars {
+            let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+            let biasless = name
+                .strip_suffix(".weight")
+                .filter(|layer| !matches!(*layer, "wte" | "wpe") && !vars.contains_key(&format!("{layer}.bias")));
+            if let Some(layer) = biasless {
+                tensors.insert(
+                    format!("{HF_PREFIX}{layer}.bias"),
+                    Tensor::zeros(tensor.dim(0)?, DType::F32, &Device::Cpu)?,
+                );
+            }
+            let tensor = if is_conv1d(name) { tensor.t()?.contiguous()? } else { tensor };
+            tensors.insert(format!("{HF_PREFIX}{name}"), tensor);
+        }
+        fs_err::create_dir_all(dir)?;
+        let weights = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &weights)
+            .with_context(|| format!("could not write `{}`", weights.display()))?;
+        let config = &self.config;
+        let mut hf = serde_json::json!({
+            "architectures": ["GPT2LMHeadModel"],
+            "model_type": "gpt2",
+            "vocab_size": config.vocab_size,
+            "n_positions": config.block_size,
+            "n_ctx": config.block_size,
+            "n_embd": config.n_embd,
+            "n_layer": config.n_layer,
+            "n_head": config.n_head,
+            "n_inner": null,
+            "activation_function": "gelu_new",
+            "layer_norm_epsilon": LAYER_NORM_EPS,
+            "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout,
+            "attn_pdrop": config.dropout,
+            "initializer_range": INIT_STD,
+            "tie_word_embeddings": true,
+        });
+        if config.vocab_size > 50256 {
+            // GPT-2's `<|endoftext|>`, where the vocabulary has it.
+            hf["bos_token_id"] = 50256.into();
+            hf["eos_token_id"] = 50256.into();
+        }
+        fs_err::write(dir.join("config.json"), serde_json::to_string_pretty(&hf)? + "\n")?;
+        Ok(())
+    }
+}
+
+/// Mean cross-entropy over all positions: logits (B, T, V), targets (B, T) u32.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
+}
+
+/// Hugging Face's GPT-2 implements its linear layers as Conv1D, whose weight is (in, out).
+fn is_conv1d(name: &str) -> bool {
+    [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"].iter().any(|suffix| name.ends_with(suffix))
+}
+
+/// The config.json fields a GPT-2 needs; the rest (tokenizer ids, task heads) are ignored.
+#[derive(Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    vocab_size: usize,
+    n_positions: Option<usize>,
+    n_ctx: Option<usize>,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    n_inner: Option<usize>,
+    activation_function: Option<String>,
+    layer_norm_epsilon: Option<f64>,
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: bool,
+}
+
+/// A GPT-2 config.json as a `GptConfig`, refusing variants this model does not compute.
+fn read_hf_config(path: &Path) -> anyhow::Result<GptConfig> {
+    let text = fs_err::read_to_string(path)?;
+    let hf: HfConfig = serde_json::from_str(&text).with_context(|| format!("could not parse `{}`", path.display()))?;
+    let unsupported = |what: String| -> anyhow::Result<GptConfig> {
+        bail!("`{}` describes a model nanoflow's GPT does not implement: {what}", path.display())
+    };
+    if let Some(model_type) = hf.model_type.filter(|model_type| model_type != "gpt2") {
+        return unsupported(format!("`model_type` is `{model_type}`, not `gpt2`"));
+    }
+    if let Some(activation) = hf.activation_function.filter(|a| a != "gelu_new" && a != "gelu_pytorch_tanh") {
+        return unsupported(format!("`activation_function` is `{activation}`, not `gelu_new`"));
+    }
+    if let Some(eps) = hf.layer_norm_epsilon.filter(|eps| (eps - LAYER_NORM_EPS).abs() > 1e-12) {
+        return unsupported(format!("`layer_norm_epsilon` is {eps}, not {LAYER_NORM_EPS}"));
+    }
+    if let Some(n_inner) = hf.n_inner.filter(|n_inner| *n_inner != 4 * hf.n_embd) {
+        return unsupported(format!("`n_inner` is {n_inner}, not 4 * `n_embd`"));
+    }
+    if hf.scale_attn_by_inverse_layer_idx {
+        return unsupported("`scale_attn_by_inverse_layer_idx` is true".to_string());
+    }
+    let block_size =
+        hf.n_positions.or(hf.n_ctx).with_context(|| format!("`{}` has no `n_positions`", path.display()))?;
+    let config = GptConfig {
+        block_size,
+        vocab_size: hf.vocab_size,
+        n_layer: hf.n_layer,
+        n_head: hf.n_head,
+        n_embd: hf.n_embd,
+        dropout: 0.0,
+        bias: true,
+    };
+    config.check().with_context(|| format!("`{}`", path.display()))?;
+    Ok(config)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A `VarBuilder` backend that creates missing variables in a `VarMap` as the `VarMap` does, but
+/// draws normal inits from a seeded generator: candle's CPU `randn` cannot be seeded.
+struct SeededVarMap {
+    varmap: VarMap,
+    normal: Mutex<Normal>,
+}
+
+impl SimpleBackend for SeededVarMap {
+    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, device: &Device) -> Result<Tensor> {
+        if let Init::Randn { mean, stdev } = init
+            && !self.varmap.contains_tensor(name)
+        {
+            let mut normal = lock(&self.normal);
+            let values: Vec<f32> = (0..shape.elem_count()).map(|_| (mean + stdev * normal.sample()) as f32).collect();
+            let var = Var::from_tensor(&Tensor::from_vec(values, &shape, device)?.to_dtype(dtype)?)?;
+            lock(self.varmap.data()).insert(name.to_string(), var);
+        }
+        self.varmap.get(shape, name, init, dtype, device)
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _device: &Device) -> Result<Tensor> {
+        candle_core::bail!("`{name}` has no shape: a VarMap creates variables only with one")
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap.contains_tensor(name)
+    }
+}
+
+/// Standard normal samples: splitmix64 (Steele et al. 2014) for the uniform bits, Box-Muller for
+/// the normal. Small and the same everywhere, which is all an init needs.
+struct Normal {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl Normal {
+    fn new(seed: u64) -> Normal {
+        Normal { state: seed, spare: None }
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1), never 0, so that the logarithm below is finite.
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        let radius = (-2.0 * self.uniform().ln()).sqrt();
+        let angle = 2.0 * std::f64::consts::PI * self.uniform();
+        self.spare = Some(radius * angle.sin());
+        radius * angle.cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Known answers from Hugging Face `transformers` (tests/fixtures/make_gpt2_fixture.py wrote
+    //! them; the Rust side reads only the files), plus the properties nanoGPT's model has.
+
+    use std::path::PathBuf;
+
+    use candle_core::IndexOp;
+    use candle_nn::Optimizer;
+
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    }
+
+    fn reference() -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(fixture("tiny-gpt2-reference.safetensors"), &Device::Cpu).unwrap()
+    }
+
+    fn tiny_gpt2() -> (Gpt, VarMap) {
+        let varmap = VarMap::new();
+        let gpt = Gpt::load_hf(&fixture("tiny-gpt2"), &varmap, &Device::Cpu).unwrap();
+        (gpt, varmap)
+    }
+
+    /// The reference's `idx` and `targets`, stored as i64, as the u32 the model takes.
+    fn batch(reference: &HashMap<String, Tensor>) -> (Tensor, Tensor) {
+        (reference["idx"].to_dtype(DType::U32).unwrap(), reference["targets"].to_dtype(DType::U32).unwrap())
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        a.sub(b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn max_abs(a: &Tensor) -> f32 {
+        a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn vars(varmap: &VarMap) -> Vec<(String, Var)> {
+        let mut vars: Vec<_> = lock(varmap.data()).iter().map(|(name, var)| (name.clone(), var.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars
+    }
+
+    fn tiny_config(bias: bool) -> GptConfig {
+        GptConfig { block_size: 8, vocab_size: 16, n_layer: 2, n_head: 2, n_embd: 16, dropout: 0.0, bias }
+    }
+
+    fn random_tokens(shape: (usize, usize), vocab_size: usize, seed: u64) -> Tensor {
+        let mut rng = Normal::new(seed);
+        let ids: Vec<u32> = (0..shape.0 * shape.1).map(|_| (rng.next_u64() % vocab_size as u64) as u32).collect();
+        Tensor::from_vec(ids, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn logits_and_loss_match_transformers() {
+        let reference = reference();
+        let (gpt, _varmap) = tiny_gpt2();
+        let (idx, targets) = batch(&reference);
+        let logits = gpt.forward(&idx, false).unwrap();
+        let loss = cross_entropy(&logits, &targets).unwrap().to_scalar::<f32>().unwrap();
+        let expected_loss = reference["loss"].i(0).unwrap().to_scalar::<f32>().unwrap();
+        let logits_error = max_abs_diff(&logits, &reference["logits"]);
+        eprintln!("logits max abs error {logits_error:e}, loss {loss} vs {expected_loss}");
+        assert!(logits_error < 1e-5, "logits differ from transformers' by {logits_error}");
+        assert!((loss - expected_loss).abs() < 1e-5, "loss {loss}, transformers {expected_loss}");
+    }
+
+    #[test]
+    fn gradients_match_pytorch() {
+        let reference = reference();
+        let (gpt, varmap) = tiny_gpt2();
+        let (idx, targets) = batch(&reference);
+        let grads = cross_entropy(&gpt.forward(&idx, false).unwrap(), &targets).unwrap().backward().unwrap();
+        let vars = vars(&varmap);
+        assert_eq!(vars.len(), reference.keys().filter(|key| key.starts_with("grad.")).count());
+        let mut worst = 0f32;
+        for (name, var) in vars {
+            let grad = grads.get(&var).unwrap_or_else(|| panic!("`{name}` has no gradient"));
+            let expected = &reference[&format!("grad.{name}")];
+            let expected = if is_conv1d(&name) { expected.t().unwrap() } else { expected.clone() };
+            // Relative to the tensor's largest gradient: float32 sums of many terms round by
+            // about 1e-7 of their largest term, not of each small entry.
+            let error = max_abs_diff(grad, &expected) / max_abs(&expected).max(1e-3);
+            assert!(error < 1e-5, "the gradient of `{name}` differs from PyTorch's by {error} (relative)");
+            worst = worst.max(error);
+        }
+        eprintln!("worst relative gradient error {worst:e}");
+    }
+
+    /// candle's fused LayerNorm and softmax have no backward: one of them anywhere would leave
+    /// every variable before it without a gradient, with no error.
+    #[test]
+    fn every_parameter_gets_a_gradient() {
+        for bias in [true, false] {
+            let varmap = VarMap::new();
+            let config = GptConfig { dropout: 0.1, ..tiny_config(bias) };
+            let gpt = Gpt::init(&config, &varmap, &Device::Cpu, 7).unwrap();
+            let idx = random_tokens((2, 8), config.vocab_size, 1);
+            let targets = random_tokens((2, 8), config.vocab_size, 2);
+            for train in [false, true] {
+                let grads = cross_entropy(&gpt.forward(&idx, train).unwrap(), &targets).unwrap().backward().unwrap();
+                for (name, var) in vars(&varmap) {
+                    let grad = grads.get(&var).unwrap_or_else(|| panic!("`{name}` has no gradient (bias {bias})"));
+                    assert!(max_abs(grad) > 0.0, "`{name}` has a zero gradient (bias {bias}, train {train})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn loads_the_hubs_unprefixed_layout_with_buffers_and_lm_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tensors = candle_core::safetensors::load(fixture("tiny-gpt2/model.safetensors"), &Device::Cpu).unwrap();
+        tensors = tensors
+            .into_iter()
+            .map(|(key, tensor)| (key.strip_prefix(HF_PREFIX).unwrap().to_string(), tensor))
+            .collect();
+        for i in 0..2 {
+            tensors.insert(format!("h.{i}.attn.bias"), Tensor::ones((1, 1, 16, 16), DType::F32, &Device::Cpu).unwrap());
+        }
+        tensors.insert("lm_head.weight".to_string(), tensors["wte.weight"].clone());
+        candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+        fs_err::copy(fixture("tiny-gpt2/config.json"), dir.path().join("config.json")).unwrap();
+
+        let reference = reference();
+        let (idx, _) = batch(&reference);
+        let varmap = VarMap::new();
+        let gpt = Gpt::load_hf(&dir.path().join("model.safetensors"), &varmap, &Device::Cpu).unwrap();
+        let (expected, expected_varmap) = tiny_gpt2();
+        assert_eq!(vars(&varmap).len(), vars(&expected_varmap).len());
+        let logits = gpt.forward(&idx, false).unwrap();
+        assert_eq!(max_abs_diff(&logits, &expected.forward(&idx, false).unwrap()), 0.0);
+
+        // An untied head is a different model: refuse it rather than drop it.
+        tensors.insert("lm_head.weight".to_string(), (&tensors["wte.weight"] * 2.0).unwrap());
+        candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+        let error = Gpt::load_hf(dir.path(), &VarMap::new(), &Device::Cpu).err().unwrap();
+        assert!(error.to_string().contains("`lm_head.weight` that differs"), "{error}");
+    }
+
+    #[test]
+    fn a_missing_tensor_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut tensors = candle_core::safetensors::load(fixture("tiny-gpt2/model.safetensors"), &Device::Cpu).unwrap();
+        tensors.remove("transformer.h.1.mlp.c_fc.bias");
+        candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+        fs_err::copy(fixture("tiny-gpt2/config.json"), dir.path().join("config.json")).unwrap();
+        let error = Gpt::load_hf(dir.path(), &VarMap::new(), &Device::Cpu).err().unwrap();
+        assert!(format!("{error:#}").contains("h.1.mlp.c_fc.bias"), "{error:#}");
+    }
+
+    #[test]
+    fn save_hf_writes_what_transformers_wrote_and_loads_back() {
+        let (gpt, varmap) = tiny_gpt2();
+        let dir = tempfile::tempdir().unwrap();
+        gpt.save_hf(&varmap, dir.path()).unwrap();
+        // Same keys, same orientation, same bytes as `save_pretrained`'s file.
+        let saved = candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap();
+        let original = candle_core::safetensors::load(fixture("tiny-gpt2/model.safetensors"), &Device::Cpu).unwrap();
+        let mut keys: Vec<_> = saved.keys().collect();
+        keys.sort();
+        let mut original_keys: Vec<_> = original.keys().collect();
+        original_keys.sort();
+        assert_eq!(keys, original_keys);
+        for (key, tensor) in &saved {
+            assert_eq!(tensor.shape(), original[key].shape(), "{key}");
+            assert_eq!(max_abs_diff(tensor, &original[key]), 0.0, "{key}");
+        }
+
+        let reference = reference();
+        let (idx, _) = batch(&reference);
+        let loaded = Gpt::load_hf(dir.path(), &VarMap::new(), &Device::Cpu).unwrap();
+        assert_eq!(loaded.config, gpt.config);
+        let logits = loaded.forward(&idx, false).unwrap();
+        assert_eq!(max_abs_diff(&logits, &gpt.forward(&idx, false).unwrap()), 0.0);
+    }
+
+    /// HF's GPT-2 always has biases: a model without them is written with zero ones.
+    #[test]
+    fn save_hf_gives_a_biasless_model_zero_biases() {
+        let config = tiny_config(false);
+        let varmap = VarMap::new();
+        let gpt = Gpt::init(&config, &varmap, &Device::Cpu, 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        gpt.save_hf(&varmap, dir.path()).unwrap();
+        let loaded_varmap = VarMap::new();
+        let loaded = Gpt::load_hf(dir.path(), &loaded_varmap, &Device::Cpu).unwrap();
+        assert_eq!(loaded.config, GptConfig { bias: true, ..config.clone() });
+        assert_eq!(vars(&loaded_varmap).len(), 4 + 12 * config.n_layer);
+        let idx = random_tokens((2, 8), config.vocab_size, 4);
+        let logits = loaded.forward(&idx, false).unwrap();
+        assert_eq!(max_abs_diff(&logits, &gpt.forward(&idx, false).unwrap()), 0.0);
+    }
+
+    #[test]
+    fn init_is_gpt2s_and_seeded() {
+        let config =
+            GptConfig { block_size: 64, vocab_size: 512, n_layer: 4, n_head: 4, n_embd: 64, dropout: 0.0, bias: true };
+        let varmap = VarMap::new();
+        Gpt::init(&config, &varmap, &Device::Cpu, 42).unwrap();
+        let vars: HashMap<String, Var> = vars(&varmap).into_iter().collect();
+        let count: usize = vars.values().map(|var| var.elem_count()).sum();
+        assert_eq!(count, config.num_params(false));
+        let stats = |name: &str| {
+            let values = vars[name].as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mean = values.iter().sum::<f32>() / values.len() as f32;
+            let variance = values.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / values.len() as f32;
+            (mean, variance.sqrt())
+        };
+        let scaled = 0.02 / (2.0 * config.n_layer as f32).sqrt();
+        for (name, std) in [
+            ("wte.weight", 0.02),
+            ("wpe.weight", 0.02),
+            ("h.0.attn.c_attn.weight", 0.02),
+            ("h.3.mlp.c_fc.weight", 0.02),
+            ("h.0.attn.c_proj.weight", scaled),
+            ("h.3.mlp.c_proj.weight", scaled),
+        ] {
+            let (mean, actual) = stats(name);
+            assert!(mean.abs() < 0.1 * std, "`{name}` has mean {mean}");
+            assert!((actual / std - 1.0).abs() < 0.05, "`{name}` has std {actual}, GPT-2 init {std}");
+        }
+        for name in ["h.1.ln_1.weight", "ln_f.weight"] {
+            assert_eq!(stats(name), (1.0, 0.0), "{name}");
+        }
+        for name in ["h.1.ln_2.bias", "h.2.attn.c_attn.bias", "h.2.mlp.c_proj.bias"] {
+            assert_eq!(stats(name), (0.0, 0.0), "{name}");
+        }
+
+        let same = VarMap::new();
+        Gpt::init(&config, &same, &Device::Cpu, 42).unwrap();
+        let other = VarMap::new();
+        Gpt::init(&config, &other, &Device::Cpu, 43).unwrap();
+        for (name, var) in self::vars(&same) {
+            assert_eq!(max_abs_diff(var.as_tensor(), vars[&name].as_tensor()), 0.0, "{name}");
+        }
+        let other: HashMap<String, Var> = self::vars(&other).into_iter().collect();
+        assert!(max_abs_diff(other["wte.weight"].as_tensor(), vars["wte.weight"].as_tensor()) > 0.0);
+    }
+
+    #[test]
+    fn a_token_never_sees_the_future() {
+        let config = tiny_config(true);
+        let gpt = Gpt::init(&config, &VarMap::new(), &Device::Cpu, 5).unwrap();
+        let idx = random_tokens((1, 8), config.vocab_size, 6);
+        let mut changed = idx.to_vec2::<u32>().unwrap();
+        changed[0][5] = (changed[0][5] + 1) % config.vocab_size as u32;
+        let changed = Tensor::new(changed, &Device::Cpu).unwrap();
+        let before = gpt.forward(&idx, false).unwrap();
+        let after = gpt.forward(&changed, false).unwrap();
+        assert_eq!(max_abs_diff(&before.narrow(1, 0, 5).unwrap(), &after.narrow(1, 0, 5).unwrap()), 0.0);
+        assert!(max_abs_diff(&before.narrow(1, 5, 3).unwrap(), &after.narrow(1, 5, 3).unwrap()) > 0.0);
+    }
+
+    #[test]
+    fn dropout_only_while_training() {
+        let config = GptConfig { dropout: 0.5, ..tiny_config(true) };
+        let gpt = Gpt::init(&config, &VarMap::new(), &Device::Cpu, 8).unwrap();
+        let idx = random_tokens((2, 8), config.vocab_size, 9);
+        let eval = gpt.forward(&idx, false).unwrap();
+        assert_eq!(max_abs_diff(&eval, &gpt.forward(&idx, false).unwrap()), 0.0);
+        assert!(max_abs_diff(&eval, &gpt.forward(&idx, true).unwrap()) > 0.0);
+    }
+
+    #[test]
+    fn overfits_one_batch() {
+        let config = tiny_config(true);
+        let varmap = VarMap::new();
+        let gpt = Gpt::init(&config, &varmap, &Device::Cpu, 10).unwrap();
+        let idx = random_tokens((2, 8), config.vocab_size, 11);
+        let targets = random_tokens((2, 8), config.vocab_size, 12);
+        let params = candle_nn::ParamsAdamW { lr: 1e-2, weight_decay: 0.0, ..Default::default() };
+        let mut optimizer = candle_nn::AdamW::new(varmap.all_vars(), params).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..60 {
+            let loss = cross_entropy(&gpt.forward(&idx, true).unwrap(), &targets).unwrap();
+            optimizer.backward_step(&loss).unwrap();
+            losses.push(loss.to_scalar::<f32>().unwrap());
+        }
+        let last = *losses.last().unwrap();
+        assert!(losses[0] > 2.0 && last < 0.05, "losses {losses:?}");
+    }
+
+    #[test]
+    fn crop_block_size_keeps_the_first_positions() {
+        let reference = reference();
+        let (idx, _) = batch(&reference);
+        let (mut gpt, varmap) = tiny_gpt2();
+        let before = gpt.forward(&idx, false).unwrap();
+        gpt.crop_block_size(&varmap, 8).unwrap();
+        assert_eq!(gpt.config.block_size, 8);
+        assert_eq!(lock(varmap.data())["wpe.weight"].dims(), &[8, 32]);
+        assert_eq!(max_abs_diff(&gpt.forward(&idx, false).unwrap(), &before), 0.0);
+        let too_long = Tensor::zeros((1, 9), DType::U32, &Device::Cpu).unwrap();
+        assert!(gpt.forward(&too_long, false).is_err());
+        assert!(gpt.crop_block_size(&varmap, 9).is_err());
+    }
+
+    /// Counts Hugging Face reports for OpenAI's checkpoints, and nanoGPT's "123.65M" for gpt2.
+    #[test]
+    fn presets_have_gpt2s_sizes() {
+        let counts = [124_439_808, 354_823_168, 774_030_080, 1_557_611_200];
+        for (name, count) in GptConfig::PRESETS.into_iter().zip(counts) {
+            assert_eq!(GptConfig::preset(name).unwrap().num_params(false), count, "{name}");
+        }
+        let gpt2 = GptConfig::preset("gpt2").unwrap();
+        assert_eq!(gpt2.num_params(true), 123_653_376);
+        assert_eq!(gpt2.with_padded_vocab(64).vocab_size, 50304);
+        // 6 * 123_653_376 + 12 * 12 layers * 12 heads * 64 * 1024 tokens.
+        assert_eq!(gpt2.flops_per_token(), 855_166_464.0);
+        assert_eq!(GptConfig::preset("gpt3"), None);
+    }
+}
