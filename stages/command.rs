@@ -58,9 +58,7 @@ mod tests {
     use super::*;
 
     fn context(dir: &std::path::Path) -> Context {
-        let out = dir.join("out");
-        fs_err::create_dir_all(&out).unwrap();
-        Context { stage: "test".into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
+        Context::for_test(dir, "test")
     }
 
     fn config(run: &str, outs: &[&str]) -> Config {

@@ -355,12 +355,9 @@ pub(crate) fn check_relative(path: &str) -> Result<(), String> {
 mod tests {
     use super::*;
     use crate::test_server::{Route, Server};
-    use std::collections::BTreeMap;
 
     fn context(dir: &Path) -> Context {
-        let out = dir.join("out");
-        fs_err::create_dir_all(&out).unwrap();
-        Context { stage: "text".into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
+        Context::for_test(dir, "text")
     }
 
     /// 100 kB that no off-by-one can reproduce by accident.

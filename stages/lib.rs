@@ -7,16 +7,21 @@
 //! with an output directory that only becomes visible once `run` returns `Ok`.
 
 pub mod bpe;
+pub mod checkpoint;
 pub mod command;
 pub mod download;
+pub mod finetune;
 pub mod gpt;
 mod http;
 mod hub;
+pub mod metrics;
+pub mod optim;
 pub mod progress;
 pub mod shard;
 #[cfg(test)]
 mod test_server;
 pub mod tokenize;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -35,6 +40,16 @@ pub struct Context {
     pub out: PathBuf,
     /// The output directory of each upstream stage, by stage name.
     pub inputs: BTreeMap<String, PathBuf>,
+}
+
+impl Context {
+    /// A context for unit tests: the stage writes into `dir/out`, relative paths resolve in `dir`.
+    #[cfg(test)]
+    pub(crate) fn for_test(dir: &std::path::Path, stage: &str) -> Context {
+        let out = dir.join("out");
+        fs_err::create_dir_all(&out).expect("a test output directory");
+        Context { stage: stage.into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
+    }
 }
 
 /// What a stage hands back to the engine: one line for people and numbers for the manifest.

@@ -525,12 +525,9 @@ fn encode_batch(batch: &[(String, bool)], encoder: &Encoder, writer: &mut ShardW
 mod tests {
     use super::*;
     use crate::shard::TokenSplit;
-    use std::collections::BTreeMap;
 
     fn context(dir: &Path) -> Context {
-        let out = dir.join("out");
-        fs_err::create_dir_all(&out).unwrap();
-        Context { stage: "test".into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
+        Context::for_test(dir, "test")
     }
 
     fn tokens(dir: &Path, split: &str) -> Vec<u16> {
