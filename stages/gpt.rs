@@ -1,7 +1,8 @@
 //! The GPT: nanoGPT's model.py in Candle, read top to bottom the same way. It owns the model's
 //! shape (`GptConfig` and the GPT-2 presets), its layers and forward pass, GPT-2's init, the loss,
-//! and reading and writing the Hugging Face GPT-2 layout (model.safetensors + config.json). It
-//! does not own training (optimizer, schedule, checkpoints: `train.rs`) or sampling.
+//! reading and writing the Hugging Face GPT-2 layout (model.safetensors + config.json) and, as
+//! model.py, the sampling loop. It does not own training (optimizer, schedule, checkpoints:
+//! `train.rs`), tokenizers or prompts.
 //!
 //! Variable names are the Hugging Face GPT-2 keys without the `transformer.` prefix (`wte.weight`,
 //! `h.3.attn.c_attn.weight`, `ln_f.bias`), in candle's orientation: a linear weight is
@@ -17,7 +18,7 @@ use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use anyhow::{Context as _, bail, ensure};
-use candle_core::{D, DType, Device, Module, Result, Shape, Tensor, Var};
+use candle_core::{D, DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -260,7 +261,7 @@ impl Gpt {
     /// A fresh model with GPT-2's init, its variables in `varmap`: the same seed gives the same
     /// weights on any device. Variables already in `varmap` are kept.
     pub fn init(config: &GptConfig, varmap: &VarMap, device: &Device, seed: u64) -> Result<Gpt> {
-        let backend = SeededVarMap { varmap: varmap.clone(), normal: Mutex::new(Normal::new(seed)) };
+        let backend = SeededVarMap { varmap: varmap.clone(), rng: Mutex::new(Rng::new(seed)) };
         Gpt::new(config, VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()))
     }
 
@@ -294,6 +295,35 @@ impl Gpt {
         lock(varmap.data()).insert("wpe.weight".to_string(), wpe);
         self.config.block_size = block_size;
         Ok(())
+    }
+
+    /// Continues each row of idx (B, T) u32 by `max_new_tokens` tokens, each drawn from the
+    /// softmax of the last position's logits / `temperature`, cut to the `top_k` most likely
+    /// (nanoGPT's `generate`); the model sees the last `block_size` tokens. Temperature 0 takes
+    /// the most likely token. The same `seed` gives the same tokens. Returns (B, T + max_new_tokens).
+    pub fn generate(
+        &self,
+        idx: &Tensor,
+        max_new_tokens: usize,
+        temperature: f64,
+        top_k: Option<usize>,
+        seed: u64,
+    ) -> Result<Tensor> {
+        if temperature < 0.0 || top_k == Some(0) {
+            candle_core::bail!("cannot sample with temperature {temperature} and top_k {top_k:?}")
+        }
+        let mut rng = Rng::new(seed);
+        let mut idx = idx.clone();
+        for _ in 0..max_new_tokens {
+            let t = idx.dim(1)?;
+            let context = idx.narrow(1, t.saturating_sub(self.config.block_size), t.min(self.config.block_size))?;
+            let logits = self.forward(&context, false)?; // (B, T, V)
+            let logits = logits.i((.., context.dim(1)? - 1, ..))?.to_dtype(DType::F64)?.to_vec2::<f64>()?; // (B, V)
+            let next: Vec<u32> = logits.iter().map(|row| sample(row, temperature, top_k, &mut rng)).collect();
+            let next = Tensor::from_vec(next, (logits.len(), 1), idx.device())?; // (B, 1)
+            idx = Tensor::cat(&[&idx, &next], 1)?;
+        }
+        Ok(idx)
     }
 
     /// Loads a Hugging Face GPT-2 (a folder with model.safetensors and config.json, or the
@@ -402,6 +432,29 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
 }
 
+/// One token id from a row of logits (V): see `Gpt::generate`.
+fn sample(logits: &[f64], temperature: f64, top_k: Option<usize>, rng: &mut Rng) -> u32 {
+    let argmax = |row: &[f64]| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best });
+    if temperature == 0.0 {
+        return argmax(logits) as u32;
+    }
+    // Ties at the k-th largest logit all stay in, as in nanoGPT's `logits < v[:, [-1]]`.
+    let mut sorted = logits.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let floor = sorted[top_k.unwrap_or(sorted.len()).min(sorted.len()) - 1];
+    let max = sorted[0];
+    let weights: Vec<f64> =
+        logits.iter().map(|&l| if l < floor { 0.0 } else { ((l - max) / temperature).exp() }).collect();
+    let mut u = rng.uniform() * weights.iter().sum::<f64>();
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    argmax(logits) as u32 // rounding left `u` past the last weight; the largest is the best guess
+}
+
 /// Hugging Face's GPT-2 implements its linear layers as Conv1D, whose weight is (in, out).
 fn is_conv1d(name: &str) -> bool {
     [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"].iter().any(|suffix| name.ends_with(suffix))
@@ -469,7 +522,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// draws normal inits from a seeded generator: candle's CPU `randn` cannot be seeded.
 struct SeededVarMap {
     varmap: VarMap,
-    normal: Mutex<Normal>,
+    rng: Mutex<Rng>,
 }
 
 impl SimpleBackend for SeededVarMap {
@@ -477,8 +530,8 @@ impl SimpleBackend for SeededVarMap {
         if let Init::Randn { mean, stdev } = init
             && !self.varmap.contains_tensor(name)
         {
-            let mut normal = lock(&self.normal);
-            let values: Vec<f32> = (0..shape.elem_count()).map(|_| (mean + stdev * normal.sample()) as f32).collect();
+            let mut rng = lock(&self.rng);
+            let values: Vec<f32> = (0..shape.elem_count()).map(|_| (mean + stdev * rng.normal()) as f32).collect();
             let var = Var::from_tensor(&Tensor::from_vec(values, &shape, device)?.to_dtype(dtype)?)?;
             lock(self.varmap.data()).insert(name.to_string(), var);
         }
@@ -494,16 +547,16 @@ impl SimpleBackend for SeededVarMap {
     }
 }
 
-/// Standard normal samples: splitmix64 (Steele et al. 2014) for the uniform bits, Box-Muller for
-/// the normal. Small and the same everywhere, which is all an init needs.
-struct Normal {
+/// A seeded generator: splitmix64 (Steele et al. 2014) for the bits, Box-Muller for normal
+/// samples. Small and the same on every platform and device, which is all init and sampling need.
+struct Rng {
     state: u64,
     spare: Option<f64>,
 }
 
-impl Normal {
-    fn new(seed: u64) -> Normal {
-        Normal { state: seed, spare: None }
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng { state: seed, spare: None }
     }
 
     fn next_u64(&mut self) -> u64 {
@@ -519,7 +572,8 @@ impl Normal {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 
-    fn sample(&mut self) -> f64 {
+    /// A standard normal sample.
+    fn normal(&mut self) -> f64 {
         if let Some(z) = self.spare.take() {
             return z;
         }
@@ -537,7 +591,6 @@ mod tests {
 
     use std::path::PathBuf;
 
-    use candle_core::IndexOp;
     use candle_nn::Optimizer;
 
     use super::*;
@@ -580,7 +633,7 @@ mod tests {
     }
 
     fn random_tokens(shape: (usize, usize), vocab_size: usize, seed: u64) -> Tensor {
-        let mut rng = Normal::new(seed);
+        let mut rng = Rng::new(seed);
         let ids: Vec<u32> = (0..shape.0 * shape.1).map(|_| (rng.next_u64() % vocab_size as u64) as u32).collect();
         Tensor::from_vec(ids, shape, &Device::Cpu).unwrap()
     }
@@ -828,6 +881,50 @@ mod tests {
         let too_long = Tensor::zeros((1, 9), DType::U32, &Device::Cpu).unwrap();
         assert!(gpt.forward(&too_long, false).is_err());
         assert!(gpt.crop_block_size(&varmap, 9).is_err());
+    }
+
+    #[test]
+    fn generate_samples_repeatably_and_greedy_at_top_k_1() {
+        let config = tiny_config(true);
+        let gpt = Gpt::init(&config, &VarMap::new(), &Device::Cpu, 13).unwrap();
+        let prompt = random_tokens((2, 3), config.vocab_size, 14);
+        // Past block_size (8): the context slides.
+        let sampled = gpt.generate(&prompt, 10, 1.0, None, 15).unwrap();
+        assert_eq!(sampled.dims(), &[2, 13]);
+        assert_eq!(sampled.narrow(1, 0, 3).unwrap().to_vec2::<u32>().unwrap(), prompt.to_vec2::<u32>().unwrap());
+        assert!(sampled.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().all(|&id| id < 16));
+        let again = gpt.generate(&prompt, 10, 1.0, None, 15).unwrap();
+        assert_eq!(again.to_vec2::<u32>().unwrap(), sampled.to_vec2::<u32>().unwrap());
+
+        let top_1 = gpt.generate(&prompt, 10, 0.8, Some(1), 16).unwrap();
+        assert_eq!(
+            top_1.to_vec2::<u32>().unwrap(),
+            gpt.generate(&prompt, 10, 0.0, None, 17).unwrap().to_vec2::<u32>().unwrap()
+        );
+        let mut greedy = prompt.clone();
+        for _ in 0..10 {
+            let t = greedy.dim(1).unwrap();
+            let context = greedy.narrow(1, t.saturating_sub(8), t.min(8)).unwrap();
+            let logits = gpt.forward(&context, false).unwrap();
+            let next = logits.i((.., context.dim(1).unwrap() - 1, ..)).unwrap().argmax_keepdim(1).unwrap();
+            greedy = Tensor::cat(&[&greedy, &next], 1).unwrap();
+        }
+        assert_eq!(top_1.to_vec2::<u32>().unwrap(), greedy.to_vec2::<u32>().unwrap());
+    }
+
+    #[test]
+    fn sample_follows_the_softmax_within_top_k() {
+        let logits = [0.0, 1.0f64.ln(), 2.0f64.ln(), 3.0f64.ln(), -1e9];
+        let mut rng = Rng::new(18);
+        let mut counts = [0usize; 5];
+        for _ in 0..60_000 {
+            counts[sample(&logits, 1.0, Some(3), &mut rng) as usize] += 1;
+        }
+        // Top 3 of weights 1, 1, 2, 3: the two 1s tie at the cut and both stay in.
+        let expected = [1.0 / 7.0, 1.0 / 7.0, 2.0 / 7.0, 3.0 / 7.0, 0.0];
+        for (count, p) in counts.iter().zip(expected) {
+            assert!((*count as f64 / 60_000.0 - p).abs() < 0.01, "{counts:?}");
+        }
     }
 
     /// Counts Hugging Face reports for OpenAI's checkpoints, and nanoGPT's "123.65M" for gpt2.
