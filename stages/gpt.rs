@@ -230,6 +230,8 @@ impl Block {
     }
 }
 
+/// nanoGPT's `GPT`: embeddings, `n_layer` blocks, a final LayerNorm and the tied output layer.
+/// Its variables live in the `VarMap` (or files) its `VarBuilder` came from.
 pub struct Gpt {
     pub config: GptConfig,
     wte: Embedding,
@@ -285,7 +287,8 @@ impl Gpt {
 
     /// Shortens the context to `block_size` by keeping the first rows of `wpe` (nanoGPT's
     /// `crop_block_size`): finetuning GPT-2 on short sequences need not carry 1024 positions.
-    /// `wpe.weight` in `varmap` becomes a new, smaller variable.
+    /// `wpe.weight` in `varmap` becomes a new, smaller variable: crop before building the
+    /// optimizer over `varmap.all_vars()`.
     pub fn crop_block_size(&mut self, varmap: &VarMap, block_size: usize) -> Result<()> {
         if block_size == 0 || block_size > self.config.block_size {
             candle_core::bail!("cannot crop block size {} to {block_size}", self.config.block_size)
