@@ -1,110 +1,107 @@
 //! The closed set of stage kinds, and the one place that maps `kind:` to the code in `stages/`
 //! (ripgrep's `Mode`): validation of params against the kind's `Config`, its version and
 //! non-semantic keys for the content key, and running it in the child process.
+//!
+//! Every kind module in `stages/` has the same items (`Config`, `VERSION`, `NON_SEMANTIC`,
+//! `RESUMABLE`, `local_inputs`, `run`), so one list below generates the enum and every `match`.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use nanoflow_stages::{Context, Report, command, download, tokenize};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StageKind {
-    Command,
-    Download,
-    Tokenize,
-}
+use nanoflow_stages::{Context, Report, command, download, finetune, tokenize, train};
 
 /// A param that does not fit the kind's `Config`.
 #[derive(Debug)]
 pub enum ParamError {
     /// A required key is absent.
     Missing { key: String },
-    /// The value under `key` (a top-level param) has the wrong type or value.
+    /// The value under `key` (a top-level param; empty for the config as a whole) is wrong.
     Invalid { key: String, message: String },
 }
 
-impl StageKind {
-    pub const ALL: &'static [StageKind] = &[StageKind::Command, StageKind::Download, StageKind::Tokenize];
-
-    pub fn parse(name: &str) -> Option<StageKind> {
-        StageKind::ALL.iter().copied().find(|kind| kind.name() == name)
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            StageKind::Command => "command",
-            StageKind::Download => "download",
-            StageKind::Tokenize => "tokenize",
+macro_rules! stage_kinds {
+    ($($variant:ident => $module:ident),+ $(,)?) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum StageKind {
+            $($variant),+
         }
-    }
 
-    /// Enters every key of this kind: bumped when the kind's outputs change meaning.
-    pub fn version(self) -> u32 {
-        match self {
-            StageKind::Command => command::VERSION,
-            StageKind::Download => download::VERSION,
-            StageKind::Tokenize => tokenize::VERSION,
-        }
-    }
+        impl StageKind {
+            pub const ALL: &'static [StageKind] = &[$(StageKind::$variant),+];
 
-    /// The params this kind accepts, in declaration order.
-    pub fn fields(self) -> &'static [&'static str] {
-        match self {
-            StageKind::Command => fields_of::<command::Config>(),
-            StageKind::Download => fields_of::<download::Config>(),
-            StageKind::Tokenize => fields_of::<tokenize::Config>(),
-        }
-    }
+            /// The name written after `kind:`, which is also the module's name.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(StageKind::$variant => stringify!($module)),+
+                }
+            }
 
-    /// Params that cannot change results and so stay out of the key.
-    pub fn non_semantic(self) -> &'static [&'static str] {
-        match self {
-            StageKind::Command => &[],
-            StageKind::Download => download::NON_SEMANTIC,
-            StageKind::Tokenize => tokenize::NON_SEMANTIC,
-        }
-    }
+            /// Enters every key of this kind: bumped when the kind's outputs change meaning.
+            pub fn version(self) -> u32 {
+                match self {
+                    $(StageKind::$variant => $module::VERSION),+
+                }
+            }
 
-    /// Whether a re-run of the same key keeps the partial output of an interrupted one, so the
-    /// kind can resume (a download's `.part` file, a trainer's checkpoints).
-    pub fn resumable(self) -> bool {
-        match self {
-            StageKind::Command => false,
-            StageKind::Download => download::RESUMABLE,
-            StageKind::Tokenize => false,
-        }
-    }
+            /// The params this kind accepts, in declaration order.
+            pub fn fields(self) -> &'static [&'static str] {
+                match self {
+                    $(StageKind::$variant => fields_of::<$module::Config>()),+
+                }
+            }
 
-    /// Checks params against the kind's `Config` and returns the config with every default
-    /// filled in, as JSON: the form that enters the key and reaches the child process.
-    pub fn validate(self, params: serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
-        match self {
-            StageKind::Command => resolve::<command::Config>(params),
-            StageKind::Download => resolve::<download::Config>(params),
-            StageKind::Tokenize => resolve::<tokenize::Config>(params),
-        }
-    }
+            /// Params that cannot change results and so stay out of the key.
+            pub fn non_semantic(self) -> &'static [&'static str] {
+                match self {
+                    $(StageKind::$variant => $module::NON_SEMANTIC),+
+                }
+            }
 
-    /// Local files and folders named by params whose contents enter the key.
-    pub fn local_inputs(self, params: &serde_json::Value) -> Vec<String> {
-        match self {
-            StageKind::Command => Vec::new(),
-            StageKind::Download => download::local_inputs(&config(params)),
-            StageKind::Tokenize => {
-                let config: tokenize::Config = config(params);
-                std::iter::once(config.input).chain(config.val_input).filter(|path| !path.is_empty()).collect()
+            /// Whether a re-run of the same key keeps the partial output of an interrupted one,
+            /// so the kind can resume (a download's `.part` file, a trainer's checkpoints).
+            pub fn resumable(self) -> bool {
+                match self {
+                    $(StageKind::$variant => $module::RESUMABLE),+
+                }
+            }
+
+            /// Checks params against the kind's `Config` and returns the config with every
+            /// default filled in, as JSON: what enters the key and reaches the child process.
+            pub fn validate(self, params: serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
+                match self {
+                    $(StageKind::$variant => resolve::<$module::Config>(params)),+
+                }
+            }
+
+            /// Local files and folders named by (validated) params whose contents enter the key.
+            pub fn local_inputs(self, params: &serde_json::Value) -> Vec<String> {
+                match self {
+                    $(StageKind::$variant => $module::local_inputs(&config(params))),+
+                }
+            }
+
+            /// Runs the stage. Called in the child process, with `${stage}` references already
+            /// replaced by paths.
+            pub fn run(self, params: serde_json::Value, context: &Context) -> anyhow::Result<Report> {
+                match self {
+                    $(StageKind::$variant => $module::run(&serde_json::from_value(params)?, context)),+
+                }
             }
         }
-    }
+    };
+}
 
-    /// Runs the stage. Called in the child process, with `${stage}` references already
-    /// replaced by paths.
-    pub fn run(self, params: serde_json::Value, context: &Context) -> anyhow::Result<Report> {
-        match self {
-            StageKind::Command => command::run(&serde_json::from_value(params)?, context),
-            StageKind::Download => download::run(&serde_json::from_value(params)?, context),
-            StageKind::Tokenize => tokenize::run(&serde_json::from_value(params)?, context),
-        }
+stage_kinds! {
+    Command => command,
+    Download => download,
+    Tokenize => tokenize,
+    Train => train,
+    Finetune => finetune,
+}
+
+impl StageKind {
+    pub fn parse(name: &str) -> Option<StageKind> {
+        StageKind::ALL.iter().copied().find(|kind| kind.name() == name)
     }
 }
 

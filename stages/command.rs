@@ -15,6 +15,12 @@ use crate::{Context, Report};
 /// command stage's key changes with it.
 pub const VERSION: u32 = 1;
 
+/// Every param can change what the script does.
+pub const NON_SEMANTIC: &[&str] = &[];
+
+/// A script that failed half-way starts again from an empty `$OUT`.
+pub const RESUMABLE: bool = false;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -28,6 +34,11 @@ pub struct Config {
     /// Extra environment variables for the script. They enter the key like any param.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+}
+
+/// A script's local files are named with `deps:` (the engine's key), not by params.
+pub fn local_inputs(_config: &Config) -> Vec<String> {
+    Vec::new()
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {

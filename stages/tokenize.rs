@@ -25,6 +25,9 @@ pub const VERSION: u32 = 1;
 /// Params that cannot change the output: the shards are byte-identical at any thread count.
 pub const NON_SEMANTIC: &[&str] = &["threads"];
 
+/// Tokenizing again from the start is cheap next to keeping partial shards consistent.
+pub const RESUMABLE: bool = false;
+
 /// `#[serde(remote = "Self")]` derives inherent (de)serialize functions that the trait impls
 /// below wrap, so that a missing `input` or a contradictory split is rejected while the pipeline
 /// is read (exit code 2, nothing ran), not when the stage runs.
@@ -126,6 +129,12 @@ impl Config {
         }
         Ok(fraction)
     }
+}
+
+/// `input` and `val_input` when they name local files rather than `${stage}` outputs (the
+/// engine skips references): their content enters the key.
+pub fn local_inputs(config: &Config) -> Vec<String> {
+    std::iter::once(config.input.clone()).chain(config.val_input.clone()).filter(|path| !path.is_empty()).collect()
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
