@@ -129,13 +129,9 @@ fn read_entries(file: &Path) -> HashMap<PathBuf, Entry> {
     fs_err::read(file).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
 }
 
-/// blake3 of a file, memory-mapped and hashed on all cores when it is large.
+/// blake3 of a file, hashed on all cores.
 pub fn hash_file(path: &Path) -> io::Result<String> {
-    let mut hasher = blake3::Hasher::new();
-    hasher
-        .update_mmap_rayon(path)
-        .map_err(|error| io::Error::new(error.kind(), format!("{}: {error}", path.display())))?;
-    Ok(hasher.finalize().to_hex().to_string())
+    nanoflow_stages::digest::blake3_file(path)
 }
 
 /// The files under `dir` (following no symlinks into other trees), relative, sorted.

@@ -240,7 +240,7 @@ impl Digest {
     fn of_file(pin: Option<&Digest>, path: &Path) -> anyhow::Result<Digest> {
         let algorithm = pin.map_or(Algorithm::Blake3, |pin| pin.algorithm);
         let hex = match algorithm {
-            Algorithm::Blake3 => blake3::Hasher::new().update_mmap_rayon(path)?.finalize().to_hex().to_string(),
+            Algorithm::Blake3 => crate::digest::blake3_file(path)?,
             Algorithm::Sha256 => {
                 use sha2::Digest as _;
                 let mut hasher = sha2::Sha256::new();

@@ -9,6 +9,7 @@
 pub mod bpe;
 pub mod checkpoint;
 pub mod command;
+pub mod digest;
 pub mod download;
 pub mod finetune;
 pub mod gpt;

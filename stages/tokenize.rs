@@ -168,12 +168,12 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     let mut sources = Vec::new();
     for (split, files) in [("train", &train_files), ("val", &val_files)] {
         for file in files {
-            let mut hasher = blake3::Hasher::new();
-            pool.install(|| hasher.update_mmap_rayon(&file.path))
+            let digest = pool
+                .install(|| crate::digest::blake3_file(&file.path))
                 .with_context(|| format!("could not read `{}`", file.path.display()))?;
             let bytes = fs_err::metadata(&file.path)?.len();
             sources.push(serde_json::json!({
-                "split": split, "path": file.name, "bytes": bytes, "blake3": hasher.finalize().to_hex().as_str(),
+                "split": split, "path": file.name, "bytes": bytes, "blake3": digest,
             }));
         }
     }
