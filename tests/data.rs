@@ -86,3 +86,28 @@ fn the_shipped_pipeline_is_valid() {
     }
     test.expect(&["-f", shipped, "dag", "ci"], 0);
 }
+
+/// The uint16 tokens of a shard file.
+fn shard_tokens(bytes: &[u8]) -> Vec<u16> {
+    bytes[1024..].chunks(2).map(|pair| u16::from_le_bytes([pair[0], pair[1]])).collect()
+}
+
+#[test]
+fn char_tokenization_matches_nanogpt_prepare_py() {
+    // tests/fixtures/ci_char.json comes from make_char_fixture.py, nanoGPT's prepare.py logic.
+    let fixture: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/ci_char.json")).expect("the fixture is JSON");
+    let test = Test::with_pipeline(
+        "stages:\n  text: {kind: download, path: corpus.txt}\n  chars: {kind: tokenize, input: '${text}', tokenizer: char, val_fraction: 0.1}\n",
+    );
+    test.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+    test.expect(&["run", "chars"], 0);
+    let meta: serde_json::Value = serde_json::from_str(&test.read("artifacts/chars/current/meta.json")).unwrap();
+    for key in ["vocab_size", "itos", "train_tokens", "val_tokens"] {
+        assert_eq!(meta[key], fixture[key], "`{key}`");
+    }
+    let train = shard_tokens(&fs_err::read(test.path("artifacts/chars/current/train_000000.bin")).unwrap());
+    let val = shard_tokens(&fs_err::read(test.path("artifacts/chars/current/val_000000.bin")).unwrap());
+    assert_eq!(serde_json::json!(train[..64]), fixture["train_head"]);
+    assert_eq!(serde_json::json!(val[..64]), fixture["val_head"]);
+}
