@@ -130,6 +130,11 @@ impl Config {
     }
 }
 
+/// As `train`'s: `data` and `init_from` where they name local folders.
+pub fn local_inputs(config: &Config) -> Vec<String> {
+    train::local_inputs(&config.to_train())
+}
+
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     ensure!(
         !config.init_from.is_empty() && config.init_from != "scratch",
