@@ -147,11 +147,9 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>
 }
 
 fn digest(path: &Path) -> anyhow::Result<FileDigest> {
-    let mut hasher = blake3::Hasher::new();
-    let mut file = fs_err::File::open(path)?;
-    let bytes =
-        std::io::copy(&mut file, &mut hasher).with_context(|| format!("could not read `{}`", path.display()))?;
-    Ok(FileDigest { bytes, blake3: hasher.finalize().to_hex().to_string() })
+    let bytes = fs_err::metadata(path)?.len();
+    let blake3 = crate::digest::blake3_file(path).with_context(|| format!("could not read `{}`", path.display()))?;
+    Ok(FileDigest { bytes, blake3 })
 }
 
 #[cfg(test)]

@@ -96,6 +96,9 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// A plotted column of the record.
+type Column = fn(&Row) -> Option<f64>;
+
 const WIDTH: usize = 800;
 const HEIGHT: usize = 500;
 const LEFT: usize = 70;
@@ -110,7 +113,7 @@ const VAL: [u8; 3] = [255, 127, 14];
 /// are evaluations the mean train loss (blue) and val loss (orange), against the iteration.
 pub fn plot_png(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
     let mut canvas = Canvas { pixels: vec![255; WIDTH * HEIGHT * 3] };
-    let series: [(fn(&Row) -> Option<f64>, [u8; 3]); 3] =
+    let series: [(Column, [u8; 3]); 3] =
         [(|row| row.loss, TRAIN_STEP), (|row| row.train_loss, TRAIN), (|row| row.val_loss, VAL)];
     let values =
         || rows.iter().flat_map(|row| [row.loss, row.train_loss, row.val_loss]).flatten().filter(|v| v.is_finite());

@@ -275,14 +275,14 @@ mod tests {
         };
         let grad = Tensor::new(&[[0.1f32, 0.2], [-0.3, 0.4]], &device)?;
         let (a, mut first) = make()?;
-        first.step(&[grad.clone()], 0.01)?;
+        first.step(std::slice::from_ref(&grad), 0.01)?;
         let dir = tempfile::tempdir()?;
         first.save(&dir.path().join("optim.safetensors"))?;
         let (b, mut second) = make()?;
         b.set(a.as_tensor())?;
         second.load(&dir.path().join("optim.safetensors"))?;
         assert_eq!(second.steps(), 1);
-        first.step(&[grad.clone()], 0.01)?;
+        first.step(std::slice::from_ref(&grad), 0.01)?;
         second.step(&[grad], 0.01)?;
         assert_eq!(a.as_tensor().flatten_all()?.to_vec1::<f32>()?, b.as_tensor().flatten_all()?.to_vec1::<f32>()?);
         Ok(())
