@@ -134,6 +134,12 @@ fn file_name(path: &Path) -> String {
 fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<FileDigest> {
     let temporary = path.with_file_name(format!(".{}.tmp", file_name(path)));
     write(&temporary)?;
+    // safetensors creates files readable by their owner only; a checkpoint is an output like any.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs_err::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644))?;
+    }
     fs_err::File::open(&temporary)?.sync_all().with_context(|| format!("could not sync `{}`", temporary.display()))?;
     let digest = digest(&temporary)?;
     fs_err::rename(&temporary, path)?;
