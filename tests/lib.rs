@@ -7,6 +7,7 @@ mod cli;
 mod data;
 mod process;
 mod store;
+mod train;
 mod validate;
 
 use std::path::PathBuf;
