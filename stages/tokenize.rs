@@ -119,7 +119,9 @@ impl Config {
     /// The fraction of the stream that goes to `val`, from `val_fraction` and `val_input`.
     fn val_fraction(&self) -> Result<f64, String> {
         let fraction = match (self.val_fraction, &self.val_input) {
-            (Some(_), Some(_)) => return Err("`val_fraction` and `val_input` both choose the val split: set one".into()),
+            (Some(_), Some(_)) => {
+                return Err("`val_fraction` and `val_input` both choose the val split: set one".into());
+            }
             (Some(fraction), None) => fraction,
             (None, Some(_)) => 0.0,
             (None, None) => 0.1,
