@@ -441,7 +441,8 @@ impl<'a> Executor<'a> {
         let counter = self.printer.paint(Style::Dim, &format!("[{}/{total}]", position + 1));
         let state = self.printer.paint(style, &format!("{state:<8}"));
         let line = format!("{counter} {stage:<width$}  {state} {detail}", width = self.width);
-        if style_is_failure(state.as_str()) { self.printer.error(&line) } else { self.printer.status(&line) }
+        // A failure is shown even with `-q`.
+        if matches!(style, Style::Red) { self.printer.error(&line) } else { self.printer.status(&line) }
     }
 
     fn show_path(&self, path: &Path) -> String {
@@ -452,10 +453,6 @@ impl<'a> Executor<'a> {
 enum Prepared {
     Cached(Outcome),
     Run { key: String, material: KeyMaterial, reasons: Vec<String> },
-}
-
-fn style_is_failure(state: &str) -> bool {
-    state.contains("failed")
 }
 
 fn hostname() -> String {
