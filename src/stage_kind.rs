@@ -8,7 +8,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use nanoflow_stages::{Context, Report, command, download, finetune, tokenize, train};
+use nanoflow_stages::{Context, Report, command, download, eval, export, finetune, sample, tokenize, train};
 
 /// A param that does not fit the kind's `Config`.
 #[derive(Debug)]
@@ -97,6 +97,9 @@ stage_kinds! {
     Tokenize => tokenize,
     Train => train,
     Finetune => finetune,
+    Sample => sample,
+    Eval => eval,
+    Export => export,
 }
 
 impl StageKind {

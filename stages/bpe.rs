@@ -126,6 +126,42 @@ impl Bpe {
         out
     }
 
+    /// The bytes of token `id`; `None` for `<|endoftext|>` and ids past the vocabulary.
+    pub fn token_bytes(&self, id: u16) -> Option<&[u8]> {
+        self.tokens.get(id as usize).map(|bytes| &bytes[..])
+    }
+
+    /// GPT-2's merge list (what Hugging Face keeps in merges.txt), derived from the ranks: the
+    /// token of rank `r` (past the 256 single bytes) is the merge of the two tokens that BPE
+    /// reaches when it may only use merges ranked below `r`. In rank order.
+    pub fn merges(&self) -> anyhow::Result<Vec<(u16, u16)>> {
+        let mut merges = Vec::with_capacity(self.tokens.len());
+        for (rank, token) in self.tokens.iter().enumerate() {
+            if token.len() < 2 {
+                continue;
+            }
+            let mut parts: Vec<&[u8]> = token.chunks(1).collect();
+            while parts.len() > 2 {
+                let best = (0..parts.len() - 1)
+                    .filter_map(|i| {
+                        let merged = [parts[i], parts[i + 1]].concat();
+                        self.rank(&merged).filter(|&r| (r as usize) < rank).map(|r| (r, i))
+                    })
+                    .min()
+                    .ok_or_else(|| anyhow::anyhow!("token {rank} is not a merge of lower-ranked tokens"))?;
+                let i = best.1;
+                parts[i] =
+                    &token[parts[..i].iter().map(|p| p.len()).sum::<usize>()..][..parts[i].len() + parts[i + 1].len()];
+                parts.remove(i + 1);
+            }
+            let left = self.rank(parts[0]).expect("a part of a merge is a token");
+            let right = self.rank(parts[1]).expect("a part of a merge is a token");
+            anyhow::ensure!((left as usize) < rank && (right as usize) < rank, "token {rank} merges later tokens");
+            merges.push((left, right));
+        }
+        Ok(merges)
+    }
+
     #[inline(always)]
     fn rank(&self, bytes: &[u8]) -> Option<u16> {
         if bytes.len() <= 7 { self.short.get(&short_key(bytes)).copied() } else { self.long.get(bytes).copied() }

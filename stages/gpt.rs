@@ -162,17 +162,32 @@ impl CausalSelfAttention {
         Ok(CausalSelfAttention { c_attn, c_proj, n_head: config.n_head })
     }
 
-    fn forward(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+    /// With a `cache`, `x` holds the positions after those cached, whose keys and values are
+    /// reused; this step's are appended.
+    fn forward(&self, x: &Tensor, p: f32, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?; // batch size, sequence length, embedding dimensionality (n_embd)
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
         // (B, nh, T, hs): the heads move next to the batch.
         let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+        let (q, mut k, mut v) = (head(0)?, head(1)?, head(2)?);
+        let mut past = 0;
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.take() {
+                past = past_k.dim(2)?;
+                k = Tensor::cat(&[&past_k, &k], 2)?; // (B, nh, past + T, hs)
+                v = Tensor::cat(&[&past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
         // Scaled dot-product attention, each position seeing only itself and earlier ones.
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?; // (B, nh, T, T)
-        let future = causal_mask(t, x.device())?.broadcast_as(att.shape())?;
-        let att = future.where_cond(&Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?, &att)?;
+        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?; // (B, nh, T, past + T)
+        let att = if t > 1 {
+            let future = causal_mask(t, past, x.device())?.broadcast_as(att.shape())?;
+            future.where_cond(&Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?, &att)?
+        } else {
+            att // one new position sees every cached one
+        };
         let att = dropout(&candle_nn::ops::softmax(&att, D::Minus1)?, p)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): the heads side by side again
@@ -180,10 +195,36 @@ impl CausalSelfAttention {
     }
 }
 
-/// (T, T), 1 where the key comes after the query.
-fn causal_mask(t: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<u8> = (0..t).flat_map(|i| (0..t).map(move |j| u8::from(j > i))).collect();
-    Tensor::from_vec(mask, (t, t), device)
+/// (T, past + T), 1 where the key comes after the query (query i is position past + i).
+fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<u8> = (0..t).flat_map(|i| (0..past + t).map(move |j| u8::from(j > past + i))).collect();
+    Tensor::from_vec(mask, (t, past + t), device)
+}
+
+/// One layer's cached keys and values, (B, nh, T, hs) each.
+type LayerCache = Option<(Tensor, Tensor)>;
+
+/// The keys and values of every layer for the positions a model has seen, so that generating
+/// the next token computes one position instead of the whole context.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn clear(&mut self) {
+        *self = KvCache::default();
+    }
 }
 
 struct Mlp {
@@ -224,8 +265,8 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, p: f32) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, p)?)?;
+    fn forward(&self, x: &Tensor, p: f32, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, p, cache)?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x)?, p)?
     }
 }
@@ -269,20 +310,43 @@ impl Gpt {
 
     /// idx (B, T) u32 token ids -> logits (B, T, vocab_size) f32. `train` turns dropout on.
     pub fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor> {
+        let x = self.hidden(idx, train, None)?;
+        self.lm_head.forward(&x) // (B, T, vocab_size)
+    }
+
+    /// idx (B, T) u32: the tokens after the `cache.len()` ones the cache holds -> the logits of
+    /// the last position (B, vocab_size), the same as `forward` on the whole sequence gives there.
+    /// The cache takes in these positions. Inference only (no dropout).
+    pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let t = idx.dim(1)?;
+        let x = self.hidden(idx, false, Some(cache))?; // (B, T, C)
+        self.lm_head.forward(&x.i((.., t - 1, ..))?.contiguous()?) // (B, vocab_size)
+    }
+
+    /// The final LayerNorm's output (B, T, C): everything but the output layer.
+    fn hidden(&self, idx: &Tensor, train: bool, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, t) = idx.dims2()?;
-        if t > self.config.block_size {
-            candle_core::bail!("cannot forward a sequence of length {t}, block size is only {}", self.config.block_size)
+        let past = cache.as_ref().map_or(0, |cache| cache.len);
+        if past + t > self.config.block_size {
+            candle_core::bail!(
+                "cannot forward a sequence of length {}, block size is only {}",
+                past + t,
+                self.config.block_size
+            )
         }
         let p = if train { self.config.dropout as f32 } else { 0.0 };
-        let pos = Tensor::arange(0u32, t as u32, idx.device())?; // (T)
+        let pos = Tensor::arange(past as u32, (past + t) as u32, idx.device())?; // (T)
         let tok_emb = self.wte.forward(idx)?; // (B, T, C)
         let pos_emb = self.wpe.forward(&pos)?; // (T, C)
         let mut x = dropout(&tok_emb.broadcast_add(&pos_emb)?, p)?;
-        for block in &self.h {
-            x = block.forward(&x, p)?;
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.layers.resize(self.h.len(), None);
+            cache.len += t;
         }
-        let x = self.ln_f.forward(&x)?;
-        self.lm_head.forward(&x) // (B, T, vocab_size)
+        for (i, block) in self.h.iter().enumerate() {
+            x = block.forward(&x, p, cache.as_deref_mut().map(|cache| &mut cache.layers[i]))?;
+        }
+        self.ln_f.forward(&x)
     }
 
     /// Shortens the context to `block_size` by keeping the first rows of `wpe` (nanoGPT's
@@ -312,17 +376,45 @@ impl Gpt {
         top_k: Option<usize>,
         seed: u64,
     ) -> Result<Tensor> {
+        let sampling = Sampling { max_new_tokens, temperature, top_k, kv_cache: true };
+        self.generate_with(idx, &sampling, &mut Rng::new(seed), &mut |_| Ok(()))
+    }
+
+    /// `generate` with the settings in `sampling`, drawing from `rng` (so that samples in a row
+    /// continue one stream, as nanoGPT's sample.py does), calling `on_tokens` with each step's
+    /// new token of every row as it is drawn.
+    ///
+    /// With the KV cache each step computes one position while the context fits `block_size`.
+    /// Past it the window slides, every position changes its place, and nothing cached is valid:
+    /// each step then recomputes the last `block_size` tokens, as nanoGPT does for all steps.
+    /// The tokens are the same either way (the cache only skips recomputation).
+    pub fn generate_with(
+        &self,
+        idx: &Tensor,
+        sampling: &Sampling,
+        rng: &mut Rng,
+        on_tokens: &mut dyn FnMut(&[u32]) -> Result<()>,
+    ) -> Result<Tensor> {
+        let Sampling { max_new_tokens, temperature, top_k, kv_cache } = *sampling;
         if temperature < 0.0 || top_k == Some(0) {
             candle_core::bail!("cannot sample with temperature {temperature} and top_k {top_k:?}")
         }
-        let mut rng = Rng::new(seed);
+        let block_size = self.config.block_size;
         let mut idx = idx.clone();
+        let mut cache = KvCache::default();
         for _ in 0..max_new_tokens {
             let t = idx.dim(1)?;
-            let context = idx.narrow(1, t.saturating_sub(self.config.block_size), t.min(self.config.block_size))?;
-            let logits = self.forward(&context, false)?; // (B, T, V)
-            let logits = logits.i((.., context.dim(1)? - 1, ..))?.to_dtype(DType::F64)?.to_vec2::<f64>()?; // (B, V)
-            let next: Vec<u32> = logits.iter().map(|row| sample(row, temperature, top_k, &mut rng)).collect();
+            let logits = if kv_cache && t <= block_size {
+                self.forward_cached(&idx.narrow(1, cache.len(), t - cache.len())?, &mut cache)? // (B, V)
+            } else {
+                cache.clear();
+                let context = idx.narrow(1, t.saturating_sub(block_size), t.min(block_size))?;
+                let logits = self.forward(&context, false)?; // (B, T, V)
+                logits.i((.., context.dim(1)? - 1, ..))?
+            };
+            let logits = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?; // (B, V)
+            let next: Vec<u32> = logits.iter().map(|row| sample(row, temperature, top_k, rng)).collect();
+            on_tokens(&next)?;
             let next = Tensor::from_vec(next, (logits.len(), 1), idx.device())?; // (B, 1)
             idx = Tensor::cat(&[&idx, &next], 1)?;
         }
@@ -427,6 +519,18 @@ impl Gpt {
         fs_err::write(dir.join("config.json"), serde_json::to_string_pretty(&hf)? + "\n")?;
         Ok(())
     }
+}
+
+/// How `generate_with` draws tokens.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    /// Divides the logits: below 1 sharper, above 1 flatter; 0 takes the most likely token.
+    pub temperature: f64,
+    /// Keep only the k most likely tokens (ties at the k-th all stay); `None` keeps all.
+    pub top_k: Option<usize>,
+    /// Reuse the keys and values of positions already seen (same tokens, less work).
+    pub kv_cache: bool,
 }
 
 /// Mean cross-entropy over all positions: logits (B, T, V), targets (B, T) u32.
@@ -552,13 +656,13 @@ impl SimpleBackend for SeededVarMap {
 
 /// A seeded generator: splitmix64 (Steele et al. 2014) for the bits, Box-Muller for normal
 /// samples. Small and the same on every platform and device, which is all init and sampling need.
-struct Rng {
+pub struct Rng {
     state: u64,
     spare: Option<f64>,
 }
 
 impl Rng {
-    fn new(seed: u64) -> Rng {
+    pub fn new(seed: u64) -> Rng {
         Rng { state: seed, spare: None }
     }
 
@@ -913,6 +1017,44 @@ mod tests {
             greedy = Tensor::cat(&[&greedy, &next], 1).unwrap();
         }
         assert_eq!(top_1.to_vec2::<u32>().unwrap(), greedy.to_vec2::<u32>().unwrap());
+    }
+
+    #[test]
+    fn kv_cache_gives_the_logits_and_samples_of_full_recomputation() {
+        for bias in [true, false] {
+            let config = tiny_config(bias);
+            let gpt = Gpt::init(&config, &VarMap::new(), &Device::Cpu, 21).unwrap();
+            let idx = random_tokens((2, 8), config.vocab_size, 22);
+            let full = gpt.forward(&idx, false).unwrap(); // (B, T, V)
+            let mut cache = KvCache::default();
+            // A prompt of 3 in one go, then one token at a time.
+            let mut steps = vec![(0, 3)];
+            steps.extend((3..8).map(|t| (t, 1)));
+            for (start, len) in steps {
+                let logits = gpt.forward_cached(&idx.narrow(1, start, len).unwrap(), &mut cache).unwrap();
+                let expected = full.i((.., start + len - 1, ..)).unwrap();
+                assert!(max_abs_diff(&logits, &expected) < 1e-5, "position {}", start + len - 1);
+            }
+            assert_eq!(cache.len(), 8);
+            assert!(gpt.forward_cached(&idx.narrow(1, 0, 1).unwrap(), &mut cache).is_err(), "past block_size");
+
+            let prompt = random_tokens((2, 3), config.vocab_size, 23);
+            let run = |kv_cache: bool| {
+                let sampling = Sampling { max_new_tokens: 12, temperature: 1.0, top_k: Some(5), kv_cache };
+                let mut streamed = Vec::new();
+                let out = gpt
+                    .generate_with(&prompt, &sampling, &mut Rng::new(24), &mut |next| {
+                        streamed.push(next.to_vec());
+                        Ok(())
+                    })
+                    .unwrap();
+                (out.to_vec2::<u32>().unwrap(), streamed)
+            };
+            let (cached, streamed) = run(true);
+            assert_eq!(cached, run(false).0);
+            assert_eq!(streamed.len(), 12);
+            assert_eq!(streamed[4], vec![cached[0][7], cached[1][7]]);
+        }
     }
 
     #[test]

@@ -84,38 +84,65 @@ impl HubEnv {
     }
 }
 
+/// One repo at one revision on the Hub, through the cache.
+struct Client {
+    cache: hf_hub::Cache,
+    repo: hf_hub::Repo,
+    api_repo: hf_hub::api::sync::ApiRepo,
+    what: String,
+}
+
+impl Client {
+    fn new(hub: &Hub, env: &HubEnv) -> anyhow::Result<Client> {
+        let what = format!("{} `{}` at revision `{}`", hub.repo_type.name(), hub.repo, hub.revision);
+        let cache = hf_hub::Cache::new(env.cache.clone());
+        let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+            .with_endpoint(env.endpoint.clone())
+            .with_token(env.token.clone())
+            .with_progress(false)
+            .with_user_agent("nanoflow", env!("CARGO_PKG_VERSION"))
+            .build()
+            .context("could not set up the Hub client")?;
+        let repo_type = match hub.repo_type {
+            RepoType::Model => hf_hub::RepoType::Model,
+            RepoType::Dataset => hf_hub::RepoType::Dataset,
+        };
+        let repo = hf_hub::Repo::with_revision(hub.repo.clone(), repo_type, hub.revision.clone());
+        let api_repo = api.repo(repo.clone());
+        Ok(Client { cache, repo, api_repo, what })
+    }
+
+    /// The cached file `file`, downloaded first unless the cache holds it for this revision (then
+    /// no network at all).
+    fn get(&self, file: &str, retry: Retry) -> anyhow::Result<PathBuf> {
+        if let Some(path) = self.cache.repo(self.repo.clone()).get(file) {
+            return Ok(path);
+        }
+        let url = self.api_repo.url(file);
+        with_retries(retry, &url, || {
+            let progress = HubProgress(Progress::new(file, Unit::Bytes, None));
+            self.api_repo.download_with_progress(file, progress)
+        })
+        .with_context(|| format!("could not download `{file}` of {} (`{url}`)", self.what))
+    }
+}
+
+/// The files of a Hub repo, fetched into the Hub cache (or found there): their paths there, by
+/// file. For models named by the Hub (`init_from: gpt2`) rather than by a download stage.
+pub(crate) fn fetch(hub: &Hub, retry: Retry) -> anyhow::Result<Vec<PathBuf>> {
+    let client = Client::new(hub, &HubEnv::from_process()?)?;
+    hub.files.iter().map(|file| client.get(file, retry)).collect()
+}
+
 pub(crate) fn download(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow::Result<Report> {
     let stage = &ctx.stage;
-    let what = format!("{} `{}` at revision `{}`", hub.repo_type.name(), hub.repo, hub.revision);
-    let cache = hf_hub::Cache::new(env.cache.clone());
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-        .with_endpoint(env.endpoint.clone())
-        .with_token(env.token.clone())
-        .with_progress(false)
-        .with_user_agent("nanoflow", env!("CARGO_PKG_VERSION"))
-        .build()
-        .with_context(|| format!("could not set up the Hub client for stage `{stage}`"))?;
-    let repo_type = match hub.repo_type {
-        RepoType::Model => hf_hub::RepoType::Model,
-        RepoType::Dataset => hf_hub::RepoType::Dataset,
-    };
-    let repo = hf_hub::Repo::with_revision(hub.repo.clone(), repo_type, hub.revision.clone());
-    let api_repo = api.repo(repo.clone());
-
-    let files = hub_files(hub, &api_repo, retry)
+    let client = Client::new(hub, env).with_context(|| format!("stage `{stage}`"))?;
+    let what = &client.what;
+    let files = hub_files(hub, &client.api_repo, retry)
         .with_context(|| format!("could not list the files of {what} for stage `{stage}`"))?;
     let (mut bytes, count) = (0, files.len() as u64);
     for file in &files {
-        let url = api_repo.url(file);
-        // A file the cache holds for this revision needs no network at all.
-        let cached = match cache.repo(repo.clone()).get(file) {
-            Some(path) => path,
-            None => with_retries(retry, &url, || {
-                let progress = HubProgress(Progress::new(file.as_str(), Unit::Bytes, None));
-                api_repo.download_with_progress(file, progress)
-            })
-            .with_context(|| format!("could not download `{file}` of {what} (`{url}`) for stage `{stage}`"))?,
-        };
+        let cached = client.get(file, retry).with_context(|| format!("stage `{stage}`"))?;
         let target = ctx.out.join(file);
         bytes += place(&cached, &target)
             .with_context(|| format!("could not place `{file}` of {what} in the output of stage `{stage}`"))?;

@@ -11,17 +11,22 @@ pub mod checkpoint;
 pub mod command;
 pub mod digest;
 pub mod download;
+pub mod eval;
+pub mod export;
 pub mod finetune;
 pub mod gpt;
 mod http;
 mod hub;
 pub mod metrics;
+pub mod model;
 pub mod optim;
 pub mod progress;
+pub mod sample;
 pub mod shard;
 #[cfg(test)]
 mod test_server;
 pub mod tokenize;
+pub mod tokenizer;
 pub mod train;
 
 use std::collections::BTreeMap;

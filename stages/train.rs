@@ -32,7 +32,7 @@ use crate::shard::TokenSplit;
 use crate::{Context, Report};
 
 /// Bumped when the same params would train a different model or write different files.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Params that cannot change results. `log_interval` only prints; the record keeps every
 /// iteration. (`eval_interval` and `eval_iters` do not change the trajectory either, but they
@@ -185,6 +185,9 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
     let data_vocab = data_vocab_size(&data_dir)?;
     let train_data = TokenSplit::open(&data_dir, "train")?;
     let val_data = TokenSplit::open(&data_dir, "val")?;
+    // The data's meta.json travels with the model: it names the tokenizer that `sample`,
+    // `eval` and `export` need to turn text into this model's tokens and back.
+    fs_err::copy(data_dir.join("meta.json"), ctx.out.join("meta.json"))?;
 
     // -----------------------------------------------------------------------------
     // model init: scratch, a train stage's checkpoint, or GPT-2 weights in the Hugging Face layout
@@ -401,7 +404,7 @@ fn check(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn device(name: &str) -> anyhow::Result<Device> {
+pub(crate) fn device(name: &str) -> anyhow::Result<Device> {
     Ok(match name {
         "auto" => Device::cuda_if_available(0)?,
         "cpu" => Device::Cpu,
@@ -447,34 +450,9 @@ fn init_model(
         eprintln!("initializing a new model from scratch");
         return Ok(Gpt::init(&model_config, varmap, device, config.seed)?);
     }
-    let source = ctx.root.join(&config.init_from);
-    let (source_config, tensors) = if checkpoint::state_path(&source, "ckpt").exists() {
-        let state = checkpoint::load_state(&source, "ckpt")?
-            .with_context(|| format!("the checkpoint in `{}` is incomplete", source.display()))?;
-        let path = checkpoint::model_path(&source, "ckpt");
-        let tensors = candle_core::safetensors::load(&path, device)
-            .with_context(|| format!("could not read model `{}`", path.display()))?;
-        eprintln!("initializing from the best checkpoint of `{}` (iter {})", source.display(), state.iter);
-        (state.model, tensors)
-    } else if source.join("config.json").exists() {
-        let hub = VarMap::new();
-        let model = Gpt::load_hf(&source, &hub, device)?;
-        let tensors =
-            hub.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
-        eprintln!("initializing from GPT-2 weights in `{}`", source.display());
-        (model.config.clone(), tensors)
-    } else if GptConfig::PRESETS.contains(&config.init_from.as_str()) {
-        bail!(
-            "`init_from: {0}` needs the weights on disk\nhint: add a download stage for `hf://openai-community/{0}` and set `init_from: ${{that-stage}}`",
-            config.init_from
-        );
-    } else {
-        bail!(
-            "`init_from`: `{}` is neither `scratch`, a train stage's output (ckpt.json) nor a Hugging Face GPT-2 folder (config.json)",
-            source.display()
-        );
-    };
-
+    let crate::model::Source { config: source_config, tensors, description, dir: source, .. } =
+        crate::model::source(&config.init_from, &ctx.root, device).context("`init_from`")?;
+    eprintln!("initializing from {description}");
     // Shape params must agree with the checkpoint, except a smaller block_size, which crops.
     let mismatch = |key: &str, asked: usize, found: usize| {
         anyhow::anyhow!("`{key}: {asked}` does not match the checkpoint's {found} in `{}`", source.display())
@@ -562,7 +540,7 @@ fn row(rows: &mut Vec<Row>, iter: usize) -> &mut Row {
 }
 
 /// nanoGPT's get_batch: `batch_size` windows at uniform random offsets; y is x shifted by one.
-fn get_batch(
+pub(crate) fn get_batch(
     data: &TokenSplit,
     rng: &mut Rng,
     batch_size: usize,

@@ -1,0 +1,143 @@
+//! Where a trained model comes from, for every kind that reads one (`train`/`finetune`'s
+//! `init_from`, `sample`, `eval`, `export`) and for `nanoflow sample`: one name, three forms.
+//!
+//! - a GPT-2 of the Hub by name: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl`
+//!   (`openai-community/NAME`, fetched through hf-hub into the Hub cache, `HF_ENDPOINT` honoured);
+//! - the output of a `train` or `finetune` stage: its best checkpoint (`ckpt.json`);
+//! - a folder in the Hugging Face GPT-2 layout (`config.json` + `model.safetensors`): an
+//!   `export` stage's output or a `download` stage's.
+//!
+//! The tokenizer comes along where the folder records one (see `tokenizer.rs`); the Hub's GPT-2s
+//! and Hugging Face folders with GPT-2's vocabulary size use GPT-2 BPE.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+
+use crate::checkpoint;
+use crate::gpt::{Gpt, GptConfig};
+use crate::hub::{self, Hub};
+use crate::tokenizer::Tokenizer;
+
+/// A model's shape and weights, not yet built: what `init_from` crops and checks before use.
+pub struct Source {
+    pub config: GptConfig,
+    /// By nanoflow's names (`wte.weight`, `h.0.attn.c_attn.weight`, ...), nanoflow's orientation.
+    pub tensors: HashMap<String, Tensor>,
+    pub tokenizer: Option<Tokenizer>,
+    /// For messages: `gpt2 (Hub)`, `the best checkpoint of DIR (iter N)`, ...
+    pub description: String,
+    /// The folder the weights were read from.
+    pub dir: PathBuf,
+}
+
+/// A model ready to run.
+pub struct Model {
+    pub gpt: Gpt,
+    pub varmap: VarMap,
+    pub tokenizer: Option<Tokenizer>,
+    pub description: String,
+    pub dir: PathBuf,
+}
+
+/// What `spec` may be, for error messages.
+pub const FORMS: &str = "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a train stage's output (ckpt.json) or a Hugging Face GPT-2 folder (config.json)";
+
+/// Reads the model `spec` names (see the module docs); relative paths resolve against `root`.
+pub fn source(spec: &str, root: &Path, device: &Device) -> anyhow::Result<Source> {
+    if GptConfig::PRESETS.contains(&spec) {
+        let dir = fetch_gpt2(spec)?;
+        let mut source = hugging_face(&dir, device)?;
+        source.description = format!("{spec} (openai-community/{spec} on the Hub)");
+        return Ok(source);
+    }
+    let dir = root.join(spec);
+    if checkpoint::state_path(&dir, "ckpt").exists() {
+        let state = checkpoint::load_state(&dir, "ckpt")?
+            .with_context(|| format!("the checkpoint in `{}` is incomplete", dir.display()))?;
+        let path = checkpoint::model_path(&dir, "ckpt");
+        let tensors = candle_core::safetensors::load(&path, device)
+            .with_context(|| format!("could not read model `{}`", path.display()))?;
+        Ok(Source {
+            config: state.model,
+            tensors,
+            tokenizer: Tokenizer::from_dir(&dir)?,
+            description: format!(
+                "the best checkpoint of `{}` (iter {}, val loss {:.4})",
+                dir.display(),
+                state.iter,
+                state.val_loss
+            ),
+            dir,
+        })
+    } else if dir.join("config.json").exists() {
+        hugging_face(&dir, device)
+    } else if dir.exists() {
+        bail!("`{}` holds no model: expected {FORMS}", dir.display())
+    } else {
+        bail!("`{spec}` is not a model: expected {FORMS}")
+    }
+}
+
+/// Builds the model `spec` names, with dropout off.
+pub fn load(spec: &str, root: &Path, device: &Device) -> anyhow::Result<Model> {
+    let Source { config, tensors, tokenizer, description, dir } = source(spec, root, device)?;
+    let varmap = VarMap::new();
+    {
+        let mut vars = varmap.data().lock().expect("varmap lock");
+        for (name, tensor) in tensors {
+            vars.insert(name, Var::from_tensor(&tensor.to_dtype(DType::F32)?)?);
+        }
+    }
+    let gpt = Gpt::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, device))
+        .with_context(|| format!("{description} does not hold the GPT its config describes"))?;
+    Ok(Model { gpt, varmap, tokenizer, description, dir })
+}
+
+impl Model {
+    /// The tokenizer, or an error saying why a model without one cannot be used here.
+    pub fn tokenizer(&self) -> anyhow::Result<&Tokenizer> {
+        self.tokenizer.as_ref().with_context(|| {
+            format!(
+                "{} records no tokenizer (no meta.json, char_vocab.json or vocab.json), so text cannot be turned into its tokens",
+                self.description
+            )
+        })
+    }
+}
+
+fn hugging_face(dir: &Path, device: &Device) -> anyhow::Result<Source> {
+    let varmap = VarMap::new();
+    let model = Gpt::load_hf(dir, &varmap, device)?;
+    let tensors =
+        varmap.data().lock().expect("varmap lock").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+    let tokenizer = match Tokenizer::from_dir(dir)? {
+        Some(tokenizer) => Some(tokenizer),
+        // GPT-2's own vocabulary, or nanoGPT's padding of it.
+        None => [50257, 50304].contains(&model.config.vocab_size).then_some(Tokenizer::Gpt2),
+    };
+    Ok(Source {
+        config: model.config.clone(),
+        tensors,
+        tokenizer,
+        description: format!("the Hugging Face GPT-2 in `{}`", dir.display()),
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// `openai-community/NAME`'s config.json and model.safetensors in the Hub cache: their folder.
+fn fetch_gpt2(name: &str) -> anyhow::Result<PathBuf> {
+    let hub = Hub {
+        repo: format!("openai-community/{name}"),
+        files: vec!["config.json".into(), "model.safetensors".into()],
+        ..Hub::default()
+    };
+    let retry = crate::http::Retry { retries: 5, backoff: Duration::from_secs(1) };
+    let paths = hub::fetch(&hub, retry).with_context(|| format!("could not fetch `{name}` from the Hub"))?;
+    let dir = paths[1].parent().context("a cached file has a folder")?;
+    Ok(dir.to_path_buf())
+}
