@@ -80,6 +80,37 @@ pub enum Command {
         #[arg(value_name = "NAME")]
         names: Vec<String>,
     },
+    /// Continue a prompt with a model, printing as it generates (nanoGPT's sample.py)
+    Sample {
+        /// A train/finetune/export stage of the pipeline (its current output), a model folder,
+        /// or a Hub GPT-2: gpt2, gpt2-medium, gpt2-large, gpt2-xl
+        #[arg(value_name = "STAGE_OR_MODEL")]
+        model: String,
+        /// The prompt, or `FILE:path` to read it from a file [default: a newline]
+        #[arg(value_name = "PROMPT")]
+        start: Option<String>,
+        /// Samples to draw
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        num_samples: usize,
+        /// Tokens generated per sample
+        #[arg(long, default_value_t = 500, value_name = "N")]
+        max_new_tokens: usize,
+        /// 1.0 keeps the model's distribution, lower is more conservative, 0 greedy
+        #[arg(long, default_value_t = 0.8, value_name = "T")]
+        temperature: f64,
+        /// Keep only the K most likely tokens at each step; 0 keeps all
+        #[arg(long, default_value_t = 200, value_name = "K")]
+        top_k: usize,
+        /// The same seed gives the same text
+        #[arg(long, default_value_t = 1337)]
+        seed: u64,
+        /// auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// Recompute the whole context for every token, as sample.py does (same text, slower)
+        #[arg(long)]
+        no_kv_cache: bool,
+    },
     /// Run one stage in this process (the engine's child; not for people)
     #[command(name = "__stage", hide = true)]
     Stage,

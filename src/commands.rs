@@ -211,6 +211,50 @@ pub fn show(printer: &Printer, file: Option<&Path>, stage: &str) -> Result<ExitC
     Ok(ExitCode::SUCCESS)
 }
 
+/// `nanoflow sample`: the sample kind's code in this process, printing to stdout as it goes. A
+/// name of a pipeline stage means that stage's current output; anything else is a model as the
+/// kind reads it (a folder, or a Hub GPT-2 by name).
+pub fn sample(
+    file: Option<&Path>,
+    mut config: nanoflow_stages::sample::Config,
+) -> Result<ExitCode, Error> {
+    use nanoflow_stages::sample::{self, Event, SEPARATOR};
+    use std::io::Write;
+
+    let cwd = std::env::current_dir().map_err(|source| Error::Read { path: ".".into(), source })?;
+    let mut root = cwd.clone();
+    let pipeline = match pipeline::find(file, &cwd) {
+        Ok(path) => Some(path),
+        Err(Error::NoPipeline { .. }) if file.is_none() => None,
+        Err(error) => return Err(error),
+    };
+    if let Some(path) = pipeline {
+        let (plan, store) = load(Some(&path), &[])?;
+        if plan.index(&config.model).is_some() {
+            let dir = store.current(&config.model).ok_or_else(|| Error::NoOutput { stage: config.model.clone() })?;
+            config.model = dir.join(OUT).to_string_lossy().into_owned();
+        } else if !nanoflow_stages::gpt::GptConfig::PRESETS.contains(&config.model.as_str()) {
+            config.model = cwd.join(&config.model).to_string_lossy().into_owned();
+        }
+        root = plan.root.clone();
+        if let Some(prompt) = config.start.strip_prefix("FILE:") {
+            // A prompt file is named from where the command runs, not from the pipeline's folder.
+            config.start = format!("FILE:{}", cwd.join(prompt).display());
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    let what = format!("sampling from `{}`", config.model);
+    sample::generate(&config, &root, &mut |event| {
+        let _ = match event {
+            Event::Text(text) => write!(stdout, "{text}"),
+            Event::EndOfSample => writeln!(stdout, "\n{SEPARATOR}"),
+        };
+        let _ = stdout.flush();
+    })
+    .map_err(|error| Error::Failed { what, source: error.into() })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) -> Result<ExitCode, Error> {
     let (_, store) = load(file, &[])?;
     let _lock = store.try_lock_exclusive()?;

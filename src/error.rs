@@ -81,6 +81,17 @@ pub enum Error {
 
     #[error("another nanoflow process is using the store at `{}`", path.display())]
     StoreBusy { path: PathBuf },
+
+    #[error("stage `{stage}` has no output yet")]
+    NoOutput { stage: String },
+
+    /// A command that runs a kind's code directly (`nanoflow sample`) failed in it.
+    #[error("{what} failed")]
+    Failed {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl Error {
@@ -88,7 +99,7 @@ impl Error {
     /// 1 for trouble while running.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Store { .. } | Error::StoreBusy { .. } => 1,
+            Error::Store { .. } | Error::StoreBusy { .. } | Error::NoOutput { .. } | Error::Failed { .. } => 1,
             _ => 2,
         }
     }
@@ -109,6 +120,7 @@ impl Error {
             Error::NoPipeline { .. } => Some("pass another file with `-f FILE`".to_string()),
             Error::StoreBusy { .. } => Some("wait for it to finish, then try again".to_string()),
             Error::InvalidSet { .. } => Some("write it as `--set stage.key=value`".to_string()),
+            Error::NoOutput { stage } => Some(format!("run it with `nanoflow run {stage}`")),
             _ => None,
         }
     }
