@@ -214,10 +214,7 @@ pub fn show(printer: &Printer, file: Option<&Path>, stage: &str) -> Result<ExitC
 /// `nanoflow sample`: the sample kind's code in this process, printing to stdout as it goes. A
 /// name of a pipeline stage means that stage's current output; anything else is a model as the
 /// kind reads it (a folder, or a Hub GPT-2 by name).
-pub fn sample(
-    file: Option<&Path>,
-    mut config: nanoflow_stages::sample::Config,
-) -> Result<ExitCode, Error> {
+pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) -> Result<ExitCode, Error> {
     use nanoflow_stages::sample::{self, Event, SEPARATOR};
     use std::io::Write;
 

@@ -59,7 +59,17 @@ fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
         Command::Show { stage } => commands::show(printer, file, &stage),
         Command::Gc { dry_run, partial } => commands::gc(printer, file, dry_run, partial),
         Command::Verify { names } => commands::verify(printer, file, &names),
-        Command::Sample { model, start, num_samples, max_new_tokens, temperature, top_k, seed, device, no_kv_cache } => {
+        Command::Sample {
+            model,
+            start,
+            num_samples,
+            max_new_tokens,
+            temperature,
+            top_k,
+            seed,
+            device,
+            no_kv_cache,
+        } => {
             let config = nanoflow_stages::sample::Config {
                 model,
                 start: start.unwrap_or_else(|| "\n".into()),

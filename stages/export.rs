@@ -105,4 +105,45 @@ mod tests {
         }
         Ok(())
     }
+
+    /// `tests/fixtures/tiny-export` is an export nanoflow wrote; `transformers` loaded it and
+    /// wrote its logits (make_export_fixture.py). nanoflow reads the folder to the same logits,
+    /// and exporting it again writes the committed files.
+    #[test]
+    fn transformers_reads_an_export_as_nanoflow_does() -> anyhow::Result<()> {
+        let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+        let export = fixtures.join("tiny-export");
+        let reference =
+            candle_core::safetensors::load(fixtures.join("tiny-export-reference.safetensors"), &Device::Cpu)?;
+        let idx = reference["idx"].to_dtype(candle_core::DType::U32)?;
+        let model = model::load(&export.display().to_string(), &fixtures, &Device::Cpu)?;
+        let logits = model.gpt.forward(&idx, false)?;
+        assert_eq!(logits.dims(), reference["logits"].dims());
+        let diff = max_abs_diff(&logits, &reference["logits"]);
+        assert!(diff < 1e-4, "logits differ from transformers' by {diff}");
+
+        let dir = tempfile::tempdir()?;
+        let ctx = Context::for_test(dir.path(), "export");
+        run(&Config { model: export.display().to_string() }, &ctx)?;
+        for file in ["config.json", crate::tokenizer::CHAR_VOCAB] {
+            assert_eq!(
+                fs_err::read_to_string(export.join(file))?,
+                fs_err::read_to_string(ctx.out.join(file))?,
+                "{file}"
+            );
+        }
+        let committed = candle_core::safetensors::load(export.join("model.safetensors"), &Device::Cpu)?;
+        let written = candle_core::safetensors::load(ctx.out.join("model.safetensors"), &Device::Cpu)?;
+        let mut names: Vec<_> = committed.keys().collect();
+        names.sort();
+        assert_eq!(names, {
+            let mut w: Vec<_> = written.keys().collect();
+            w.sort();
+            w
+        });
+        for name in names {
+            assert_eq!(max_abs_diff(&committed[name], &written[name]), 0.0, "{name}");
+        }
+        Ok(())
+    }
 }

@@ -492,6 +492,12 @@ impl Gpt {
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &weights)
             .with_context(|| format!("could not write `{}`", weights.display()))?;
+        // safetensors creates the file readable by its owner only; an export is for everyone.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs_err::set_permissions(&weights, std::fs::Permissions::from_mode(0o644))?;
+        }
         let config = &self.config;
         let mut hf = serde_json::json!({
             "architectures": ["GPT2LMHeadModel"],
@@ -511,11 +517,11 @@ impl Gpt {
             "initializer_range": INIT_STD,
             "tie_word_embeddings": true,
         });
-        if config.vocab_size > 50256 {
-            // GPT-2's `<|endoftext|>`, where the vocabulary has it.
-            hf["bos_token_id"] = 50256.into();
-            hf["eos_token_id"] = 50256.into();
-        }
+        // GPT-2's `<|endoftext|>` where the vocabulary has it; none otherwise (transformers
+        // would assume 50256).
+        let end_of_text = if config.vocab_size > 50256 { serde_json::json!(50256) } else { serde_json::Value::Null };
+        hf["bos_token_id"] = end_of_text.clone();
+        hf["eos_token_id"] = end_of_text;
         fs_err::write(dir.join("config.json"), serde_json::to_string_pretty(&hf)? + "\n")?;
         Ok(())
     }

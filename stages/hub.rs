@@ -90,10 +90,13 @@ struct Client {
     repo: hf_hub::Repo,
     api_repo: hf_hub::api::sync::ApiRepo,
     what: String,
+    /// ` for stage `name`` when a download stage asked, so errors name it.
+    for_stage: String,
 }
 
 impl Client {
-    fn new(hub: &Hub, env: &HubEnv) -> anyhow::Result<Client> {
+    fn new(hub: &Hub, env: &HubEnv, stage: Option<&str>) -> anyhow::Result<Client> {
+        let for_stage = stage.map_or_else(String::new, |stage| format!(" for stage `{stage}`"));
         let what = format!("{} `{}` at revision `{}`", hub.repo_type.name(), hub.repo, hub.revision);
         let cache = hf_hub::Cache::new(env.cache.clone());
         let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
@@ -102,14 +105,14 @@ impl Client {
             .with_progress(false)
             .with_user_agent("nanoflow", env!("CARGO_PKG_VERSION"))
             .build()
-            .context("could not set up the Hub client")?;
+            .with_context(|| format!("could not set up the Hub client{for_stage}"))?;
         let repo_type = match hub.repo_type {
             RepoType::Model => hf_hub::RepoType::Model,
             RepoType::Dataset => hf_hub::RepoType::Dataset,
         };
         let repo = hf_hub::Repo::with_revision(hub.repo.clone(), repo_type, hub.revision.clone());
         let api_repo = api.repo(repo.clone());
-        Ok(Client { cache, repo, api_repo, what })
+        Ok(Client { cache, repo, api_repo, what, for_stage })
     }
 
     /// The cached file `file`, downloaded first unless the cache holds it for this revision (then
@@ -123,26 +126,26 @@ impl Client {
             let progress = HubProgress(Progress::new(file, Unit::Bytes, None));
             self.api_repo.download_with_progress(file, progress)
         })
-        .with_context(|| format!("could not download `{file}` of {} (`{url}`)", self.what))
+        .with_context(|| format!("could not download `{file}` of {} (`{url}`){}", self.what, self.for_stage))
     }
 }
 
 /// The files of a Hub repo, fetched into the Hub cache (or found there): their paths there, by
 /// file. For models named by the Hub (`init_from: gpt2`) rather than by a download stage.
 pub(crate) fn fetch(hub: &Hub, retry: Retry) -> anyhow::Result<Vec<PathBuf>> {
-    let client = Client::new(hub, &HubEnv::from_process()?)?;
+    let client = Client::new(hub, &HubEnv::from_process()?, None)?;
     hub.files.iter().map(|file| client.get(file, retry)).collect()
 }
 
 pub(crate) fn download(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow::Result<Report> {
     let stage = &ctx.stage;
-    let client = Client::new(hub, env).with_context(|| format!("stage `{stage}`"))?;
+    let client = Client::new(hub, env, Some(stage))?;
     let what = &client.what;
     let files = hub_files(hub, &client.api_repo, retry)
         .with_context(|| format!("could not list the files of {what} for stage `{stage}`"))?;
     let (mut bytes, count) = (0, files.len() as u64);
     for file in &files {
-        let cached = client.get(file, retry).with_context(|| format!("stage `{stage}`"))?;
+        let cached = client.get(file, retry)?;
         let target = ctx.out.join(file);
         bytes += place(&cached, &target)
             .with_context(|| format!("could not place `{file}` of {what} in the output of stage `{stage}`"))?;
