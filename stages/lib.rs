@@ -23,8 +23,9 @@ pub mod optim;
 pub mod progress;
 pub mod sample;
 pub mod shard;
-#[cfg(test)]
-mod test_server;
+/// Test support: a local HTTP server for the download and Hub tests (also the CLI's).
+#[doc(hidden)]
+pub mod test_server;
 pub mod tokenize;
 pub mod tokenizer;
 pub mod train;

@@ -5,6 +5,7 @@
 mod cache;
 mod cli;
 mod data;
+mod models;
 mod process;
 mod store;
 mod train;
