@@ -10,17 +10,18 @@
 //! `save_hf` transpose them, and `is_conv1d` is the one place that knows which.
 //!
 //! Every op here has a backward. candle 0.11's `candle_nn::LayerNorm` and `softmax_last_dim` take
-//! fused kernels without one and would silently stop the gradient, so LayerNorm is written out
-//! and softmax is `candle_nn::ops::softmax` (max, exp, sum).
+//! fused kernels without one and would silently stop the gradient, so LayerNorm, GELU and the
+//! causal softmax come from `ops.rs`: fused CPU kernels with their backward, plain candle ops
+//! elsewhere.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use anyhow::{Context as _, bail, ensure};
-use candle_core::{D, DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
+use candle_core::{DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Embedding, Init, Linear, VarBuilder, VarMap};
+use candle_nn::{Embedding, Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 /// GPT-2's init: weights ~ N(0, 0.02) (model.py's `_init_weights`).
@@ -104,7 +105,7 @@ impl GptConfig {
     }
 }
 
-/// LayerNorm with an optional bias, from differentiable ops (see the module docs).
+/// LayerNorm with an optional bias (see the module docs).
 struct LayerNorm {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -118,14 +119,40 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?; // (B, T, 1)
-        let x = x.broadcast_sub(&mean)?; // (B, T, C)
-        let variance = x.sqr()?.mean_keepdim(D::Minus1)?; // (B, T, 1), biased as PyTorch's
-        let x = x.broadcast_div(&(variance + LAYER_NORM_EPS)?.sqrt()?)?.broadcast_mul(&self.weight)?;
+        let x = crate::ops::normalize(x, LAYER_NORM_EPS as f32)?.broadcast_mul(&self.weight)?;
         match &self.bias {
             Some(bias) => x.broadcast_add(bias),
             None => Ok(x),
         }
+    }
+}
+
+/// y = x Wᵀ + b over the last dimension. Unlike `candle_nn::Linear`, which multiplies each batch
+/// row by a broadcast weight (B small matmuls, and B weight gradients to sum), the leading
+/// dimensions are flattened into one matmul.
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
+        Linear { weight, bias }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let width = dims.pop().unwrap_or(1);
+        let rows = dims.iter().product::<usize>();
+        let y = x.reshape((rows, width))?.matmul(&self.weight.t()?)?;
+        let y = match &self.bias {
+            Some(bias) => y.broadcast_add(bias)?,
+            None => y,
+        };
+        dims.push(self.weight.dim(0)?);
+        y.reshape(dims)
     }
 }
 
@@ -168,6 +195,10 @@ impl CausalSelfAttention {
         let (b, t, c) = x.dims3()?; // batch size, sequence length, embedding dimensionality (n_embd)
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
+        if cache.is_none() && p == 0.0 {
+            // The common case, training or evaluating without dropout: one fused op on the CPU.
+            return self.c_proj.forward(&crate::ops::causal_attention(&qkv, self.n_head)?);
+        }
         // (B, nh, T, hs): the heads move next to the batch.
         let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous();
         let (q, mut k, mut v) = (head(0)?, head(1)?, head(2)?);
@@ -181,24 +212,13 @@ impl CausalSelfAttention {
             *cache = Some((k.clone(), v.clone()));
         }
         // Scaled dot-product attention, each position seeing only itself and earlier ones.
-        let att = (q.matmul(&k.t()?)? * (1.0 / (hs as f64).sqrt()))?; // (B, nh, T, past + T)
-        let att = if t > 1 {
-            let future = causal_mask(t, past, x.device())?.broadcast_as(att.shape())?;
-            future.where_cond(&Tensor::new(f32::NEG_INFINITY, x.device())?.broadcast_as(att.shape())?, &att)?
-        } else {
-            att // one new position sees every cached one
-        };
-        let att = dropout(&candle_nn::ops::softmax(&att, D::Minus1)?, p)?;
+        let att = q.matmul(&k.t()?)?; // (B, nh, T, past + T)
+        let att = crate::ops::causal_softmax(&att, 1.0 / (hs as f64).sqrt(), past)?;
+        let att = dropout(&att, p)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): the heads side by side again
         dropout(&self.c_proj.forward(&y)?, p)
     }
-}
-
-/// (T, past + T), 1 where the key comes after the query (query i is position past + i).
-fn causal_mask(t: usize, past: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<u8> = (0..t).flat_map(|i| (0..past + t).map(move |j| u8::from(j > past + i))).collect();
-    Tensor::from_vec(mask, (t, past + t), device)
 }
 
 /// One layer's cached keys and values, (B, nh, T, hs) each.
@@ -241,8 +261,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, p: f32) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation GPT-2 uses (HF's "gelu_new").
-        let x = self.c_fc.forward(x)?.gelu()?; // (B, T, 4C)
+        // The tanh approximation GPT-2 uses (HF's "gelu_new").
+        let x = crate::ops::gelu(&self.c_fc.forward(x)?)?; // (B, T, 4C)
         dropout(&self.c_proj.forward(&x)?, p)
     }
 }
@@ -681,7 +701,7 @@ impl Rng {
     }
 
     /// Uniform in (0, 1), never 0, so that the logarithm below is finite.
-    fn uniform(&mut self) -> f64 {
+    pub fn uniform(&mut self) -> f64 {
         ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
     }
 

@@ -19,6 +19,7 @@ mod http;
 mod hub;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod optim;
 pub mod progress;
 pub mod sample;

@@ -1,0 +1,130 @@
+//! The GPT on the CPU: ms/iter of a training step of nanoGPT's CPU recipe (4 layers, 128 wide,
+//! block 64, batch 12, vocab 65: forward, backward, clipping, AdamW, as `train` does them), with
+//! the time split between forward, backward and update; and sampling tokens/s with and without
+//! the KV cache for that model and for GPT-2 124M's shape (random weights).
+//!
+//!     cargo bench -p nanoflow-stages --bench model [-- train|sample] [-- --iters N]
+//!
+//! nanoGPT's side of the comparison (PyTorch on the same machine) is `benches/nanogpt_cpu.py`.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use nanoflow_stages::gpt::{self, Gpt, GptConfig, Rng, Sampling};
+use nanoflow_stages::optim::{self, AdamW, AdamWParams};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).filter(|arg| arg != "--bench").collect();
+    let iters =
+        args.iter().position(|arg| arg == "--iters").and_then(|i| args.get(i + 1)).map_or(Ok(30), |n| n.parse())?;
+    let which: Vec<&str> = args.iter().map(String::as_str).filter(|arg| ["train", "sample"].contains(arg)).collect();
+    let all = which.is_empty();
+    eprintln!("candle {} CPU threads", candle_core::utils::get_num_threads());
+    if all || which.contains(&"train") {
+        train(iters)?;
+    }
+    if all || which.contains(&"sample") {
+        sample()?;
+    }
+    Ok(())
+}
+
+fn cpu_recipe() -> GptConfig {
+    GptConfig { block_size: 64, vocab_size: 65, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.0, bias: false }
+}
+
+fn random_batch(rng: &mut Rng, b: usize, t: usize, vocab: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let tokens: Vec<u32> = (0..b * (t + 1)).map(|_| (rng.uniform() * vocab as f64) as u32).collect();
+    let all = Tensor::from_vec(tokens, (b, t + 1), &Device::Cpu)?;
+    Ok((all.narrow(1, 0, t)?, all.narrow(1, 1, t)?))
+}
+
+fn train(iters: usize) -> anyhow::Result<()> {
+    let config = cpu_recipe();
+    let (batch, t) = (12, config.block_size);
+    let varmap = VarMap::new();
+    let model = Gpt::init(&config, &varmap, &Device::Cpu, 1337)?;
+    let vars: HashMap<_, _> = varmap.data().lock().expect("varmap").clone();
+    let params = AdamWParams { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
+    let mut optimizer = AdamW::new(vars, params)?;
+    let mut rng = Rng::new(1337);
+    let (mut forward, mut backward, mut update, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for iter in 0..iters + 5 {
+        let (x, y) = random_batch(&mut rng, batch, t, config.vocab_size)?;
+        let started = Instant::now();
+        let logits = model.forward(&x, true)?;
+        let loss = gpt::cross_entropy(&logits, &y)?;
+        let _ = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let forwarded = Instant::now();
+        let store = loss.backward()?;
+        let mut grads: Vec<Tensor> = optimizer
+            .vars()
+            .map(|var| store.get(var.as_tensor()).cloned().map_or_else(|| var.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        let backwarded = Instant::now();
+        optim::clip_grad_norm(&mut grads, 1.0)?;
+        optimizer.step(&grads, 1e-3)?;
+        let done = Instant::now();
+        if iter >= 5 {
+            forward.push((forwarded - started).as_secs_f64() * 1e3);
+            backward.push((backwarded - forwarded).as_secs_f64() * 1e3);
+            update.push((done - backwarded).as_secs_f64() * 1e3);
+            total.push((done - started).as_secs_f64() * 1e3);
+        }
+    }
+    let tokens = (batch * t) as f64;
+    println!(
+        "train, CPU recipe ({} params, {batch}x{t} tokens/iter), {iters} iters after 5 warm-up:",
+        config.num_params(true)
+    );
+    println!(
+        "  {:.1} ms/iter median ({:.1} mean, {:.1} min), {:.0} tokens/s",
+        median(&total),
+        mean(&total),
+        total.iter().copied().fold(f64::INFINITY, f64::min),
+        tokens / median(&total) * 1e3
+    );
+    println!(
+        "  forward + loss {:.1} ms, backward {:.1} ms, clip + AdamW {:.1} ms (medians)",
+        median(&forward),
+        median(&backward),
+        median(&update)
+    );
+    Ok(())
+}
+
+fn sample() -> anyhow::Result<()> {
+    let gpt2 = GptConfig::preset("gpt2").expect("gpt2 is a preset");
+    for (name, config, prompt, new_tokens) in
+        [("shakespeare-char shape", cpu_recipe(), 1, 500), ("GPT-2 124M shape", gpt2, 1, 100)]
+    {
+        let varmap = VarMap::new();
+        let model = Gpt::init(&config, &varmap, &Device::Cpu, 1337)?;
+        let idx = Tensor::zeros((1, prompt), DType::U32, &Device::Cpu)?;
+        for kv_cache in [true, false] {
+            let sampling = Sampling { max_new_tokens: new_tokens, temperature: 0.8, top_k: Some(200), kv_cache };
+            let started = Instant::now();
+            model.generate_with(&idx, &sampling, &mut Rng::new(1337), &mut |_| Ok(()))?;
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "sample, {name} (block {}), {new_tokens} new tokens, kv cache {}: {:.1} tokens/s",
+                config.block_size,
+                if kv_cache { "on " } else { "off" },
+                new_tokens as f64 / seconds
+            );
+        }
+    }
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn mean(values: &[f64]) -> f64 {
+    values.iter().sum::<f64>() / values.len() as f64
+}
