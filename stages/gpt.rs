@@ -169,9 +169,30 @@ fn residual_std(config: &GptConfig) -> f64 {
     INIT_STD / (2.0 * config.n_layer as f64).sqrt()
 }
 
-/// Inverted dropout with probability `p`; the identity when `p` is 0 (not training).
-fn dropout(x: &Tensor, p: f32) -> Result<Tensor> {
-    if p > 0.0 { candle_nn::ops::dropout(x, p) } else { Ok(x.clone()) }
+/// Inverted dropout with probability `p` (the identity at 0: not training), its masks drawn from
+/// the model's dropout generator so that a seed gives the same masks: on the CPU from nanoflow's
+/// own `Rng` (candle's CPU backend cannot be seeded), elsewhere from the device's generator,
+/// which `Gpt::seed_dropout` seeds.
+struct Dropout<'a> {
+    p: f32,
+    rng: &'a Mutex<Rng>,
+}
+
+impl Dropout<'_> {
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if self.p == 0.0 {
+            return Ok(x.clone());
+        }
+        if !x.device().is_cpu() {
+            return candle_nn::ops::dropout(x, self.p);
+        }
+        let (p, scale) = (self.p as f64, 1.0 / (1.0 - self.p));
+        let mask: Vec<f32> = {
+            let mut rng = lock(self.rng);
+            (0..x.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { scale }).collect()
+        };
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+    }
 }
 
 struct CausalSelfAttention {
@@ -191,11 +212,11 @@ impl CausalSelfAttention {
 
     /// With a `cache`, `x` holds the positions after those cached, whose keys and values are
     /// reused; this step's are appended.
-    fn forward(&self, x: &Tensor, p: f32, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, drop: &Dropout, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?; // batch size, sequence length, embedding dimensionality (n_embd)
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
-        if cache.is_none() && p == 0.0 {
+        if cache.is_none() && drop.p == 0.0 {
             // The common case, training or evaluating without dropout: one fused op on the CPU.
             return self.c_proj.forward(&crate::ops::causal_attention(&qkv, self.n_head)?);
         }
@@ -214,10 +235,10 @@ impl CausalSelfAttention {
         // Scaled dot-product attention, each position seeing only itself and earlier ones.
         let att = q.matmul(&k.t()?)?; // (B, nh, T, past + T)
         let att = crate::ops::causal_softmax(&att, 1.0 / (hs as f64).sqrt(), past)?;
-        let att = dropout(&att, p)?;
+        let att = drop.apply(&att)?;
         let y = att.matmul(&v)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): the heads side by side again
-        dropout(&self.c_proj.forward(&y)?, p)
+        drop.apply(&self.c_proj.forward(&y)?)
     }
 }
 
@@ -260,10 +281,10 @@ impl Mlp {
         Ok(Mlp { c_fc, c_proj })
     }
 
-    fn forward(&self, x: &Tensor, p: f32) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, drop: &Dropout) -> Result<Tensor> {
         // The tanh approximation GPT-2 uses (HF's "gelu_new").
         let x = crate::ops::gelu(&self.c_fc.forward(x)?)?; // (B, T, 4C)
-        dropout(&self.c_proj.forward(&x)?, p)
+        drop.apply(&self.c_proj.forward(&x)?)
     }
 }
 
@@ -285,9 +306,9 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, p: f32, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, p, cache)?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?, p)?
+    fn forward(&self, x: &Tensor, drop: &Dropout, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, drop, cache)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?, drop)?
     }
 }
 
@@ -302,6 +323,8 @@ pub struct Gpt {
     /// Shares its weight with `wte` (weight tying, Press & Wolf 2017): one variable, whose
     /// gradient sums both uses.
     lm_head: Linear,
+    /// Where dropout masks come from (see `Dropout`); `seed_dropout` restarts it.
+    dropout_rng: Mutex<Rng>,
 }
 
 impl Gpt {
@@ -318,7 +341,7 @@ impl Gpt {
         let h = (0..config.n_layer).map(|i| Block::new(config, vb.pp(format!("h.{i}")))).collect::<Result<_>>()?;
         let ln_f = LayerNorm::new(config, vb.pp("ln_f"))?;
         let lm_head = Linear::new(wte.embeddings().clone(), None);
-        Ok(Gpt { config: config.clone(), wte, wpe, h, ln_f, lm_head })
+        Ok(Gpt { config: config.clone(), wte, wpe, h, ln_f, lm_head, dropout_rng: Mutex::new(Rng::new(0)) })
     }
 
     /// A fresh model with GPT-2's init, its variables in `varmap`: the same seed gives the same
@@ -326,6 +349,17 @@ impl Gpt {
     pub fn init(config: &GptConfig, varmap: &VarMap, device: &Device, seed: u64) -> Result<Gpt> {
         let backend = SeededVarMap { varmap: varmap.clone(), rng: Mutex::new(Rng::new(seed)) };
         Gpt::new(config, VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()))
+    }
+
+    /// Restarts the dropout masks from `seed`: the trainer seeds each micro-step from the run's
+    /// seed and the step, so that a resumed run draws the masks the uninterrupted one drew.
+    pub fn seed_dropout(&self, seed: u64) -> Result<()> {
+        *lock(&self.dropout_rng) = Rng::new(seed);
+        let device = self.wte.embeddings().device();
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        Ok(())
     }
 
     /// idx (B, T) u32 token ids -> logits (B, T, vocab_size) f32. `train` turns dropout on.
@@ -355,16 +389,17 @@ impl Gpt {
             )
         }
         let p = if train { self.config.dropout as f32 } else { 0.0 };
+        let drop = Dropout { p, rng: &self.dropout_rng };
         let pos = Tensor::arange(past as u32, (past + t) as u32, idx.device())?; // (T)
         let tok_emb = self.wte.forward(idx)?; // (B, T, C)
         let pos_emb = self.wpe.forward(&pos)?; // (T, C)
-        let mut x = dropout(&tok_emb.broadcast_add(&pos_emb)?, p)?;
+        let mut x = drop.apply(&tok_emb.broadcast_add(&pos_emb)?)?;
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.h.len(), None);
             cache.len += t;
         }
         for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, p, cache.as_deref_mut().map(|cache| &mut cache.layers[i]))?;
+            x = block.forward(&x, &drop, cache.as_deref_mut().map(|cache| &mut cache.layers[i]))?;
         }
         self.ln_f.forward(&x)
     }

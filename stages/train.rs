@@ -32,7 +32,7 @@ use crate::shard::TokenSplit;
 use crate::{Context, Report};
 
 /// Bumped when the same params would train a different model or write different files.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Params that cannot change results. `log_interval` only prints; the record keeps every
 /// iteration. (`eval_interval` and `eval_iters` do not change the trajectory either, but they
@@ -304,8 +304,12 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
         let started = Instant::now();
         let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.vars().count()];
         let mut lossf = 0.0;
-        for _micro_step in 0..config.gradient_accumulation_steps {
+        for micro_step in 0..config.gradient_accumulation_steps {
             let (x, y) = get_batch(&train_data, &mut rng, config.batch_size, block_size, &device)?;
+            // Dropout's masks follow from the seed and the step alone, so a resumed run draws
+            // the ones the uninterrupted run drew.
+            let step = (iter * config.gradient_accumulation_steps + micro_step) as u64;
+            model.seed_dropout(config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
             let logits = model.forward(&x, true)?; // (B, T, vocab_size)
             let loss = gpt::cross_entropy(&logits, &y)?;
             lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -732,9 +736,13 @@ pub(crate) mod tests {
     #[test]
     fn resumed_run_repeats_the_uninterrupted_losses() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
-        let config = tiny(char_data(dir.path()));
+        // With dropout: its masks too must repeat.
+        let config = Config { dropout: 0.1, ..tiny(char_data(dir.path())) };
         let whole = context(dir.path(), "whole");
         train(&config, &whole, &Hooks::default())?;
+        let without = context(dir.path(), "without-dropout");
+        train(&Config { dropout: 0.0, ..config.clone() }, &without, &Hooks::default())?;
+        assert_ne!(losses(&whole.out)[3], losses(&without.out)[3], "dropout changes the losses");
 
         let interrupted = context(dir.path(), "interrupted");
         let error = train(&config, &interrupted, &Hooks { stop_after: Some(5) }).unwrap_err();
