@@ -138,17 +138,16 @@ pub(crate) fn fetch(hub: &Hub, retry: Retry) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 pub(crate) fn download(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow::Result<Report> {
-    let stage = &ctx.stage;
-    let client = Client::new(hub, env, Some(stage))?;
-    let what = &client.what;
+    let client = Client::new(hub, env, Some(&ctx.stage))?;
+    let (what, for_stage) = (&client.what, &client.for_stage);
     let files = hub_files(hub, &client.api_repo, retry)
-        .with_context(|| format!("could not list the files of {what} for stage `{stage}`"))?;
+        .with_context(|| format!("could not list the files of {what}{for_stage}"))?;
     let (mut bytes, count) = (0, files.len() as u64);
     for file in &files {
         let cached = client.get(file, retry)?;
         let target = ctx.out.join(file);
         bytes += place(&cached, &target)
-            .with_context(|| format!("could not place `{file}` of {what} in the output of stage `{stage}`"))?;
+            .with_context(|| format!("could not place `{file}` of {what} in the output{for_stage}"))?;
     }
     Ok(report(format!("{count} files of {what}, {}", format_bytes(bytes as f64)), bytes, count, None))
 }

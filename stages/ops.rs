@@ -64,9 +64,39 @@ fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [
     }
 }
 
-/// Rows of `width` elements per thread task: about 16K elements.
-fn rows_per_task(width: usize) -> usize {
-    (16_384 / width.max(1)).max(1)
+/// The size of the last dimension: the rows the row-wise kernels work on.
+fn width(layout: &Layout) -> usize {
+    layout.shape().dims().last().copied().unwrap_or(1)
+}
+
+/// A new buffer of `a`'s size whose rows of `width` are `f(row index, a's row, b's row, out row)`,
+/// computed in parallel tasks of about 16K elements. One-input kernels pass their input twice.
+fn map_rows(a: &[f32], b: &[f32], width: usize, f: impl Fn(usize, &[f32], &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    let rows = (16_384 / width.max(1)).max(1);
+    let task = rows * width;
+    out.par_chunks_mut(task).zip(a.par_chunks(task).zip(b.par_chunks(task))).enumerate().for_each(
+        |(index, (out, (a, b)))| {
+            let row_pairs = a.chunks_exact(width).zip(b.chunks_exact(width));
+            for (row, (out, (a, b))) in out.chunks_exact_mut(width).zip(row_pairs).enumerate() {
+                f(index * rows + row, a, b, out);
+            }
+        },
+    );
+    out
+}
+
+/// Softmax of a row of scores, in place.
+#[inline]
+fn softmax_in_place(row: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |max, &v| max.max(v));
+    let mut sum = 0.0;
+    for p in row.iter_mut() {
+        *p = exp(*p - max);
+        sum += *p;
+    }
+    let inverse = 1.0 / sum;
+    row.iter_mut().for_each(|p| *p *= inverse);
 }
 
 /// e^x, within ~2e-7 relative for |x| < 87, in plain arithmetic the compiler vectorizes (libm's
@@ -162,15 +192,10 @@ impl CustomOp1 for Normalize {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = slice(storage, layout, self.name())?;
-        let width = layout.shape().dims().last().copied().unwrap_or(1);
-        let mut y = vec![0f32; x.len()];
-        let task = rows_per_task(width) * width;
-        y.par_chunks_mut(task).zip(x.par_chunks(task)).for_each(|(y, x)| {
-            for (y, x) in y.chunks_exact_mut(width).zip(x.chunks_exact(width)) {
-                let (mean, rstd) = moments(x, self.eps);
-                for (y, &x) in y.iter_mut().zip(x) {
-                    *y = (x - mean) * rstd;
-                }
+        let y = map_rows(x, x, width(layout), |_, x, _, y| {
+            let (mean, rstd) = moments(x, self.eps);
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - mean) * rstd;
             }
         });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -193,18 +218,13 @@ impl CustomOp2 for NormalizeBackward {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, grad) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
-        let width = l1.shape().dims().last().copied().unwrap_or(1);
-        let mut dx = vec![0f32; x.len()];
-        let task = rows_per_task(width) * width;
-        dx.par_chunks_mut(task).zip(x.par_chunks(task).zip(grad.par_chunks(task))).for_each(|(dx, (x, g))| {
-            for ((dx, x), g) in dx.chunks_exact_mut(width).zip(x.chunks_exact(width)).zip(g.chunks_exact(width)) {
-                let (mean, rstd) = moments(x, self.eps);
-                let n = width as f32;
-                let mean_g = g.iter().sum::<f32>() / n;
-                let mean_gx = g.iter().zip(x).map(|(&g, &x)| g * (x - mean) * rstd).sum::<f32>() / n;
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    *dx = rstd * (g - mean_g - (x - mean) * rstd * mean_gx);
-                }
+        let dx = map_rows(x, grad, width(l1), |_, x, g, dx| {
+            let (mean, rstd) = moments(x, self.eps);
+            let n = x.len() as f32;
+            let mean_g = g.iter().sum::<f32>() / n;
+            let mean_gx = g.iter().zip(x).map(|(&g, &x)| g * (x - mean) * rstd).sum::<f32>() / n;
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                *dx = rstd * (g - mean_g - (x - mean) * rstd * mean_gx);
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -239,21 +259,13 @@ impl CustomOp1 for CausalSoftmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let scores = slice(storage, layout, self.name())?;
         let (t, keys) = self.dims(layout.shape())?;
-        let mut p = vec![0f32; scores.len()];
-        let rows = rows_per_task(keys);
-        p.par_chunks_mut(rows * keys).zip(scores.par_chunks(rows * keys)).enumerate().for_each(|(task, (p, s))| {
-            for (row, (p, s)) in p.chunks_exact_mut(keys).zip(s.chunks_exact(keys)).enumerate() {
-                let query = (task * rows + row) % t;
-                let seen = self.past + query + 1;
-                let max = s[..seen].iter().fold(f32::NEG_INFINITY, |max, &v| max.max(v)) * self.scale;
-                let mut sum = 0.0;
-                for (p, &s) in p[..seen].iter_mut().zip(&s[..seen]) {
-                    *p = exp(s * self.scale - max);
-                    sum += *p;
-                }
-                let inverse = 1.0 / sum;
-                p[..seen].iter_mut().for_each(|p| *p *= inverse);
+        let p = map_rows(scores, scores, keys, |row, s, _, p| {
+            // Query `row % t` is position past + row % t: it sees that many keys and itself.
+            let seen = self.past + row % t + 1;
+            for (p, &s) in p[..seen].iter_mut().zip(&s[..seen]) {
+                *p = s * self.scale;
             }
+            softmax_in_place(&mut p[..seen]);
         });
         Ok((CpuStorage::F32(p), layout.shape().clone()))
     }
@@ -275,15 +287,10 @@ impl CustomOp2 for SoftmaxBackward {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (p, grad) = (slice(s1, l1, self.name())?, slice(s2, l2, self.name())?);
-        let keys = l1.shape().dims().last().copied().unwrap_or(1);
-        let mut ds = vec![0f32; p.len()];
-        let task = rows_per_task(keys) * keys;
-        ds.par_chunks_mut(task).zip(p.par_chunks(task).zip(grad.par_chunks(task))).for_each(|(ds, (p, g))| {
-            for ((ds, p), g) in ds.chunks_exact_mut(keys).zip(p.chunks_exact(keys)).zip(g.chunks_exact(keys)) {
-                let dot = p.iter().zip(g).map(|(&p, &g)| p * g).sum::<f32>();
-                for ((ds, &p), &g) in ds.iter_mut().zip(p).zip(g) {
-                    *ds = self.scale * p * (g - dot);
-                }
+        let ds = map_rows(p, grad, width(l1), |_, p, g, ds| {
+            let p_dot_g = dot(p, g);
+            for ((ds, &p), &g) in ds.iter_mut().zip(p).zip(g) {
+                *ds = self.scale * p * (g - p_dot_g);
             }
         });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
@@ -355,18 +362,10 @@ impl Head {
     /// Row i of the attention probabilities, over keys 0..=i, into `p` (i + 1).
     fn probabilities(&self, i: usize, p: &mut [f32]) {
         let query = &self.q[i * self.hs..][..self.hs];
-        let mut max = f32::NEG_INFINITY;
         for (p, key) in p.iter_mut().zip(self.k.chunks_exact(self.hs)) {
             *p = self.scale * dot(query, key);
-            max = max.max(*p);
         }
-        let mut sum = 0.0;
-        for p in p.iter_mut() {
-            *p = exp(*p - max);
-            sum += *p;
-        }
-        let inverse = 1.0 / sum;
-        p.iter_mut().for_each(|p| *p *= inverse);
+        softmax_in_place(p);
     }
 }
 
