@@ -114,4 +114,7 @@ pub enum Command {
     /// Run one stage in this process (the engine's child; not for people)
     #[command(name = "__stage", hide = true)]
     Stage,
+    /// Run one rank of a data-parallel train stage (the stage's child; not for people)
+    #[command(name = "__rank", hide = true)]
+    Rank,
 }

@@ -29,8 +29,10 @@ use crate::printer::{Printer, Style, Verbosity};
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Stage = cli.command {
-        return stage_process::main();
+    match cli.command {
+        Command::Stage => return stage_process::main(),
+        Command::Rank => return stage_process::rank_main(),
+        _ => {}
     }
     let verbosity = match (cli.quiet, cli.verbose) {
         (true, _) => Verbosity::Quiet,
@@ -83,7 +85,7 @@ fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
             };
             commands::sample(file, config)
         }
-        Command::Stage => unreachable!("handled before the printer exists"),
+        Command::Stage | Command::Rank => unreachable!("handled before the printer exists"),
     }
 }
 

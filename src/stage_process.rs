@@ -35,7 +35,12 @@ pub fn main() -> ExitCode {
     let _ = ctrlc::set_handler(|| unsafe {
         libc::kill(0, libc::SIGKILL);
     });
-    match run() {
+    exit(run())
+}
+
+/// The error, and what caused it, on stderr for the engine to show.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
@@ -45,6 +50,18 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `nanoflow __rank`: one rank of a data-parallel train stage, its spec on stdin. Its stage
+/// process started it and stops it (same process group); rank 0's output is the stage's log.
+pub fn rank_main() -> ExitCode {
+    let run = || -> anyhow::Result<()> {
+        let mut input = String::new();
+        std::io::stdin().read_to_string(&mut input).context("could not read the rank spec")?;
+        let spec: nanoflow_stages::train::WorkerSpec = serde_json::from_str(&input).context("invalid rank spec")?;
+        nanoflow_stages::train::worker(spec)
+    };
+    exit(run())
 }
 
 fn run() -> anyhow::Result<()> {

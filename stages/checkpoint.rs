@@ -49,6 +49,9 @@ pub struct State {
     pub rng: u64,
     /// Size and blake3 of each companion file, by file name.
     pub files: BTreeMap<String, FileDigest>,
+    /// float16 training's loss scale (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::optim::LossScale>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -191,6 +194,7 @@ mod tests {
             config: serde_json::json!({"max_iters": 10}),
             rng: u64::MAX - 7,
             files: BTreeMap::new(),
+            loss_scale: None,
         }
     }
 

@@ -107,7 +107,7 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
         "nothing to measure: set `data` (a tokenize stage's output) for losses, `hellaswag` for HellaSwag, or both"
     );
     ensure!(config.eval_iters > 0 && config.batch_size > 0, "`eval_iters` and `batch_size` must be at least 1");
-    let device = crate::train::device(&config.device)?;
+    let device = crate::device::by_name(&config.device)?;
     let data = match config.data.is_empty() {
         true => None,
         false => Some(Data::open(&ctx.root.join(&config.data)).context("`data`")?),

@@ -141,12 +141,14 @@ impl Linear {
     }
 }
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+impl Linear {
+    /// The matmul in `dtype` (bfloat16 or float16 under mixed precision: the float32 weight is
+    /// cast per pass, as autocast does, and the product comes back in float32).
+    fn forward(&self, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let mut dims = x.dims().to_vec();
         let width = dims.pop().unwrap_or(1);
         let rows = dims.iter().product::<usize>();
-        let y = x.reshape((rows, width))?.matmul(&self.weight.t()?)?;
+        let y = crate::ops::matmul_as(&x.reshape((rows, width))?, &self.weight.t()?, dtype)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -169,17 +171,20 @@ fn residual_std(config: &GptConfig) -> f64 {
     INIT_STD / (2.0 * config.n_layer as f64).sqrt()
 }
 
-/// Inverted dropout with probability `p` (the identity at 0: not training), its masks drawn from
-/// the model's dropout generator so that a seed gives the same masks: on the CPU from nanoflow's
-/// own `Rng` (candle's CPU backend cannot be seeded), elsewhere from the device's generator,
-/// which `Gpt::seed_dropout` seeds.
-struct Dropout<'a> {
+/// What one forward pass needs besides its input: the matmul dtype and dropout.
+///
+/// Dropout is inverted, with probability `p` (the identity at 0: not training), its masks drawn
+/// from the model's dropout generator so that a seed gives the same masks: on the CPU from
+/// nanoflow's own `Rng` (candle's CPU backend cannot be seeded), elsewhere from the device's
+/// generator, which `Gpt::seed_dropout` seeds.
+struct Pass<'a> {
     p: f32,
     rng: &'a Mutex<Rng>,
+    dtype: DType,
 }
 
-impl Dropout<'_> {
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+impl Pass<'_> {
+    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
         if self.p == 0.0 {
             return Ok(x.clone());
         }
@@ -212,13 +217,14 @@ impl CausalSelfAttention {
 
     /// With a `cache`, `x` holds the positions after those cached, whose keys and values are
     /// reused; this step's are appended.
-    fn forward(&self, x: &Tensor, drop: &Dropout, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut LayerCache>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?; // batch size, sequence length, embedding dimensionality (n_embd)
         let hs = c / self.n_head;
-        let qkv = self.c_attn.forward(x)?; // (B, T, 3C)
-        if cache.is_none() && drop.p == 0.0 {
+        let qkv = self.c_attn.forward(x, pass.dtype)?; // (B, T, 3C)
+        if cache.is_none() && pass.p == 0.0 {
             // The common case, training or evaluating without dropout: one fused op on the CPU.
-            return self.c_proj.forward(&crate::ops::causal_attention(&qkv, self.n_head)?);
+            let y = crate::ops::causal_attention(&qkv, self.n_head, pass.dtype)?;
+            return self.c_proj.forward(&y, pass.dtype);
         }
         // (B, nh, T, hs): the heads move next to the batch.
         let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous();
@@ -233,12 +239,12 @@ impl CausalSelfAttention {
             *cache = Some((k.clone(), v.clone()));
         }
         // Scaled dot-product attention, each position seeing only itself and earlier ones.
-        let att = q.matmul(&k.t()?)?; // (B, nh, T, past + T)
+        let att = crate::ops::matmul_as(&q, &k.t()?, pass.dtype)?; // (B, nh, T, past + T)
         let att = crate::ops::causal_softmax(&att, 1.0 / (hs as f64).sqrt(), past)?;
-        let att = drop.apply(&att)?;
-        let y = att.matmul(&v)?; // (B, nh, T, hs)
+        let att = pass.dropout(&att)?;
+        let y = crate::ops::matmul_as(&att, &v, pass.dtype)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): the heads side by side again
-        drop.apply(&self.c_proj.forward(&y)?)
+        pass.dropout(&self.c_proj.forward(&y, pass.dtype)?)
     }
 }
 
@@ -281,10 +287,10 @@ impl Mlp {
         Ok(Mlp { c_fc, c_proj })
     }
 
-    fn forward(&self, x: &Tensor, drop: &Dropout) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         // The tanh approximation GPT-2 uses (HF's "gelu_new").
-        let x = crate::ops::gelu(&self.c_fc.forward(x)?)?; // (B, T, 4C)
-        drop.apply(&self.c_proj.forward(&x)?)
+        let x = crate::ops::gelu(&self.c_fc.forward(x, pass.dtype)?)?; // (B, T, 4C)
+        pass.dropout(&self.c_proj.forward(&x, pass.dtype)?)
     }
 }
 
@@ -306,9 +312,9 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, drop: &Dropout, cache: Option<&mut LayerCache>) -> Result<Tensor> {
-        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, drop, cache)?)?;
-        &x + self.mlp.forward(&self.ln_2.forward(&x)?, drop)?
+    fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+        let x = (x + self.attn.forward(&self.ln_1.forward(x)?, pass, cache)?)?;
+        &x + self.mlp.forward(&self.ln_2.forward(&x)?, pass)?
     }
 }
 
@@ -323,8 +329,10 @@ pub struct Gpt {
     /// Shares its weight with `wte` (weight tying, Press & Wolf 2017): one variable, whose
     /// gradient sums both uses.
     lm_head: Linear,
-    /// Where dropout masks come from (see `Dropout`); `seed_dropout` restarts it.
+    /// Where dropout masks come from (see `Pass`); `seed_dropout` restarts it.
     dropout_rng: Mutex<Rng>,
+    /// The dtype of the matmuls (`with_matmul_dtype`); weights and everything else stay float32.
+    dtype: DType,
 }
 
 impl Gpt {
@@ -341,7 +349,16 @@ impl Gpt {
         let h = (0..config.n_layer).map(|i| Block::new(config, vb.pp(format!("h.{i}")))).collect::<Result<_>>()?;
         let ln_f = LayerNorm::new(config, vb.pp("ln_f"))?;
         let lm_head = Linear::new(wte.embeddings().clone(), None);
-        Ok(Gpt { config: config.clone(), wte, wpe, h, ln_f, lm_head, dropout_rng: Mutex::new(Rng::new(0)) })
+        Ok(Gpt {
+            config: config.clone(),
+            wte,
+            wpe,
+            h,
+            ln_f,
+            lm_head,
+            dropout_rng: Mutex::new(Rng::new(0)),
+            dtype: DType::F32,
+        })
     }
 
     /// A fresh model with GPT-2's init, its variables in `varmap`: the same seed gives the same
@@ -349,6 +366,13 @@ impl Gpt {
     pub fn init(config: &GptConfig, varmap: &VarMap, device: &Device, seed: u64) -> Result<Gpt> {
         let backend = SeededVarMap { varmap: varmap.clone(), rng: Mutex::new(Rng::new(seed)) };
         Gpt::new(config, VarBuilder::from_backend(Box::new(backend), DType::F32, device.clone()))
+    }
+
+    /// Mixed precision: the matmuls in `dtype` (bfloat16 or float16) with float32 weights,
+    /// accumulation, LayerNorm, softmax and loss, as PyTorch's autocast runs nanoGPT.
+    pub fn with_matmul_dtype(mut self, dtype: DType) -> Gpt {
+        self.dtype = dtype;
+        self
     }
 
     /// Restarts the dropout masks from `seed`: the trainer seeds each micro-step from the run's
@@ -365,7 +389,7 @@ impl Gpt {
     /// idx (B, T) u32 token ids -> logits (B, T, vocab_size) f32. `train` turns dropout on.
     pub fn forward(&self, idx: &Tensor, train: bool) -> Result<Tensor> {
         let x = self.hidden(idx, train, None)?;
-        self.lm_head.forward(&x) // (B, T, vocab_size)
+        self.lm_head.forward(&x, self.dtype) // (B, T, vocab_size)
     }
 
     /// idx (B, T) u32: the tokens after the `cache.len()` ones the cache holds -> the logits of
@@ -374,7 +398,7 @@ impl Gpt {
     pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = idx.dim(1)?;
         let x = self.hidden(idx, false, Some(cache))?; // (B, T, C)
-        self.lm_head.forward(&x.i((.., t - 1, ..))?.contiguous()?) // (B, vocab_size)
+        self.lm_head.forward(&x.i((.., t - 1, ..))?.contiguous()?, self.dtype) // (B, vocab_size)
     }
 
     /// The final LayerNorm's output (B, T, C): everything but the output layer.
@@ -389,17 +413,17 @@ impl Gpt {
             )
         }
         let p = if train { self.config.dropout as f32 } else { 0.0 };
-        let drop = Dropout { p, rng: &self.dropout_rng };
+        let pass = Pass { p, rng: &self.dropout_rng, dtype: self.dtype };
         let pos = Tensor::arange(past as u32, (past + t) as u32, idx.device())?; // (T)
         let tok_emb = self.wte.forward(idx)?; // (B, T, C)
         let pos_emb = self.wpe.forward(&pos)?; // (T, C)
-        let mut x = drop.apply(&tok_emb.broadcast_add(&pos_emb)?)?;
+        let mut x = pass.dropout(&tok_emb.broadcast_add(&pos_emb)?)?;
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.h.len(), None);
             cache.len += t;
         }
         for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, &drop, cache.as_deref_mut().map(|cache| &mut cache.layers[i]))?;
+            x = block.forward(&x, &pass, cache.as_deref_mut().map(|cache| &mut cache.layers[i]))?;
         }
         self.ln_f.forward(&x)
     }

@@ -9,7 +9,9 @@
 pub mod bpe;
 pub mod checkpoint;
 pub mod command;
+pub mod device;
 pub mod digest;
+pub mod dist;
 pub mod download;
 pub mod eval;
 pub mod export;
@@ -37,7 +39,7 @@ use std::path::PathBuf;
 pub use progress::{Progress, Unit};
 
 /// Where a stage runs: its name, its inputs and the directory it writes into.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Context {
     /// The stage's name in pipeline.yaml, for messages.
     pub stage: String,

@@ -44,11 +44,20 @@ pub fn causal_softmax(att: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
 /// side by side, `n_head` heads of C / n_head each) to the heads' outputs side by side (B, T, C):
 /// softmax(q kᵀ / √hs, causal) v per head. Training without dropout and without a cache; the
 /// fused kernel skips the head split and merge copies and the T×T score tensors.
-pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
-    match fused(qkv) {
+pub fn causal_attention(qkv: &Tensor, n_head: usize, dtype: DType) -> Result<Tensor> {
+    match fused(qkv) && dtype == DType::F32 {
         true => qkv.contiguous()?.apply_op1(CausalAttention { n_head }),
-        false => plain::causal_attention(qkv, n_head),
+        false => plain::causal_attention(qkv, n_head, dtype),
     }
+}
+
+/// `a · b` with the multiplication in `dtype` and the product in float32: mixed precision's
+/// matmul (bfloat16 or float16 inputs, float32 accumulation in cuBLAS), or a plain float32 one.
+pub fn matmul_as(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
+    if a.dtype() == dtype && b.dtype() == dtype {
+        return a.matmul(b);
+    }
+    a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(DType::F32)
 }
 
 fn fused(x: &Tensor) -> bool {
@@ -486,15 +495,15 @@ pub mod plain {
         x.broadcast_div(&(variance + eps as f64)?.sqrt()?)
     }
 
-    pub fn causal_attention(qkv: &Tensor, n_head: usize) -> Result<Tensor> {
+    pub fn causal_attention(qkv: &Tensor, n_head: usize, dtype: DType) -> Result<Tensor> {
         let (t, c) = CausalAttention { n_head }.dims(qkv.shape())?;
         let b = qkv.dim(0)?;
         let hs = c / n_head;
         // (B, nh, T, hs): the heads move next to the batch.
         let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, n_head, hs))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (head(0)?, head(1)?, head(2)?);
-        let att = causal_softmax(&q.matmul(&k.t()?)?, 1.0 / (hs as f64).sqrt(), 0)?;
-        att.matmul(&v)?.transpose(1, 2)?.reshape((b, t, c)) // the heads side by side again
+        let att = causal_softmax(&matmul_as(&q, &k.t()?, dtype)?, 1.0 / (hs as f64).sqrt(), 0)?;
+        matmul_as(&att, &v, dtype)?.transpose(1, 2)?.reshape((b, t, c)) // the heads side by side again
     }
 
     pub fn causal_softmax(att: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
@@ -570,8 +579,8 @@ mod tests {
 
     #[test]
     fn fused_attention_matches_heads_matmuls_and_softmax() -> Result<()> {
-        check(&[3, 7, 3 * 24], |x| causal_attention(x, 4), |x| plain::causal_attention(x, 4), 1e-5)?;
-        check(&[2, 1, 3 * 8], |x| causal_attention(x, 2), |x| plain::causal_attention(x, 2), 1e-5)
+        check(&[3, 7, 3 * 24], |x| causal_attention(x, 4, DType::F32), |x| plain::causal_attention(x, 4, DType::F32), 1e-5)?;
+        check(&[2, 1, 3 * 8], |x| causal_attention(x, 2, DType::F32), |x| plain::causal_attention(x, 2, DType::F32), 1e-5)
     }
 
     #[test]

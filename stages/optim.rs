@@ -46,20 +46,58 @@ impl Schedule {
 }
 
 /// Scales `grads` in place so that their global L2 norm is at most `max_norm`, like
-/// `torch.nn.utils.clip_grad_norm_` (which adds 1e-6 to the norm); returns the norm before.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<f64> {
-    let mut sum_sq = 0f64;
-    for grad in grads.iter() {
-        sum_sq += grad.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
-    }
-    let norm = sum_sq.sqrt();
-    let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
-        for grad in grads.iter_mut() {
-            *grad = grad.affine(coef, 0.0)?;
-        }
+/// `torch.nn.utils.clip_grad_norm_` (which adds 1e-6 to the norm); returns the norm before, as
+/// a scalar tensor on the gradients' device: nothing here waits for the device.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<Tensor> {
+    let norm = grad_norm(grads)?;
+    // min(1, max_norm / (norm + 1e-6)), as torch's clamp of the clip coefficient.
+    let coef = ((norm.clone() + 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
+    for grad in grads.iter_mut() {
+        *grad = grad.broadcast_mul(&coef.to_dtype(grad.dtype())?)?;
     }
     Ok(norm)
+}
+
+/// The global L2 norm of `grads`, a float32 scalar tensor.
+pub fn grad_norm(grads: &[Tensor]) -> candle_core::Result<Tensor> {
+    let sums = grads.iter().map(|grad| grad.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::stack(&sums, 0)?.sum_all()?.sqrt()
+}
+
+/// Dynamic loss scaling for float16 matmuls (PyTorch's GradScaler with its defaults): the loss
+/// is multiplied by `scale` before backward so that small gradients survive float16; a step
+/// whose gradients overflow is skipped and halves the scale, 2000 good steps in a row double
+/// it. Checkpointed, so a resumed run scales as the uninterrupted one did.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossScale {
+    pub scale: f64,
+    pub good_steps: usize,
+}
+
+impl Default for LossScale {
+    fn default() -> LossScale {
+        LossScale { scale: 65536.0, good_steps: 0 }
+    }
+}
+
+impl LossScale {
+    const GROWTH_INTERVAL: usize = 2000;
+
+    /// After a step's gradients are in: whether they are finite (take the step) or not (skip
+    /// it), and the scale for the next one.
+    pub fn update(&mut self, finite: bool) -> bool {
+        if finite {
+            self.good_steps += 1;
+            if self.good_steps == Self::GROWTH_INTERVAL {
+                self.scale *= 2.0;
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale /= 2.0;
+            self.good_steps = 0;
+        }
+        finite
+    }
 }
 
 /// AdamW's hyperparameters; `lr` is passed to each `step` because the schedule changes it.
@@ -293,7 +331,7 @@ mod tests {
         let device = Device::Cpu;
         // Global norm of (3, 4) and (12) is 13.
         let mut grads = vec![Tensor::new(&[3f32, 4.0], &device)?, Tensor::new(&[12f32], &device)?];
-        let norm = clip_grad_norm(&mut grads, 1.0)?;
+        let norm = clip_grad_norm(&mut grads, 1.0)?.to_scalar::<f32>()?;
         assert!((norm - 13.0).abs() < 1e-5);
         let a = grads[0].to_vec1::<f32>()?;
         let b = grads[1].to_vec1::<f32>()?;
@@ -305,5 +343,18 @@ mod tests {
         clip_grad_norm(&mut small, 1.0)?;
         assert_eq!(small[0].to_vec1::<f32>()?, vec![0.3, 0.4]);
         Ok(())
+    }
+
+    #[test]
+    fn loss_scale_halves_on_overflow_and_doubles_after_a_run_of_good_steps() {
+        let mut scale = LossScale::default();
+        assert!(!scale.update(false));
+        assert_eq!(scale.scale, 32768.0);
+        for _ in 0..1999 {
+            assert!(scale.update(true));
+        }
+        assert_eq!(scale.scale, 32768.0);
+        scale.update(true);
+        assert_eq!(scale, LossScale { scale: 65536.0, good_steps: 0 });
     }
 }

@@ -102,7 +102,7 @@ pub fn generate(config: &Config, root: &Path, on_event: &mut dyn FnMut(Event)) -
         "`model` is required: a train stage's output (`${{stage}}`), a Hugging Face GPT-2 folder, or gpt2 ... gpt2-xl"
     );
     ensure!(config.temperature.is_finite() && config.temperature >= 0.0, "`temperature` must be at least 0");
-    let device = crate::train::device(&config.device)?;
+    let device = crate::device::by_name(&config.device)?;
     let model = model::load(&config.model, root, &device).context("`model`")?;
     let tokenizer = model.tokenizer()?;
     let prompt = match config.start.strip_prefix("FILE:") {

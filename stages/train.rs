@@ -5,18 +5,22 @@
 //! layout `checkpoint.rs`'s and the record's files `metrics.rs`'s. `finetune` is this loop with
 //! other defaults.
 //!
-//! Reproducibility: batches come from one seeded RNG whose state is checkpointed, and each
-//! evaluation draws from its own stream derived from (seed, iteration), so neither how often
-//! the loss is logged nor when it is evaluated changes the training trajectory; a resumed run
-//! repeats the losses of an uninterrupted one. (Dropout draws from candle's CPU generator,
-//! which cannot be seeded: with `dropout` > 0 runs agree in distribution, not bit for bit.)
+//! Reproducibility: batches come from one seeded RNG whose state is checkpointed, dropout masks
+//! from the seed and the micro-step, and each evaluation draws from its own stream derived from
+//! (seed, iteration), so neither how often the loss is logged nor when it is evaluated changes
+//! the training trajectory; a resumed run repeats the losses of an uninterrupted one.
+//!
+//! Data parallel (`gpus`, several machines): see `train` and `run_rank`; the collectives are
+//! `dist.rs`'s. A world of N ranks trains the model one process would with the same
+//! `gradient_accumulation_steps`, up to float rounding.
 //!
 //! Departures from train.py: nanoGPT takes one more step after the evaluation at `max_iters`
 //! and never saves it, this loop stops there (and evaluates there even off `eval_interval`);
-//! the best checkpoint is also written at iteration 0, so that one always exists; and
-//! `best_val_loss` is the best seen, also under `always_save_checkpoint`.
+//! the best checkpoint is also written at iteration 0, so that one always exists;
+//! `best_val_loss` is the best seen, also under `always_save_checkpoint`; and the logged loss
+//! of a step is the mean over all its micro-batches (and ranks), not the last micro-batch's.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
@@ -25,19 +29,21 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{self, State};
+use crate::device::A100_BF16_FLOPS;
+use crate::dist::{Machines, World};
 use crate::gpt::{self, Gpt, GptConfig};
 use crate::metrics::{self, Row};
-use crate::optim::{AdamW, AdamWParams, Schedule};
+use crate::optim::{AdamW, AdamWParams, LossScale, Schedule};
 use crate::shard::TokenSplit;
 use crate::{Context, Report};
 
 /// Bumped when the same params would train a different model or write different files.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Params that cannot change results. `log_interval` only prints; the record keeps every
 /// iteration. (`eval_interval` and `eval_iters` do not change the trajectory either, but they
 /// choose which model is the best checkpoint and what its val loss is, so they stay in the key.)
-pub const NON_SEMANTIC: &[&str] = &["log_interval"];
+pub const NON_SEMANTIC: &[&str] = &["log_interval", "gpus"];
 
 /// A re-run of an interrupted stage finds its checkpoints and continues from the latest.
 pub const RESUMABLE: bool = true;
@@ -110,9 +116,54 @@ pub struct Config {
     pub seed: u64,
     /// `auto` (CUDA when built with it and present, else CPU), `cpu`, `cuda` or `cuda:N`.
     pub device: String,
-    /// `auto` (float32; nanoGPT picks bfloat16 on GPUs) or `float32`. Training runs in float32
-    /// for now.
+    /// The matmuls' dtype: `auto` (bfloat16 on a GPU, float32 on the CPU), `bfloat16`,
+    /// `float16` (with dynamic loss scaling) or `float32`. Weights, optimizer moments,
+    /// LayerNorm, softmax and the loss stay float32 (mixed precision, as nanoGPT's autocast).
     pub dtype: String,
+    /// Data-parallel ranks on this machine, one process each (one per GPU): a number or `auto`
+    /// (every GPU; 1 on the CPU). `gradient_accumulation_steps` counts the micro-batches of the
+    /// whole world and must divide by the ranks. With `device: cpu`, CPU processes, which CI
+    /// uses to prove the fan-out. Does not change results (beyond float rounding), so not part
+    /// of the key: a run may resume on another number of GPUs.
+    pub gpus: Gpus,
+}
+
+/// `gpus`: a count, or `auto` for every GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gpus {
+    Count(usize),
+    Auto,
+}
+
+impl Serialize for Gpus {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Gpus::Count(n) => serializer.serialize_u64(*n as u64),
+            Gpus::Auto => serializer.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Gpus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Gpus, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Gpus;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a number of GPUs or `auto`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Gpus, E> {
+                Ok(Gpus::Count(n as usize))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Gpus, E> {
+                match s {
+                    "auto" => Ok(Gpus::Auto),
+                    other => other.parse().map(Gpus::Count).map_err(|_| E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 impl Default for Config {
@@ -147,6 +198,7 @@ impl Default for Config {
             seed: 1337,
             device: "auto".into(),
             dtype: "auto".into(),
+            gpus: Gpus::Count(1),
         }
     }
 }
@@ -173,10 +225,177 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     train(config, ctx, &Hooks::default())
 }
 
+/// One process, or a world of ranks: `gpus` on this machine times the machines a launcher
+/// started (see `dist`).
 pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Result<Report> {
     check(config)?;
-    eprintln!("config: {}", serde_json::to_string(config)?);
-    let device = device(&config.device)?;
+    let machines = Machines::from_env(|name| std::env::var(name).ok())?;
+    let local_ranks = match config.gpus {
+        Gpus::Count(n) => n,
+        Gpus::Auto if config.device == "cpu" => 1,
+        Gpus::Auto => crate::device::gpu_count(),
+    };
+    if machines.count * local_ranks == 1 {
+        return run_rank(config, ctx, hooks, &World::single(), 1);
+    }
+    supervise(config, ctx, &machines, local_ranks)
+}
+
+/// The hidden command a train stage starts its ranks with: `nanoflow __rank`, a `WorkerSpec`
+/// as JSON on stdin.
+pub const WORKER_COMMAND: &str = "__rank";
+
+/// What one rank of a multi-process run needs.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WorkerSpec {
+    pub config: Config,
+    pub context: Context,
+    pub world: World,
+    /// Ranks on this machine.
+    pub local_ranks: usize,
+    /// Where local rank 0 writes the stage's report for the supervisor.
+    pub report: Option<PathBuf>,
+    /// Test hook: fail after this many steps.
+    pub stop_after: Option<usize>,
+}
+
+/// One rank: `nanoflow __rank`'s body.
+pub fn worker(spec: WorkerSpec) -> anyhow::Result<()> {
+    let hooks = Hooks { stop_after: spec.stop_after };
+    let report = run_rank(&spec.config, &spec.context, &hooks, &spec.world, spec.local_ranks)
+        .with_context(|| format!("rank {} of {}", spec.world.rank, spec.world.size))?;
+    if let Some(path) = spec.report {
+        fs_err::write(path, serde_json::to_vec(&report)?)?;
+    }
+    Ok(())
+}
+
+/// Test hook for the fan-out: `NANOFLOW_TEST_STOP_AFTER=RANK:STEPS` makes that rank fail after
+/// that many steps, as a crash would.
+const STOP_HOOK: &str = "NANOFLOW_TEST_STOP_AFTER";
+
+/// Spawns this machine's ranks, one process each (as torchrun does), and waits for them: all
+/// succeed, or the first that fails stops the others and fails the stage. The checkpoints the
+/// run wrote stay in the output directory, so the next run resumes from the last one.
+fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: usize) -> anyhow::Result<Report> {
+    let size = machines.count * local_ranks;
+    ensure!(
+        config.gradient_accumulation_steps % size == 0,
+        "`gradient_accumulation_steps: {}` must be a multiple of the {size} ranks: each rank takes an equal share of \
+         a step's micro-batches (nanoGPT divides it by the world size the same way)",
+        config.gradient_accumulation_steps
+    );
+    if config.init_from != "scratch" {
+        // Fetch a Hub model once here rather than in every rank at the same time.
+        crate::model::source(&config.init_from, &ctx.root, &Device::Cpu).context("`init_from`")?;
+    }
+    let master = if machines.count == 1 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        format!("127.0.0.1:{port}")
+    } else {
+        format!("{}:{}", machines.master_addr, machines.master_port)
+    };
+    let stop: Option<(usize, usize)> = std::env::var(STOP_HOOK).ok().and_then(|value| {
+        let (rank, steps) = value.split_once(':')?;
+        Some((rank.parse().ok()?, steps.parse().ok()?))
+    });
+    eprintln!(
+        "data parallel: {size} ranks, {local_ranks} on this machine (machine {} of {}), rank 0 at {master}",
+        machines.rank, machines.count
+    );
+    let report = ctx.out.join(".rank-report.json");
+    let exe = std::env::current_exe().context("cannot find the nanoflow executable to start ranks with")?;
+    let mut ranks = Vec::new();
+    for local_rank in 0..local_ranks {
+        let rank = machines.rank * local_ranks + local_rank;
+        let spec = WorkerSpec {
+            config: config.clone(),
+            context: ctx.clone(),
+            world: World { rank, size, local_rank, master: master.clone() },
+            local_ranks,
+            report: (local_rank == 0).then(|| report.clone()),
+            stop_after: stop.filter(|&(at, _)| at == rank).map(|(_, steps)| steps),
+        };
+        let mut child = std::process::Command::new(&exe)
+            .arg(WORKER_COMMAND)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("could not start rank {rank} (`{} {WORKER_COMMAND}`)", exe.display()))?;
+        let mut stdin = child.stdin.take().expect("piped");
+        ranks.push((rank, child));
+        std::io::Write::write_all(&mut stdin, &serde_json::to_vec(&spec)?)?;
+    }
+    wait_for_ranks(&mut ranks)?;
+    let json = fs_err::read(&report).context("rank 0 finished without a report")?;
+    fs_err::remove_file(&report)?;
+    Ok(serde_json::from_slice(&json)?)
+}
+
+/// Waits for every rank; when one fails, gives the others a moment to fail on their own (their
+/// collectives lose it) and then stops them.
+fn wait_for_ranks(ranks: &mut [(usize, std::process::Child)]) -> anyhow::Result<()> {
+    let mut done = vec![false; ranks.len()];
+    let mut failed: Vec<String> = Vec::new();
+    let mut first_failure: Option<Instant> = None;
+    loop {
+        for ((rank, child), done) in ranks.iter_mut().zip(&mut done) {
+            if *done {
+                continue;
+            }
+            if let Some(status) = child.try_wait()? {
+                *done = true;
+                if !status.success() {
+                    failed.push(format!("rank {rank} ({status})"));
+                    first_failure.get_or_insert_with(Instant::now);
+                }
+            }
+        }
+        if done.iter().all(|&done| done) {
+            break;
+        }
+        if first_failure.is_some_and(|at| at.elapsed() > std::time::Duration::from_secs(5)) {
+            for ((rank, child), done) in ranks.iter_mut().zip(&done) {
+                if !done {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failed.push(format!("rank {rank} (stopped)"));
+                }
+            }
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ensure!(
+        failed.is_empty(),
+        "{} failed: {}; the checkpoints written so far are kept, and the next run resumes from the last",
+        if failed.len() == 1 { "a rank" } else { "ranks" },
+        failed.join(", ")
+    );
+    Ok(())
+}
+
+/// One rank's training (the whole run when the world is one process). Every rank draws every
+/// micro-batch's offsets from the shared seeded stream and takes its share (micro-step `i` goes
+/// to rank `i % size`), so a world of N ranks sees the batches one process would, and the
+/// averaged gradients match one process's with N times the accumulation. Local rank 0 evaluates
+/// and writes the outputs; rank 0 alone prints.
+fn run_rank(config: &Config, ctx: &Context, hooks: &Hooks, world: &World, local_ranks: usize) -> anyhow::Result<Report> {
+    check(config)?;
+    let main = world.is_main();
+    let writes = world.writes_outputs();
+    macro_rules! log {
+        ($($arg:tt)*) => { if main { eprintln!($($arg)*) } };
+    }
+    log!("config: {}", serde_json::to_string(config)?);
+    let device = crate::device::for_rank(&config.device, world.local_rank, local_ranks)?;
+    let dtype = crate::device::matmul_dtype(&config.dtype, &device)?;
+    if device.is_cuda() {
+        // TF32 for what stays float32, as nanoGPT allows it.
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
+    let mut collective = if world.size > 1 { Some(crate::dist::connect(world, &device)?) } else { None };
+    let peak_flops = crate::device::peak_bf16_flops(&crate::device::name(&device)).unwrap_or(A100_BF16_FLOPS);
+    log!("device: {} ({}), matmuls in {dtype:?}", crate::device::name(&device), ctx.stage);
 
     // -----------------------------------------------------------------------------
     // data: random windows of the token stream, like nanoGPT's memmapped get_batch
@@ -185,14 +404,16 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
     let data_vocab = data_vocab_size(&data_dir)?;
     let train_data = TokenSplit::open(&data_dir, "train")?;
     let val_data = TokenSplit::open(&data_dir, "val")?;
-    // The data's meta.json travels with the model: it names the tokenizer that `sample`,
-    // `eval` and `export` need to turn text into this model's tokens and back.
-    fs_err::copy(data_dir.join("meta.json"), ctx.out.join("meta.json"))?;
+    if writes {
+        // The data's meta.json travels with the model: it names the tokenizer that `sample`,
+        // `eval` and `export` need to turn text into this model's tokens and back.
+        fs_err::copy(data_dir.join("meta.json"), ctx.out.join("meta.json"))?;
+    }
 
     // -----------------------------------------------------------------------------
     // model init: scratch, a train stage's checkpoint, or GPT-2 weights in the Hugging Face layout
     let varmap = VarMap::new();
-    let model = init_model(config, ctx, data_vocab, &varmap, &device)?;
+    let model = init_model(config, ctx, data_vocab, &varmap, &device, main)?.with_matmul_dtype(dtype);
     let model_config = model.config.clone();
     let block_size = model_config.block_size;
     ensure!(
@@ -209,16 +430,23 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
             block_size + 1
         );
     }
+    ensure!(
+        config.gradient_accumulation_steps % world.size == 0,
+        "`gradient_accumulation_steps: {}` must be a multiple of the {} ranks",
+        config.gradient_accumulation_steps,
+        world.size
+    );
+    let local_steps = config.gradient_accumulation_steps / world.size;
     let tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * block_size;
-    eprintln!("tokens per iteration will be: {tokens_per_iter}");
-    eprintln!("number of parameters: {:.2}M", model_config.num_params(true) as f64 / 1e6);
+    log!("tokens per iteration will be: {tokens_per_iter}");
+    log!("number of parameters: {:.2}M", model_config.num_params(true) as f64 / 1e6);
 
     // optimizer: AdamW, weight decay on 2-D parameters only (nanoGPT's configure_optimizers)
     let params = AdamWParams { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
     let mut optimizer = AdamW::new(varmap.data().lock().expect("varmap lock").clone(), params)?;
     let [(decay_tensors, decay_params), (nodecay_tensors, nodecay_params)] = optimizer.groups();
-    eprintln!("num decayed parameter tensors: {decay_tensors}, with {decay_params} parameters");
-    eprintln!("num non-decayed parameter tensors: {nodecay_tensors}, with {nodecay_params} parameters");
+    log!("num decayed parameter tensors: {decay_tensors}, with {decay_params} parameters");
+    log!("num non-decayed parameter tensors: {nodecay_tensors}, with {nodecay_params} parameters");
     let schedule = Schedule {
         learning_rate: config.learning_rate,
         decay_lr: config.decay_lr,
@@ -226,6 +454,8 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
         lr_decay_iters: config.lr_decay_iters,
         min_lr: config.min_lr,
     };
+    // float16 matmuls need their gradients scaled up to survive (nanoGPT's GradScaler).
+    let mut loss_scale = (dtype == DType::F16).then(LossScale::default);
 
     // -----------------------------------------------------------------------------
     // resume: an interrupted run of the same key left its checkpoints in the output directory
@@ -241,12 +471,15 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
         iter = state.iter;
         best_val_loss = state.best_val_loss;
         rng = Rng(state.rng);
+        if loss_scale.is_some() {
+            loss_scale = Some(state.loss_scale.unwrap_or_default());
+        }
         let metrics_path = ctx.out.join("metrics.parquet");
         if metrics_path.exists() {
             rows = metrics::read_parquet(&metrics_path)?;
             rows.retain(|row| row.iter <= iter as i64);
         }
-        eprintln!("resuming from `{}` at iter {iter}", checkpoint::state_path(&ctx.out, name).display());
+        log!("resuming from `{}` at iter {iter}", checkpoint::state_path(&ctx.out, name).display());
         resumed_from = Some(iter);
     }
 
@@ -261,9 +494,9 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
 
         // evaluate the loss on train/val sets and write checkpoints
         let due = iter % config.eval_interval == 0 || iter == config.max_iters;
-        if due && resumed_from != Some(iter) {
+        if writes && due && resumed_from != Some(iter) {
             let losses = estimate_loss(&model, config, &train_data, &val_data, iter, &device)?;
-            eprintln!("step {iter}: train loss {:.4}, val loss {:.4}", losses[0], losses[1]);
+            log!("step {iter}: train loss {:.4}, val loss {:.4}", losses[0], losses[1]);
             for (split, loss) in ["train", "val"].iter().zip(losses) {
                 if !loss.is_finite() {
                     bail!(diverged(&format!("the {split} loss estimate is {loss}"), iter, last_good));
@@ -285,12 +518,13 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
                 config: serde_json::to_value(config)?,
                 rng: rng.0,
                 files: Default::default(),
+                loss_scale,
             };
             // The record first: a checkpoint may be older than the record, never newer.
             metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
             checkpoint::save(&ctx.out, "last", &varmap, &optimizer, state.clone())?;
             if improved || config.always_save_checkpoint {
-                eprintln!("saving checkpoint to {}", ctx.out.display());
+                log!("saving checkpoint to {}", ctx.out.display());
                 checkpoint::save(&ctx.out, "ckpt", &varmap, &optimizer, state)?;
             }
             metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
@@ -300,25 +534,30 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
             break;
         }
 
-        // forward backward update, with optional gradient accumulation to simulate larger batch size
+        // forward backward update, with optional gradient accumulation to simulate larger batch
+        // size; each rank takes every `world.size`-th micro-batch
         let started = Instant::now();
         let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.vars().count()];
-        let mut lossf = 0.0;
+        let mut loss_sum: Option<Tensor> = None;
+        let scale = loss_scale.map_or(1.0, |s| s.scale);
         for micro_step in 0..config.gradient_accumulation_steps {
-            let (x, y) = get_batch(&train_data, &mut rng, config.batch_size, block_size, &device)?;
-            // Dropout's masks follow from the seed and the step alone, so a resumed run draws
-            // the ones the uninterrupted run drew.
+            let offsets = batch_offsets(&train_data, &mut rng, config.batch_size, block_size);
+            if micro_step % world.size != world.rank {
+                continue;
+            }
+            let (x, y) = read_batch(&train_data, &offsets, block_size, &device)?;
+            // Dropout's masks follow from the seed and the micro-step alone, so a resumed run,
+            // or a world of another size, draws the ones the uninterrupted run drew.
             let step = (iter * config.gradient_accumulation_steps + micro_step) as u64;
             model.seed_dropout(config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
             let logits = model.forward(&x, true)?; // (B, T, vocab_size)
             let loss = gpt::cross_entropy(&logits, &y)?;
-            lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !lossf.is_finite() {
-                bail!(diverged(&format!("the training loss is {lossf}"), iter, last_good));
-            }
+            loss_sum = Some(match loss_sum {
+                Some(sum) => (sum + loss.detach())?,
+                None => loss.detach(),
+            });
             // scale the loss to account for gradient accumulation
-            let loss = (loss / config.gradient_accumulation_steps as f64)?;
-            let store = loss.backward()?;
+            let store = (loss * (scale / local_steps as f64))?.backward()?;
             for (sum, var) in grads.iter_mut().zip(optimizer.vars()) {
                 if let Some(grad) = store.get(var.as_tensor()) {
                     *sum = Some(match sum.take() {
@@ -333,12 +572,34 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
             .zip(optimizer.vars())
             .map(|(grad, var)| grad.map_or_else(|| var.zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
-        // clip the gradient
-        if config.grad_clip != 0.0 {
-            crate::optim::clip_grad_norm(&mut grads, config.grad_clip)?;
+        // the step's loss: the mean over all its micro-batches, averaged over the ranks along with
+        // the gradients (one collective call per bucket, the loss riding in the last)
+        let mut loss = (loss_sum.expect("at least one micro-step per rank") / local_steps as f64)?;
+        if let Some(collective) = collective.as_deref_mut() {
+            loss = crate::dist::average(collective, &mut grads, &loss)?;
         }
-        // step the optimizer
-        optimizer.step(&grads, lr)?;
+        let lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?; // the step's one wait for the device
+        if !lossf.is_finite() && loss_scale.is_none() {
+            bail!(diverged(&format!("the training loss is {lossf}"), iter, last_good));
+        }
+        let mut take_step = true;
+        if let Some(loss_scale) = &mut loss_scale {
+            let norm = crate::optim::grad_norm(&grads)?.to_scalar::<f32>()?;
+            take_step = loss_scale.update(norm.is_finite() && lossf.is_finite());
+            for grad in &mut grads {
+                *grad = (&*grad / scale)?;
+            }
+        }
+        if take_step {
+            // clip the gradient
+            if config.grad_clip != 0.0 {
+                crate::optim::clip_grad_norm(&mut grads, config.grad_clip)?;
+            }
+            // step the optimizer
+            optimizer.step(&grads, lr)?;
+        } else {
+            log!("iter {iter}: float16 gradients overflowed; step skipped, loss scale now {}", scale / 2.0);
+        }
         let dt = started.elapsed().as_secs_f64();
 
         // timing and logging
@@ -347,11 +608,11 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
         steps_here += 1;
         if steps_here >= 5 {
             // let the training loop settle a bit
-            let mfu = estimate_mfu(&model_config, config.batch_size * config.gradient_accumulation_steps, dt);
+            let mfu = estimate_mfu(&model_config, config.batch_size * local_steps, dt, peak_flops);
             running_mfu = if running_mfu == -1.0 { mfu } else { 0.9 * running_mfu + 0.1 * mfu };
         }
         if iter % config.log_interval == 0 {
-            eprintln!("iter {iter}: loss {lossf:.4}, time {:.2}ms, mfu {:.2}%", dt * 1000.0, running_mfu * 100.0);
+            log!("iter {iter}: loss {lossf:.4}, time {:.2}ms, mfu {:.2}%", dt * 1000.0, running_mfu * 100.0);
         }
         let record = row(&mut rows, iter);
         record.lr = Some(lr);
@@ -364,6 +625,9 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
         }
     }
 
+    if !writes {
+        return Ok(Report::default());
+    }
     metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
     metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
     let last = rows.iter().rev().find_map(|row| Some((row.train_loss?, row.val_loss?)));
@@ -400,26 +664,13 @@ fn check(config: &Config) -> anyhow::Result<()> {
     ensure!(config.pad_vocab_to_multiple_of > 0, "`pad_vocab_to_multiple_of` must be at least 1");
     ensure!((0.0..1.0).contains(&config.dropout), "`dropout` must be at least 0 and below 1, not {}", config.dropout);
     ensure!(config.learning_rate.is_finite() && config.learning_rate >= 0.0, "`learning_rate` must be at least 0");
-    match config.dtype.as_str() {
-        "auto" | "float32" => {}
-        "bfloat16" | "float16" => bail!("`dtype: {}`: training runs in float32 for now", config.dtype),
-        other => bail!("unknown `dtype` `{other}`: use auto or float32"),
-    }
+    ensure!(
+        matches!(config.dtype.as_str(), "auto" | "bfloat16" | "float16" | "float32"),
+        "unknown `dtype` `{}`: use auto, bfloat16, float16 or float32",
+        config.dtype
+    );
+    ensure!(config.gpus != Gpus::Count(0), "`gpus` must be at least 1, or `auto`");
     Ok(())
-}
-
-pub(crate) fn device(name: &str) -> anyhow::Result<Device> {
-    Ok(match name {
-        "auto" => Device::cuda_if_available(0)?,
-        "cpu" => Device::Cpu,
-        "cuda" => Device::new_cuda(0).context("`device: cuda`: no CUDA device (nanoflow needs `--features cuda`)")?,
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(ordinal) => Device::new_cuda(ordinal).with_context(|| {
-                format!("`device: {other}`: no such CUDA device (nanoflow needs `--features cuda`)")
-            })?,
-            None => bail!("unknown `device` `{other}`: use auto, cpu, cuda or cuda:N"),
-        },
-    })
 }
 
 /// meta.json's `vocab_size`, which the tokenize stage writes.
@@ -439,6 +690,7 @@ fn init_model(
     data_vocab: usize,
     varmap: &VarMap,
     device: &Device,
+    log: bool,
 ) -> anyhow::Result<Gpt> {
     if config.init_from == "scratch" {
         let vocab_size = config.vocab_size.unwrap_or(data_vocab).next_multiple_of(config.pad_vocab_to_multiple_of);
@@ -451,12 +703,16 @@ fn init_model(
             dropout: config.dropout,
             bias: config.bias.unwrap_or(false),
         };
-        eprintln!("initializing a new model from scratch");
+        if log {
+            eprintln!("initializing a new model from scratch");
+        }
         return Ok(Gpt::init(&model_config, varmap, device, config.seed)?);
     }
     let crate::model::Source { config: source_config, tensors, description, dir: source, .. } =
         crate::model::source(&config.init_from, &ctx.root, device).context("`init_from`")?;
-    eprintln!("initializing from {description}");
+    if log {
+        eprintln!("initializing from {description}");
+    }
     // Shape params must agree with the checkpoint, except a smaller block_size, which crops.
     let mismatch = |key: &str, asked: usize, found: usize| {
         anyhow::anyhow!("`{key}: {asked}` does not match the checkpoint's {found} in `{}`", source.display())
@@ -551,17 +807,27 @@ pub(crate) fn get_batch(
     block_size: usize,
     device: &Device,
 ) -> anyhow::Result<(Tensor, Tensor)> {
+    let offsets = batch_offsets(data, rng, batch_size, block_size);
+    read_batch(data, &offsets, block_size, device)
+}
+
+/// Where a batch's windows start: every rank draws every batch's, to stay on the shared stream.
+fn batch_offsets(data: &TokenSplit, rng: &mut Rng, batch_size: usize, block_size: usize) -> Vec<u64> {
+    (0..batch_size).map(|_| rng.below(data.len() - block_size as u64)).collect()
+}
+
+/// The windows at `offsets`: x (B, T) and y, x shifted by one.
+fn read_batch(data: &TokenSplit, offsets: &[u64], block_size: usize, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
     let mut window = vec![0u16; block_size + 1];
-    let mut x = Vec::with_capacity(batch_size * block_size);
-    let mut y = Vec::with_capacity(batch_size * block_size);
-    for _ in 0..batch_size {
-        let offset = rng.below(data.len() - block_size as u64);
+    let mut x = Vec::with_capacity(offsets.len() * block_size);
+    let mut y = Vec::with_capacity(offsets.len() * block_size);
+    for &offset in offsets {
         data.read(offset, &mut window)?;
         x.extend(window[..block_size].iter().map(|&token| token as u32));
         y.extend(window[1..].iter().map(|&token| token as u32));
     }
-    let x = Tensor::from_vec(x, (batch_size, block_size), device)?; // (B, T)
-    let y = Tensor::from_vec(y, (batch_size, block_size), device)?; // (B, T)
+    let x = Tensor::from_vec(x, (offsets.len(), block_size), device)?; // (B, T)
+    let y = Tensor::from_vec(y, (offsets.len(), block_size), device)?; // (B, T)
     Ok((x, y))
 }
 
@@ -594,11 +860,12 @@ fn estimate_loss(
     Ok(out)
 }
 
-/// nanoGPT's estimate_mfu: achieved FLOPs per second as a fraction of an A100's bfloat16 peak
-/// (312 TFLOPS), from the PaLM paper's 6N + 12LHQT FLOPs per token.
-fn estimate_mfu(model: &GptConfig, fwdbwd_per_iter: usize, dt: f64) -> f64 {
+/// nanoGPT's estimate_mfu: achieved FLOPs per second as a fraction of a peak (nanoGPT's is an
+/// A100's bfloat16 312 TFLOPS; nanoflow uses the GPU's own where it knows it), from the PaLM
+/// paper's 6N + 12LHQT FLOPs per token. `fwdbwd_per_iter`: sequences per step on this device.
+pub fn estimate_mfu(model: &GptConfig, fwdbwd_per_iter: usize, dt: f64, peak_flops: f64) -> f64 {
     let flops_per_iter = model.flops_per_token() * model.block_size as f64 * fwdbwd_per_iter as f64;
-    flops_per_iter / dt / 312e12
+    flops_per_iter / dt / peak_flops
 }
 
 fn json_number(x: f64) -> serde_json::Value {
@@ -800,6 +1067,89 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    fn weights(out: &Path) -> std::collections::HashMap<String, Tensor> {
+        candle_core::safetensors::load(out.join("last.safetensors"), &Device::Cpu).unwrap()
+    }
+
+    fn max_weight_diff(a: &Path, b: &Path) -> f32 {
+        let (a, b) = (weights(a), weights(b));
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .map(|(name, tensor)| {
+                (tensor - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+            })
+            .fold(0.0, f32::max)
+    }
+
+    /// Runs `config` as a world of `size` ranks, threads of this process over the CPU collective.
+    fn run_world(config: &Config, ctx: &Context, size: usize) -> anyhow::Result<()> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        std::thread::scope(|scope| {
+            let ranks: Vec<_> = (0..size)
+                .map(|rank| {
+                    let world = World { rank, size, local_rank: rank, master: format!("127.0.0.1:{port}") };
+                    scope.spawn(move || run_rank(config, ctx, &Hooks::default(), &world, size))
+                })
+                .collect();
+            ranks.into_iter().try_for_each(|rank| rank.join().expect("a rank panicked").map(drop))
+        })
+    }
+
+    #[test]
+    fn two_ranks_train_the_weights_of_one_with_twice_the_accumulation() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        // With dropout, whose masks must follow the micro-step wherever it runs.
+        let config = Config { gradient_accumulation_steps: 4, max_iters: 6, dropout: 0.1, ..tiny(char_data(dir.path())) };
+        let one = context(dir.path(), "one");
+        run(&config, &one)?;
+        let two = context(dir.path(), "two");
+        run_world(&config, &two, 2)?;
+        let diff = max_weight_diff(&one.out, &two.out);
+        assert!(diff < 1e-5, "largest weight difference {diff}");
+        for (a, b) in losses(&one.out).iter().zip(losses(&two.out)) {
+            assert_eq!(a.0, b.0);
+            assert!((a.1.unwrap_or(0.0) - b.1.unwrap_or(0.0)).abs() < 1e-5, "train loss at {}: {a:?} {b:?}", a.0);
+            assert_eq!(a.2, b.2, "rank 0 evaluates the same weights the same way");
+        }
+        // A world whose ranks cannot share the accumulation evenly is refused before it starts.
+        let error = run_world(&Config { gradient_accumulation_steps: 3, ..config }, &context(dir.path(), "odd"), 2)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("must be a multiple of the 2 ranks"), "{error}");
+        Ok(())
+    }
+
+    #[test]
+    fn bfloat16_matmuls_track_float32() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = Config { max_iters: 10, eval_interval: 10, ..tiny(char_data(dir.path())) };
+        let full = context(dir.path(), "float32");
+        run(&config, &full)?;
+        let mixed = context(dir.path(), "bfloat16");
+        run(&Config { dtype: "bfloat16".into(), ..config.clone() }, &mixed)?;
+        let (a, b) = (losses(&full.out), losses(&mixed.out));
+        let val = |rows: &[(i64, Option<f64>, Option<f64>)]| rows.iter().filter_map(|row| row.2).collect::<Vec<_>>();
+        let (a, b) = (val(&a), val(&b));
+        assert_eq!(a.len(), 2);
+        assert!((a[1] - b[1]).abs() < 0.05, "val loss after 10 steps: float32 {} bfloat16 {}", a[1], b[1]);
+        assert!(a[1] != b[1], "the bfloat16 run did round its matmuls");
+        // The weights stay float32.
+        assert!(weights(&mixed.out).values().all(|tensor| tensor.dtype() == DType::F32));
+        Ok(())
+    }
+
+    #[test]
+    fn float16_scales_the_loss_and_checkpoints_the_scale() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = Config { max_iters: 4, dtype: "float16".into(), ..tiny(char_data(dir.path())) };
+        let ctx = context(dir.path(), "out");
+        run(&config, &ctx)?;
+        let state = checkpoint::load_state(&ctx.out, "last")?.unwrap();
+        assert_eq!(state.loss_scale, Some(LossScale { scale: 65536.0, good_steps: 4 }));
+        assert!(losses(&ctx.out).iter().all(|row| row.1.is_none_or(f64::is_finite)));
+        Ok(())
+    }
+
     #[test]
     fn divergence_stops_with_a_clear_error() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
@@ -823,7 +1173,13 @@ pub(crate) mod tests {
     fn unknown_keys_and_bad_values_are_errors() {
         let error = serde_json::from_value::<Config>(serde_json::json!({"data": "d", "n_embed": 4})).unwrap_err();
         assert!(error.to_string().contains("unknown field `n_embed`"), "{error}");
-        let config = Config { dtype: "bfloat16".into(), ..Config::default() };
-        assert!(check(&config).unwrap_err().to_string().contains("float32"));
+        let config = Config { dtype: "fp8".into(), ..Config::default() };
+        assert!(check(&config).unwrap_err().to_string().contains("use auto, bfloat16, float16 or float32"));
+        let gpus = |value: serde_json::Value| serde_json::from_value::<Config>(serde_json::json!({"gpus": value}));
+        assert_eq!(gpus(serde_json::json!("auto")).unwrap().gpus, Gpus::Auto);
+        assert_eq!(gpus(serde_json::json!(8)).unwrap().gpus, Gpus::Count(8));
+        let error = gpus(serde_json::json!("all")).unwrap_err().to_string();
+        assert!(error.contains("a number of GPUs or `auto`"), "{error}");
+        assert!(check(&Config { gpus: Gpus::Count(0), ..Config::default() }).is_err());
     }
 }

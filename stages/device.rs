@@ -1,0 +1,150 @@
+//! Devices by name (`auto`, `cpu`, `cuda`, `cuda:N`), the dtype of the matmuls, and what the
+//! benchmarks and the MFU estimate need to know about a GPU: its count, name, bfloat16 peak and
+//! memory in use.
+
+use anyhow::{Context as _, bail};
+use candle_core::{DType, Device};
+
+/// The device `name` picks for a rank: `auto` is CUDA when nanoflow is built with `--features
+/// cuda` and a GPU is present, else the CPU. Ranks of a multi-GPU world take the GPU of their
+/// local rank (`cuda`/`auto`), so `cuda:N` names a device only for a single process.
+pub fn for_rank(name: &str, local_rank: usize, local_ranks: usize) -> anyhow::Result<Device> {
+    if local_ranks > 1 && name.starts_with("cuda:") {
+        bail!("`device: {name}` pins one GPU, but this stage runs {local_ranks} ranks here: use `device: cuda`");
+    }
+    Ok(match name {
+        "auto" if local_ranks > 1 => Device::cuda_if_available(local_rank)?,
+        "auto" => Device::cuda_if_available(0)?,
+        "cpu" => Device::Cpu,
+        "cuda" => Device::new_cuda(local_rank).with_context(|| {
+            format!("`device: cuda`: no CUDA device {local_rank} (nanoflow needs `--features cuda`)")
+        })?,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(ordinal) => Device::new_cuda(ordinal).with_context(|| {
+                format!("`device: {other}`: no such CUDA device (nanoflow needs `--features cuda`)")
+            })?,
+            None => bail!("unknown `device` `{other}`: use auto, cpu, cuda or cuda:N"),
+        },
+    })
+}
+
+/// The device `name` picks for one process.
+pub fn by_name(name: &str) -> anyhow::Result<Device> {
+    for_rank(name, 0, 1)
+}
+
+/// GPUs on this machine: what `gpus: auto` fans out to (1 without CUDA, so a CPU run stays one
+/// process).
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    if let Ok(count) = cudarc::driver::CudaContext::device_count() {
+        return (count as usize).max(1);
+    }
+    1
+}
+
+/// The dtype of the matmuls for `dtype` (a stage's key) on `device`: `auto` is bfloat16 on a GPU
+/// (nanoGPT's choice where the GPU has it; nanoflow's CUDA build targets compute capability 8.0
+/// and up, which all do) and float32 on the CPU. Weights, optimizer moments, LayerNorm, softmax
+/// and the loss stay float32 whatever it is.
+pub fn matmul_dtype(dtype: &str, device: &Device) -> anyhow::Result<DType> {
+    Ok(match dtype {
+        "auto" if device.is_cuda() => DType::BF16,
+        "auto" | "float32" => DType::F32,
+        "bfloat16" => DType::BF16,
+        "float16" => DType::F16,
+        other => bail!("unknown `dtype` `{other}`: use auto, bfloat16, float16 or float32"),
+    })
+}
+
+/// What a GPU is called, for reports: `NVIDIA H100 80GB HBM3`, or `cpu`.
+pub fn name(device: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device
+        && let Ok(name) = cuda.cuda_stream().context().name()
+    {
+        return name;
+    }
+    match device {
+        Device::Cpu => "cpu".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Dense bfloat16 peak FLOPS of a GPU by name, the denominator of MFU. `None` for a device this
+/// table does not know (the CPU included): reports then use nanoGPT's A100 figure.
+pub fn peak_bf16_flops(name: &str) -> Option<f64> {
+    let name = name.to_ascii_uppercase();
+    let table: &[(&str, f64)] = &[
+        ("H200", 989e12),
+        ("H100 PCIE", 756e12),
+        ("H100", 989e12),
+        ("GH200", 989e12),
+        ("B200", 2250e12),
+        ("A100", 312e12),
+        ("A10G", 70e12),
+        ("L40S", 362e12),
+        ("L4", 121e12),
+        ("RTX 4090", 165e12),
+        ("RTX 3090", 71e12),
+    ];
+    table.iter().find(|(key, _)| name.contains(key)).map(|&(_, flops)| flops)
+}
+
+/// nanoGPT's MFU denominator: an A100's bfloat16 peak.
+pub const A100_BF16_FLOPS: f64 = 312e12;
+
+/// Bytes of device memory in use: on a GPU the driver's total minus free (all processes'), on
+/// the CPU this process's resident set.
+pub fn memory_in_use(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as u64);
+    }
+    match device {
+        Device::Cpu => proc_status_kib("VmRSS:").map(|kib| kib * 1024),
+        _ => None,
+    }
+}
+
+/// The CPU process's peak resident set (`VmHWM`), bytes.
+pub fn cpu_peak_memory() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|kib| kib * 1024)
+}
+
+fn proc_status_kib(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with(field))?;
+    line[field.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_dtypes() {
+        assert!(by_name("cpu").unwrap().is_cpu());
+        assert!(by_name("tpu").unwrap_err().to_string().contains("use auto, cpu, cuda or cuda:N"));
+        let error = for_rank("cuda:1", 0, 2).unwrap_err().to_string();
+        assert!(error.contains("use `device: cuda`"), "{error}");
+        assert_eq!(matmul_dtype("auto", &Device::Cpu).unwrap(), DType::F32);
+        assert_eq!(matmul_dtype("bfloat16", &Device::Cpu).unwrap(), DType::BF16);
+        assert!(matmul_dtype("fp8", &Device::Cpu).unwrap_err().to_string().contains("unknown `dtype` `fp8`"));
+    }
+
+    #[test]
+    fn gpu_peaks_by_name() {
+        assert_eq!(peak_bf16_flops("NVIDIA H100 80GB HBM3"), Some(989e12));
+        assert_eq!(peak_bf16_flops("NVIDIA H100 PCIe"), Some(756e12));
+        assert_eq!(peak_bf16_flops("NVIDIA A100-SXM4-40GB"), Some(312e12));
+        assert_eq!(peak_bf16_flops("cpu"), None);
+    }
+
+    #[test]
+    fn cpu_memory_is_read() {
+        assert!(memory_in_use(&Device::Cpu).unwrap() > 0);
+        assert!(cpu_peak_memory().unwrap() >= memory_in_use(&Device::Cpu).unwrap() / 2);
+    }
+}
