@@ -81,8 +81,10 @@ pub struct Config {
     pub seed: u64,
     /// As train: auto.
     pub device: String,
-    /// As train: auto (float32).
+    /// As train: auto (bfloat16 on a GPU, float32 on the CPU).
     pub dtype: String,
+    /// As train: 1.
+    pub gpus: train::Gpus,
 }
 
 impl Default for Config {
@@ -118,6 +120,7 @@ impl Default for Config {
             seed: train.seed,
             device: train.device,
             dtype: train.dtype,
+            gpus: train.gpus,
         }
     }
 }

@@ -1,9 +1,14 @@
 //! The train kind through the engine: a killed train stage resumes from its last complete
-//! checkpoint (the kind is resumable, so the engine keeps its partial output).
+//! checkpoint (the kind is resumable, so the engine keeps its partial output), and a stage with
+//! `gpus: 2` fans out to two rank processes (CPU ones here) that train what one process would.
 
 use crate::{Test, signal, wait_until};
 
 fn pipeline(max_iters: usize) -> String {
+    ranks_pipeline(max_iters, 1, 1)
+}
+
+fn ranks_pipeline(max_iters: usize, gpus: usize, accumulation: usize) -> String {
     format!(
         "stages:
   text: {{kind: download, path: corpus.txt}}
@@ -16,7 +21,8 @@ fn pipeline(max_iters: usize) -> String {
     n_embd: 16
     block_size: 16
     batch_size: 4
-    gradient_accumulation_steps: 1
+    gradient_accumulation_steps: {accumulation}
+    gpus: {gpus}
     max_iters: {max_iters}
     lr_decay_iters: {max_iters}
     warmup_iters: 0
@@ -52,4 +58,46 @@ fn a_killed_train_stage_resumes_from_its_last_checkpoint() {
     assert!(!output.stderr.contains("[model] step 0:"), "{}", output.stderr);
     assert!(test.path("artifacts/model/current/ckpt.safetensors").exists());
     assert!(test.path("artifacts/model/current/metrics.parquet").exists());
+}
+
+/// (iter, loss, val loss) of a finished train stage's record.
+fn record(test: &Test, stage: &str) -> Vec<(i64, Option<f64>, Option<f64>)> {
+    let path = test.path(&format!("artifacts/{stage}/current/metrics.parquet"));
+    let rows = nanoflow_stages::metrics::read_parquet(&path).unwrap();
+    rows.iter().map(|row| (row.iter, row.loss, row.val_loss)).collect()
+}
+
+#[test]
+fn two_cpu_ranks_fail_together_resume_and_match_one_process() {
+    let test = Test::with_pipeline(&ranks_pipeline(20, 2, 4));
+    test.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+    // Rank 1 dies after 13 steps: the stage fails as a whole, keeping the checkpoint at 10.
+    let output = test.command(&["run", "model"]).env("NANOFLOW_TEST_STOP_AFTER", "1:13").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("data parallel: 2 ranks, 2 on this machine"), "{stderr}");
+    assert!(stderr.contains("rank 1 (exit status: 1)"), "{stderr}");
+    assert!(stderr.contains("the next run resumes from the last"), "{stderr}");
+    assert!(test.entries("model").is_empty(), "nothing is published by a failed run");
+
+    let output = test.expect(&["run", "model"], 0);
+    assert!(output.stderr.contains("[model] resuming from `"), "{}", output.stderr);
+    assert!(!output.stderr.contains(".rank-report.json"));
+    assert!(!test.path("artifacts/model/current/.rank-report.json").exists());
+    // `gpus` is not part of the key: the same model on one process is already built.
+    let cached = test.expect(&["run", "model", "--set", "model.gpus=1"], 0);
+    assert!(cached.stderr.contains("cached"), "{}", cached.stderr);
+
+    // One process with the whole accumulation, uninterrupted, logs the same losses.
+    let one = Test::with_pipeline(&ranks_pipeline(20, 1, 4));
+    one.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+    one.expect(&["run", "model"], 0);
+    let (expected, found) = (record(&one, "model"), record(&test, "model"));
+    assert_eq!(expected.len(), found.len());
+    for (a, b) in expected.iter().zip(&found) {
+        assert_eq!(a.0, b.0);
+        for (a, b) in [(a.1, b.1), (a.2, b.2)] {
+            assert!((a.unwrap_or(0.0) - b.unwrap_or(0.0)).abs() < 1e-4, "{expected:?}\n{found:?}");
+        }
+    }
 }
