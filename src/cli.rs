@@ -111,6 +111,35 @@ pub enum Command {
         #[arg(long)]
         no_kv_cache: bool,
     },
+    /// Time training steps of a model shape on random tokens (nanoGPT's bench.py): ms/iter,
+    /// tokens/s, MFU and peak memory
+    Bench {
+        /// gpt2 (train_gpt2's 124M, T=1024, batch 12), gpt2-medium, gpt2-large, gpt2-xl or
+        /// shakespeare-char (6 layers, 384 wide, T=256, batch 64)
+        #[arg(value_name = "SHAPE", default_value = "gpt2")]
+        shape: String,
+        /// Sequences per iteration [default: the shape's]
+        #[arg(long, value_name = "N")]
+        batch_size: Option<usize>,
+        /// Context length [default: the shape's]
+        #[arg(long, value_name = "T")]
+        block_size: Option<usize>,
+        /// auto, cpu, cuda or cuda:N
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// auto (bfloat16 on a GPU, float32 on the CPU), bfloat16, float16 or float32
+        #[arg(long, default_value = "auto")]
+        dtype: String,
+        /// Untimed iterations first
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        burn_in: usize,
+        /// Timed iterations
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        iters: usize,
+        /// Print the measurement as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Run one stage in this process (the engine's child; not for people)
     #[command(name = "__stage", hide = true)]
     Stage,

@@ -252,6 +252,59 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
     Ok(ExitCode::SUCCESS)
 }
 
+/// `nanoflow bench`: progress on stderr, the measurement on stdout.
+#[allow(clippy::too_many_arguments)]
+pub fn bench(
+    shape: &str,
+    batch_size: Option<usize>,
+    block_size: Option<usize>,
+    device: String,
+    dtype: String,
+    burn_in: usize,
+    iters: usize,
+    json: bool,
+) -> Result<ExitCode, Error> {
+    use nanoflow_stages::bench::{self, Options};
+    let what = format!("benchmarking `{shape}`");
+    let failed = |error: anyhow::Error| Error::Failed { what: what.clone(), source: error.into() };
+    let mut options = Options::preset(shape).map_err(failed)?;
+    options.batch_size = batch_size.unwrap_or(options.batch_size);
+    options.model.block_size = block_size.unwrap_or(options.model.block_size);
+    options.device = device;
+    options.dtype = dtype;
+    options.burn_in = burn_in;
+    options.iters = iters;
+    let model = &options.model;
+    eprintln!(
+        "{shape}: {} layers, {} heads, {} wide, block {}, vocab {}, batch {} ({:.2}M parameters)",
+        model.n_layer,
+        model.n_head,
+        model.n_embd,
+        model.block_size,
+        model.vocab_size,
+        options.batch_size,
+        model.num_params(true) as f64 / 1e6
+    );
+    let measured = bench::run(&options, &mut |line| eprintln!("{line}")).map_err(failed)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&measured).expect("a measurement serializes"));
+    } else {
+        let memory = measured
+            .peak_memory_bytes
+            .map_or("unknown".into(), |bytes| format!("{:.2} GiB", bytes as f64 / 1073741824.0));
+        println!(
+            "time per iteration: {:.2}ms, {:.0} tokens/s, MFU: {:.2}% of {:.0} TFLOPS ({}, {}), peak memory {memory}",
+            measured.ms_per_iter,
+            measured.tokens_per_second,
+            measured.mfu * 100.0,
+            measured.peak_flops / 1e12,
+            measured.device,
+            measured.dtype
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) -> Result<ExitCode, Error> {
     let (_, store) = load(file, &[])?;
     let _lock = store.try_lock_exclusive()?;

@@ -147,8 +147,10 @@ pub fn average(collective: &mut dyn Collective, grads: &mut [Tensor], extra: &Te
             end += 1;
         }
         let last = end == grads.len();
-        let mut parts: Vec<Tensor> =
-            grads[start..end].iter().map(|g| g.to_dtype(DType::F32)?.flatten_all()).collect::<candle_core::Result<_>>()?;
+        let mut parts: Vec<Tensor> = grads[start..end]
+            .iter()
+            .map(|g| g.to_dtype(DType::F32)?.flatten_all())
+            .collect::<candle_core::Result<_>>()?;
         if last {
             parts.push(extra.to_dtype(DType::F32)?.flatten_all()?);
         }
@@ -196,10 +198,16 @@ impl Rendezvous {
                     Ok((mut stream, from)) => {
                         stream.set_nonblocking(false)?;
                         let mut hello = [0u8; 24];
-                        stream.read_exact(&mut hello).with_context(|| format!("a rank from {from} did not say hello"))?;
+                        stream
+                            .read_exact(&mut hello)
+                            .with_context(|| format!("a rank from {from} did not say hello"))?;
                         let (rank, size) = (u64_at(&hello, 8) as usize, u64_at(&hello, 16) as usize);
                         ensure!(&hello[..8] == HELLO, "{from} is not a nanoflow rank");
-                        ensure!(size == world.size, "rank {rank} at {from} thinks the world has {size} ranks, not {}", world.size);
+                        ensure!(
+                            size == world.size,
+                            "rank {rank} at {from} thinks the world has {size} ranks, not {}",
+                            world.size
+                        );
                         ensure!((1..world.size).contains(&rank), "{from} claims rank {rank} of {}", world.size);
                         ensure!(joined[rank - 1].is_none(), "rank {rank} joined twice");
                         stream.set_nodelay(true)?;
@@ -209,7 +217,10 @@ impl Rendezvous {
                         if Instant::now() > deadline {
                             let missing: Vec<usize> =
                                 (1..world.size).filter(|rank| joined[rank - 1].is_none()).collect();
-                            bail!("ranks {missing:?} did not join rank 0 at `{}` within {JOIN_TIMEOUT:?}", world.master);
+                            bail!(
+                                "ranks {missing:?} did not join rank 0 at `{}` within {JOIN_TIMEOUT:?}",
+                                world.master
+                            );
                         }
                         std::thread::sleep(Duration::from_millis(20));
                     }
@@ -381,8 +392,9 @@ mod nccl {
             }
             rendezvous.broadcast(&mut id)?;
             let id = Id::uninit(id.map(|byte| byte as core::ffi::c_char));
-            let comm = Comm::from_rank(cuda.cuda_stream(), world.rank, world.size, id)
-                .map_err(|error| anyhow::anyhow!("ncclCommInitRank (rank {} of {}): {error:?}", world.rank, world.size))?;
+            let comm = Comm::from_rank(cuda.cuda_stream(), world.rank, world.size, id).map_err(|error| {
+                anyhow::anyhow!("ncclCommInitRank (rank {} of {}): {error:?}", world.rank, world.size)
+            })?;
             Ok(NcclCollective { rendezvous, comm: Arc::new(comm) })
         }
     }
@@ -413,7 +425,8 @@ mod nccl {
         fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
             let device = storage.device().clone();
             let src = storage.as_cuda_slice::<f32>()?;
-            let (start, end) = layout.contiguous_offsets().context("a contiguous tensor").map_err(candle_core::Error::wrap)?;
+            let (start, end) =
+                layout.contiguous_offsets().context("a contiguous tensor").map_err(candle_core::Error::wrap)?;
             let src = src.slice(start..end);
             let mut dst = unsafe { device.alloc::<f32>(end - start)? };
             self.comm
@@ -436,12 +449,23 @@ mod tests {
     #[test]
     fn machines_come_from_torchrun_or_slurm() -> anyhow::Result<()> {
         assert_eq!(Machines::from_env(env(&[]))?, Machines::single());
-        let torchrun = env(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "node0"), ("MASTER_PORT", "1234")]);
+        let torchrun = env(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "node0"),
+            ("MASTER_PORT", "1234"),
+        ]);
         assert_eq!(
             Machines::from_env(torchrun)?,
             Machines { rank: 1, count: 2, master_addr: "node0".into(), master_port: 1234 }
         );
-        let slurm = env(&[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("SLURM_LOCALID", "0"), ("SLURM_JOB_NODELIST", "gpu[07-08]")]);
+        let slurm = env(&[
+            ("SLURM_PROCID", "1"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_LOCALID", "0"),
+            ("SLURM_JOB_NODELIST", "gpu[07-08]"),
+        ]);
         assert_eq!(
             Machines::from_env(slurm)?,
             Machines { rank: 1, count: 2, master_addr: "gpu07".into(), master_port: DEFAULT_MASTER_PORT }
@@ -493,7 +517,10 @@ mod tests {
                             Tensor::new(&[10.0 * r], &Device::Cpu)?,
                         ];
                         let loss = average(&mut collective, &mut grads, &Tensor::new(r + 1.0, &Device::Cpu)?)?;
-                        let grads = grads.iter().map(|g| g.flatten_all()?.to_vec1::<f32>()).collect::<candle_core::Result<_>>()?;
+                        let grads = grads
+                            .iter()
+                            .map(|g| g.flatten_all()?.to_vec1::<f32>())
+                            .collect::<candle_core::Result<_>>()?;
                         Ok((grads, loss.to_scalar::<f32>()?))
                     })
                 })

@@ -6,6 +6,7 @@
 //! `run(&Config, &Context) -> anyhow::Result<Report>`. The engine calls `run` in a child process
 //! with an output directory that only becomes visible once `run` returns `Ok`.
 
+pub mod bench;
 pub mod bpe;
 pub mod checkpoint;
 pub mod command;

@@ -579,8 +579,18 @@ mod tests {
 
     #[test]
     fn fused_attention_matches_heads_matmuls_and_softmax() -> Result<()> {
-        check(&[3, 7, 3 * 24], |x| causal_attention(x, 4, DType::F32), |x| plain::causal_attention(x, 4, DType::F32), 1e-5)?;
-        check(&[2, 1, 3 * 8], |x| causal_attention(x, 2, DType::F32), |x| plain::causal_attention(x, 2, DType::F32), 1e-5)
+        check(
+            &[3, 7, 3 * 24],
+            |x| causal_attention(x, 4, DType::F32),
+            |x| plain::causal_attention(x, 4, DType::F32),
+            1e-5,
+        )?;
+        check(
+            &[2, 1, 3 * 8],
+            |x| causal_attention(x, 2, DType::F32),
+            |x| plain::causal_attention(x, 2, DType::F32),
+            1e-5,
+        )
     }
 
     #[test]

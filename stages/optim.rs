@@ -60,7 +60,10 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Resul
 
 /// The global L2 norm of `grads`, a float32 scalar tensor.
 pub fn grad_norm(grads: &[Tensor]) -> candle_core::Result<Tensor> {
-    let sums = grads.iter().map(|grad| grad.to_dtype(DType::F32)?.sqr()?.sum_all()).collect::<candle_core::Result<Vec<_>>>()?;
+    let sums = grads
+        .iter()
+        .map(|grad| grad.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
     Tensor::stack(&sums, 0)?.sum_all()?.sqrt()
 }
 

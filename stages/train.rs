@@ -158,7 +158,10 @@ impl<'de> Deserialize<'de> for Gpus {
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Gpus, E> {
                 match s {
                     "auto" => Ok(Gpus::Auto),
-                    other => other.parse().map(Gpus::Count).map_err(|_| E::invalid_value(serde::de::Unexpected::Str(other), &self)),
+                    other => other
+                        .parse()
+                        .map(Gpus::Count)
+                        .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(other), &self)),
                 }
             }
         }
@@ -379,7 +382,13 @@ fn wait_for_ranks(ranks: &mut [(usize, std::process::Child)]) -> anyhow::Result<
 /// to rank `i % size`), so a world of N ranks sees the batches one process would, and the
 /// averaged gradients match one process's with N times the accumulation. Local rank 0 evaluates
 /// and writes the outputs; rank 0 alone prints.
-fn run_rank(config: &Config, ctx: &Context, hooks: &Hooks, world: &World, local_ranks: usize) -> anyhow::Result<Report> {
+fn run_rank(
+    config: &Config,
+    ctx: &Context,
+    hooks: &Hooks,
+    world: &World,
+    local_ranks: usize,
+) -> anyhow::Result<Report> {
     check(config)?;
     let main = world.is_main();
     let writes = world.writes_outputs();
@@ -817,7 +826,12 @@ fn batch_offsets(data: &TokenSplit, rng: &mut Rng, batch_size: usize, block_size
 }
 
 /// The windows at `offsets`: x (B, T) and y, x shifted by one.
-fn read_batch(data: &TokenSplit, offsets: &[u64], block_size: usize, device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
+fn read_batch(
+    data: &TokenSplit,
+    offsets: &[u64],
+    block_size: usize,
+    device: &Device,
+) -> anyhow::Result<(Tensor, Tensor)> {
     let mut window = vec![0u16; block_size + 1];
     let mut x = Vec::with_capacity(offsets.len() * block_size);
     let mut y = Vec::with_capacity(offsets.len() * block_size);
@@ -1076,7 +1090,16 @@ pub(crate) mod tests {
         assert_eq!(a.len(), b.len());
         a.iter()
             .map(|(name, tensor)| {
-                (tensor - &b[name]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+                (tensor - &b[name])
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
             })
             .fold(0.0, f32::max)
     }
@@ -1099,7 +1122,8 @@ pub(crate) mod tests {
     fn two_ranks_train_the_weights_of_one_with_twice_the_accumulation() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         // With dropout, whose masks must follow the micro-step wherever it runs.
-        let config = Config { gradient_accumulation_steps: 4, max_iters: 6, dropout: 0.1, ..tiny(char_data(dir.path())) };
+        let config =
+            Config { gradient_accumulation_steps: 4, max_iters: 6, dropout: 0.1, ..tiny(char_data(dir.path())) };
         let one = context(dir.path(), "one");
         run(&config, &one)?;
         let two = context(dir.path(), "two");
