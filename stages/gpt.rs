@@ -621,7 +621,7 @@ pub struct Sampling {
 /// Mean cross-entropy over all positions: logits (B, T, V), targets (B, T) u32.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    candle_nn::loss::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
+    crate::ops::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
 }
 
 /// One token id from a row of logits (V): see `Gpt::generate`.

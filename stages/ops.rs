@@ -7,7 +7,9 @@
 //! On other devices, and for dtypes other than f32, the same functions run the plain-op versions
 //! (`plain::*`), which are also what the tests check the fused ones against.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor, bail};
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// √(2/π), GPT-2's GELU (the tanh approximation, HF's `gelu_new`).
@@ -45,9 +47,20 @@ pub fn causal_softmax(att: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
 /// softmax(q kᵀ / √hs, causal) v per head. Training without dropout and without a cache; the
 /// fused kernel skips the head split and merge copies and the T×T score tensors.
 pub fn causal_attention(qkv: &Tensor, n_head: usize, dtype: DType) -> Result<Tensor> {
-    match fused(qkv) && dtype == DType::F32 {
+    match qkv.device().is_cpu() && qkv.dtype() == DType::F32 && dtype == DType::F32 {
         true => qkv.contiguous()?.apply_op1(CausalAttention { n_head }),
         false => plain::causal_attention(qkv, n_head, dtype),
+    }
+}
+
+/// The mean cross-entropy of logits (N, V) against targets (N) u32. Fused, it never builds the
+/// (N, V) log-softmax: the forward keeps one loss per row, the backward recomputes each row's
+/// softmax as it writes the gradient (for GPT-2's 50304-wide vocabulary that (N, V) tensor is
+/// the largest of the step).
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    match fused(logits) && targets.dtype() == DType::U32 {
+        true => logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)?.mean_all(),
+        false => candle_nn::loss::cross_entropy(logits, targets),
     }
 }
 
@@ -60,8 +73,9 @@ pub fn matmul_as(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
     a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(DType::F32)
 }
 
+/// Whether the fused kernel runs: f32 on the CPU, or on CUDA with `--features cuda`.
 fn fused(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    x.dtype() == DType::F32 && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
 }
 
 /// The contiguous f32 data of a CPU tensor.
@@ -156,6 +170,11 @@ impl CustomOp1 for Gelu {
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        cuda::elementwise("gelu_fwd", &[(storage, layout)], layout)
+    }
 }
 
 /// (x, dL/dy) -> dL/dx of GELU.
@@ -178,6 +197,11 @@ impl CustomOp2 for GeluBackward {
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        cuda::elementwise("gelu_bwd", &[(s1, l1), (s2, l2)], l1)
     }
 }
 
@@ -213,6 +237,12 @@ impl CustomOp1 for Normalize {
     fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &NormalizeBackward { eps: self.eps })?))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let width = width(layout) as u32;
+        cuda::rows("normalize_fwd", &[(storage, layout)], layout, &[cuda::Arg::U32(width), cuda::Arg::F32(self.eps)])
+    }
 }
 
 /// (x, dL/dx̂) -> dL/dx = rstd · (g - mean(g) - x̂ · mean(g · x̂)), per row.
@@ -237,6 +267,12 @@ impl CustomOp2 for NormalizeBackward {
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let width = width(l1) as u32;
+        cuda::rows("normalize_bwd", &[(s1, l1), (s2, l2)], l1, &[cuda::Arg::U32(width), cuda::Arg::F32(self.eps)])
     }
 }
 
@@ -282,6 +318,14 @@ impl CustomOp1 for CausalSoftmax {
     fn bwd(&self, _scores: &Tensor, p: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(p.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBackward { scale: self.scale })?))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (t, keys) = self.dims(layout.shape())?;
+        use cuda::Arg::{F32, U32};
+        let args = [U32(t as u32), U32(keys as u32), U32(self.past as u32), F32(self.scale)];
+        cuda::rows("causal_softmax_fwd", &[(storage, layout)], layout, &args)
+    }
 }
 
 /// (p, dL/dp) -> dL/dscores = scale · p · (g - Σ g·p), per row (masked entries have p = 0).
@@ -303,6 +347,254 @@ impl CustomOp2 for SoftmaxBackward {
             }
         });
         Ok((CpuStorage::F32(ds), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let width = width(l1) as u32;
+        cuda::rows("softmax_bwd", &[(s1, l1), (s2, l2)], l1, &[cuda::Arg::U32(width), cuda::Arg::F32(self.scale)])
+    }
+}
+
+/// (logits (N, V), targets (N) u32) -> the loss of each row (N).
+struct CrossEntropy;
+
+/// logsumexp of a row, as (max, Σ e^(x - max)).
+#[inline]
+fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |max, &v| max.max(v));
+    (max, row.iter().map(|&v| exp(v - max)).sum())
+}
+
+/// The contiguous u32 data of a CPU tensor.
+fn targets_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
+    let data = storage.as_slice::<u32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("cross-entropy: the targets must be contiguous"),
+    }
+}
+
+/// (rows, vocab) of logits and targets that belong together.
+fn cross_entropy_dims(logits: &Layout, targets: &Layout) -> Result<(usize, usize)> {
+    let (rows, vocab) = logits.shape().dims2()?;
+    if targets.shape().dims() != [rows] {
+        bail!("cross-entropy: {rows} rows of logits but targets of shape {:?}", targets.shape())
+    }
+    Ok((rows, vocab))
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, vocab) = cross_entropy_dims(l1, l2)?;
+        let (logits, targets) = (slice(s1, l1, self.name())?, targets_slice(s2, l2)?);
+        if let Some(&bad) = targets.iter().find(|&&target| target as usize >= vocab) {
+            bail!("cross-entropy: target {bad} is outside the vocabulary of {vocab}")
+        }
+        let mut loss = vec![0f32; rows];
+        loss.par_iter_mut().zip(logits.par_chunks(vocab)).zip(targets.par_iter()).for_each(|((loss, row), &target)| {
+            let (max, sum) = logsumexp_parts(row);
+            *loss = sum.ln() + max - row[target as usize];
+        });
+        Ok((CpuStorage::F32(loss), Shape::from(rows)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = cross_entropy_dims(l1, l2)?;
+        cuda::cross_entropy("cross_entropy_fwd", (s1, l1), (s2, l2), None, rows, rows, vocab as u32)
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        _loss: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dlogits = logits.apply_op3_no_bwd(targets, &grad.contiguous()?, &CrossEntropyBackward)?;
+        Ok((Some(dlogits), None))
+    }
+}
+
+/// (logits (N, V), targets (N), dL/dloss (N)) -> dL/dlogits = (softmax - one_hot) · dL/dloss.
+struct CrossEntropyBackward;
+
+impl CustomOp3 for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross-entropy-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, vocab) = cross_entropy_dims(l1, l2)?;
+        let (logits, targets, grad) =
+            (slice(s1, l1, self.name())?, targets_slice(s2, l2)?, slice(s3, l3, self.name())?);
+        let mut dlogits = vec![0f32; logits.len()];
+        dlogits
+            .par_chunks_mut(vocab)
+            .zip(logits.par_chunks(vocab))
+            .zip(targets.par_iter().zip(grad.par_iter()))
+            .for_each(|((d, row), (&target, &g))| {
+                let (max, sum) = logsumexp_parts(row);
+                let scale = g / sum;
+                for (d, &v) in d.iter_mut().zip(row) {
+                    *d = exp(v - max) * scale;
+                }
+                d[target as usize] -= g;
+            });
+        Ok((CpuStorage::F32(dlogits), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (rows, vocab) = cross_entropy_dims(l1, l2)?;
+        let out = cuda::cross_entropy(
+            "cross_entropy_bwd",
+            (s1, l1),
+            (s2, l2),
+            Some((s3, l3)),
+            rows,
+            rows * vocab,
+            vocab as u32,
+        )?;
+        Ok((out.0, l1.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! Launching kernels/ops.cu's kernels on candle's CUDA storage.
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
+
+    /// A scalar kernel argument after the buffers.
+    pub enum Arg {
+        U32(u32),
+        F32(f32),
+    }
+    use candle_core::{CudaStorage, Layout, Result, Shape, bail};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));
+    /// Threads per row of the row-wise kernels (ROW_THREADS in ops.cu).
+    const ROW_THREADS: u32 = 256;
+
+    fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+        storage: &'a CudaStorage,
+        layout: &Layout,
+    ) -> Result<CudaView<'a, T>> {
+        match layout.contiguous_offsets() {
+            Some((start, end)) => Ok(storage.as_cuda_slice::<T>()?.slice(start..end)),
+            None => bail!("fused kernel: the input must be contiguous"),
+        }
+    }
+
+    /// f(inputs..., out, n) over every element, in a grid-stride loop.
+    pub fn elementwise(
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let device = inputs[0].0.device().clone();
+        let n = layout.shape().elem_count();
+        let views = inputs.iter().map(|(s, l)| view::<f32>(s, l)).collect::<Result<Vec<_>>>()?;
+        let out = unsafe { device.alloc::<f32>(n)? };
+        let func = device.get_or_load_custom_func(name, "nanoflow_ops", PTX)?;
+        let mut builder = func.builder();
+        for view in &views {
+            builder.arg(view);
+        }
+        builder.arg(&out);
+        let n64 = n as u64;
+        builder.arg(&n64);
+        let blocks = (n as u32).div_ceil(256).clamp(1, 65_535);
+        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { builder.launch(config) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), layout.shape().clone()))
+    }
+
+    /// f(inputs..., out, extra args...) with one block per row of `layout`'s last dimension.
+    pub fn rows(
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+        layout: &Layout,
+        extra: &[Arg],
+    ) -> Result<(CudaStorage, Shape)> {
+        let device = inputs[0].0.device().clone();
+        let n = layout.shape().elem_count();
+        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let views = inputs.iter().map(|(s, l)| view::<f32>(s, l)).collect::<Result<Vec<_>>>()?;
+        let out = unsafe { device.alloc::<f32>(n)? };
+        let func = device.get_or_load_custom_func(name, "nanoflow_ops", PTX)?;
+        let mut builder = func.builder();
+        for view in &views {
+            builder.arg(view);
+        }
+        builder.arg(&out);
+        for arg in extra {
+            match arg {
+                Arg::U32(value) => builder.arg(value),
+                Arg::F32(value) => builder.arg(value),
+            };
+        }
+        launch_rows(builder, (n / width) as u32)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), layout.shape().clone()))
+    }
+
+    /// The cross-entropy kernels: f(logits, targets, [grad,] out, vocab), a block per row.
+    pub fn cross_entropy(
+        name: &str,
+        logits: (&CudaStorage, &Layout),
+        targets: (&CudaStorage, &Layout),
+        grad: Option<(&CudaStorage, &Layout)>,
+        rows: usize,
+        out_len: usize,
+        vocab: u32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let device = logits.0.device().clone();
+        let logits = view::<f32>(logits.0, logits.1)?;
+        let targets = view::<u32>(targets.0, targets.1)?;
+        let grad = grad.map(|(s, l)| view::<f32>(s, l)).transpose()?;
+        let out = unsafe { device.alloc::<f32>(out_len)? };
+        let func = device.get_or_load_custom_func(name, "nanoflow_ops", PTX)?;
+        let mut builder = func.builder();
+        builder.arg(&logits).arg(&targets);
+        if let Some(grad) = &grad {
+            builder.arg(grad);
+        }
+        builder.arg(&out).arg(&vocab);
+        launch_rows(builder, rows as u32)?;
+        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(rows)))
+    }
+
+    fn launch_rows(mut builder: LaunchArgs<'_>, rows: u32) -> Result<()> {
+        if rows == 0 {
+            return Ok(());
+        }
+        let config = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        unsafe { builder.launch(config) }.w()?;
+        Ok(())
     }
 }
 
@@ -551,20 +843,76 @@ mod tests {
         plain: impl Fn(&Tensor) -> Result<Tensor>,
         tolerance: f32,
     ) -> Result<()> {
-        let device = Device::Cpu;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 1.0, shape, &device)? * 3.0)?)?;
-        let (y_fused, y_plain) = (fused(x.as_tensor())?, plain(x.as_tensor())?);
-        let weights = Tensor::randn(0f32, 1.0, y_plain.shape(), &device)?;
+        check_on(&Device::Cpu, shape, fused, plain, tolerance)
+    }
+
+    /// The fused op on `device` against the plain ops on the CPU, values and gradients, for the
+    /// same random input.
+    fn check_on(
+        device: &Device,
+        shape: &[usize],
+        fused: impl Fn(&Tensor) -> Result<Tensor>,
+        plain: impl Fn(&Tensor) -> Result<Tensor>,
+        tolerance: f32,
+    ) -> Result<()> {
+        let x = (Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * 3.0)?;
+        let (x_fused, x_plain) = (Var::from_tensor(&x.to_device(device)?)?, Var::from_tensor(&x)?);
+        let (y_fused, y_plain) = (fused(x_fused.as_tensor())?.to_device(&Device::Cpu)?, plain(x_plain.as_tensor())?);
+        let weights = Tensor::randn(0f32, 1.0, y_plain.shape(), &Device::Cpu)?;
         assert!(max_abs_diff(&y_fused, &y_plain) < tolerance, "values differ by {}", max_abs_diff(&y_fused, &y_plain));
-        let grad = |y: &Tensor| -> Result<Tensor> {
-            let grads = (y * &weights)?.sum_all()?.backward()?;
-            Ok(grads.get(x.as_tensor()).expect("a gradient").clone())
+        let grad = |x: &Var, y: &Tensor| -> Result<Tensor> {
+            let grads = (y * &weights.to_device(y.device())?)?.sum_all()?.backward()?;
+            grads.get(x.as_tensor()).expect("a gradient").to_device(&Device::Cpu)
         };
-        let (g_fused, g_plain) = (grad(&y_fused)?, grad(&y_plain)?);
+        let y_fused = fused(x_fused.as_tensor())?;
+        let (g_fused, g_plain) = (grad(&x_fused, &y_fused)?, grad(&x_plain, &y_plain)?);
         let scale = g_plain.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
         let diff = max_abs_diff(&g_fused, &g_plain) / scale;
         assert!(diff < tolerance, "gradients differ by {diff} (relative to {scale})");
         Ok(())
+    }
+
+    fn targets(rows: usize, vocab: usize, device: &Device) -> Tensor {
+        let mut rng = crate::gpt::Rng::new(7);
+        let targets: Vec<u32> = (0..rows).map(|_| (rng.uniform() * vocab as f64) as u32).collect();
+        Tensor::from_vec(targets, rows, device).unwrap()
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_candles() -> Result<()> {
+        let (rows, vocab) = (37, 101);
+        let fused = |x: &Tensor| cross_entropy(x, &targets(rows, vocab, x.device()));
+        let plain = |x: &Tensor| candle_nn::loss::cross_entropy(x, &targets(rows, vocab, x.device()));
+        check(&[rows, vocab], fused, plain, 1e-5)?;
+        let outside = Tensor::new(&[0u32, 101], &Device::Cpu)?;
+        let error = cross_entropy(&Tensor::zeros((2, 101), DType::F32, &Device::Cpu)?, &outside).unwrap_err();
+        assert!(error.to_string().contains("target 101 is outside the vocabulary of 101"), "{error}");
+        Ok(())
+    }
+
+    /// The CUDA kernels against the plain ops (on a machine with a GPU and `--features cuda`).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_kernels_match_the_plain_ops() -> Result<()> {
+        let Ok(device) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: the CUDA kernels are not checked here");
+            return Ok(());
+        };
+        check_on(&device, &[3, 7, 50], gelu, plain::gelu, 1e-4)?;
+        check_on(&device, &[2, 5, 768], |x| normalize(x, 1e-5), |x| plain::normalize(x, 1e-5), 1e-4)?;
+        for (t, past) in [(9, 0), (5, 3), (1, 6), (300, 0)] {
+            check_on(
+                &device,
+                &[2, 3, t, past + t],
+                |x| causal_softmax(x, 0.125, past),
+                |x| plain::causal_softmax(x, 0.125, past),
+                1e-4,
+            )?;
+        }
+        let (rows, vocab) = (64, 50304);
+        let fused = |x: &Tensor| cross_entropy(x, &targets(rows, vocab, x.device()));
+        let plain = |x: &Tensor| candle_nn::loss::cross_entropy(x, &targets(rows, vocab, x.device()));
+        check_on(&device, &[rows, vocab], fused, plain, 1e-4)
     }
 
     #[test]

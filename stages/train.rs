@@ -1133,7 +1133,7 @@ pub(crate) mod tests {
         for (a, b) in losses(&one.out).iter().zip(losses(&two.out)) {
             assert_eq!(a.0, b.0);
             assert!((a.1.unwrap_or(0.0) - b.1.unwrap_or(0.0)).abs() < 1e-5, "train loss at {}: {a:?} {b:?}", a.0);
-            assert_eq!(a.2, b.2, "rank 0 evaluates the same weights the same way");
+            assert!((a.2.unwrap_or(0.0) - b.2.unwrap_or(0.0)).abs() < 1e-5, "val loss at {}: {a:?} {b:?}", a.0);
         }
         // A world whose ranks cannot share the accumulation evenly is refused before it starts.
         let error = run_world(&Config { gradient_accumulation_steps: 3, ..config }, &context(dir.path(), "odd"), 2)
