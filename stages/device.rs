@@ -13,8 +13,8 @@ pub fn for_rank(name: &str, local_rank: usize, local_ranks: usize) -> anyhow::Re
         bail!("`device: {name}` pins one GPU, but this stage runs {local_ranks} ranks here: use `device: cuda`");
     }
     Ok(match name {
-        "auto" if local_ranks > 1 => Device::cuda_if_available(local_rank)?,
-        "auto" => Device::cuda_if_available(0)?,
+        // candle's `cuda_if_available` only asks whether CUDA was compiled in: try the GPU.
+        "auto" => Device::new_cuda(local_rank).unwrap_or(Device::Cpu),
         "cpu" => Device::Cpu,
         "cuda" => Device::new_cuda(local_rank).with_context(|| {
             format!("`device: cuda`: no CUDA device {local_rank} (nanoflow needs `--features cuda`)")
@@ -26,6 +26,34 @@ pub fn for_rank(name: &str, local_rank: usize, local_ranks: usize) -> anyhow::Re
             None => bail!("unknown `device` `{other}`: use auto, cpu, cuda or cuda:N"),
         },
     })
+}
+
+/// Keeps freed GPU memory in the device's pool for the next step instead of handing it back to
+/// the driver at every synchronization (the pool's default release threshold is 0): candle
+/// allocates every tensor from cudarc's stream-ordered pool, so with this a training step's
+/// allocations are the previous step's memory reused. A no-op on the CPU.
+pub fn keep_freed_memory(device: &Device) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use cudarc::driver::sys;
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        context.bind_to_thread()?;
+        let mut pool = std::ptr::null_mut();
+        let mut threshold = u64::MAX;
+        // SAFETY: plain driver calls on this context's device, with valid out-pointers.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()).result()?;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            )
+            .result()?;
+        }
+    }
+    let _ = device;
+    Ok(())
 }
 
 /// The device `name` picks for one process.

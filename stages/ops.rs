@@ -49,7 +49,8 @@ pub fn causal_softmax(att: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
 pub fn causal_attention(qkv: &Tensor, n_head: usize, dtype: DType) -> Result<Tensor> {
     match qkv.device().is_cpu() && qkv.dtype() == DType::F32 && dtype == DType::F32 {
         true => qkv.contiguous()?.apply_op1(CausalAttention { n_head }),
-        false => plain::causal_attention(qkv, n_head, dtype),
+        // Heads by matmuls (in `dtype`) around the causal softmax, fused where it can be.
+        false => attention_by_matmuls(qkv, n_head, dtype, causal_softmax),
     }
 }
 
@@ -772,6 +773,24 @@ impl CustomOp2 for CausalAttentionBackward {
 
 /// The same functions from candle's differentiable ops: what other devices run, and the
 /// reference the fused kernels are tested against.
+/// Causal self-attention from packed (B, T, 3C) qkv with the heads as batched matmuls in
+/// `dtype` and `softmax` (scores, scale, past) between them.
+fn attention_by_matmuls(
+    qkv: &Tensor,
+    n_head: usize,
+    dtype: DType,
+    softmax: fn(&Tensor, f64, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (t, c) = CausalAttention { n_head }.dims(qkv.shape())?;
+    let b = qkv.dim(0)?;
+    let hs = c / n_head;
+    // (B, nh, T, hs): the heads move next to the batch.
+    let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, n_head, hs))?.transpose(1, 2)?.contiguous();
+    let (q, k, v) = (head(0)?, head(1)?, head(2)?);
+    let att = softmax(&matmul_as(&q, &k.t()?, dtype)?, 1.0 / (hs as f64).sqrt(), 0)?;
+    matmul_as(&att, &v, dtype)?.transpose(1, 2)?.reshape((b, t, c)) // the heads side by side again
+}
+
 pub mod plain {
     use super::*;
 
@@ -788,14 +807,7 @@ pub mod plain {
     }
 
     pub fn causal_attention(qkv: &Tensor, n_head: usize, dtype: DType) -> Result<Tensor> {
-        let (t, c) = CausalAttention { n_head }.dims(qkv.shape())?;
-        let b = qkv.dim(0)?;
-        let hs = c / n_head;
-        // (B, nh, T, hs): the heads move next to the batch.
-        let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, n_head, hs))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (head(0)?, head(1)?, head(2)?);
-        let att = causal_softmax(&matmul_as(&q, &k.t()?, dtype)?, 1.0 / (hs as f64).sqrt(), 0)?;
-        matmul_as(&att, &v, dtype)?.transpose(1, 2)?.reshape((b, t, c)) // the heads side by side again
+        attention_by_matmuls(qkv, n_head, dtype, causal_softmax)
     }
 
     pub fn causal_softmax(att: &Tensor, scale: f64, past: usize) -> Result<Tensor> {

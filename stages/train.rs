@@ -211,6 +211,8 @@ impl Default for Config {
 pub(crate) struct Hooks {
     /// Fail once this many steps are done in this process.
     pub stop_after: Option<usize>,
+    /// Keep the losses on the device between log lines on the CPU too, as on a GPU.
+    pub defer_loss_reads: bool,
 }
 
 /// The local files and folders whose content the engine hashes into the key: `data` and
@@ -264,7 +266,7 @@ pub struct WorkerSpec {
 
 /// One rank: `nanoflow __rank`'s body.
 pub fn worker(spec: WorkerSpec) -> anyhow::Result<()> {
-    let hooks = Hooks { stop_after: spec.stop_after };
+    let hooks = Hooks { stop_after: spec.stop_after, ..Hooks::default() };
     let report = run_rank(&spec.config, &spec.context, &hooks, &spec.world, spec.local_ranks)
         .with_context(|| format!("rank {} of {}", spec.world.rank, spec.world.size))?;
     if let Some(path) = spec.report {
@@ -401,6 +403,7 @@ fn run_rank(
     if device.is_cuda() {
         // TF32 for what stays float32, as nanoGPT allows it.
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        crate::device::keep_freed_memory(&device)?;
     }
     let mut collective = if world.size > 1 { Some(crate::dist::connect(world, &device)?) } else { None };
     let peak_flops = crate::device::peak_bf16_flops(&crate::device::name(&device)).unwrap_or(A100_BF16_FLOPS);
@@ -496,6 +499,9 @@ fn run_rank(
     // training loop
     let mut last_good = resumed_from;
     let mut steps_here = 0;
+    // Steps whose losses are still on the device: (iter, lr, loss); `window` times them.
+    let mut pending: Vec<(usize, f64, Tensor)> = Vec::new();
+    let mut window = Instant::now();
     let mut running_mfu = -1.0;
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
     loop {
@@ -545,7 +551,9 @@ fn run_rank(
 
         // forward backward update, with optional gradient accumulation to simulate larger batch
         // size; each rank takes every `world.size`-th micro-batch
-        let started = Instant::now();
+        if pending.is_empty() {
+            window = Instant::now();
+        }
         let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.vars().count()];
         let mut loss_sum: Option<Tensor> = None;
         let scale = loss_scale.map_or(1.0, |s| s.scale);
@@ -587,16 +595,16 @@ fn run_rank(
         if let Some(collective) = collective.as_deref_mut() {
             loss = crate::dist::average(collective, &mut grads, &loss)?;
         }
-        let lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?; // the step's one wait for the device
-        if !lossf.is_finite() && loss_scale.is_none() {
-            bail!(diverged(&format!("the training loss is {lossf}"), iter, last_good));
-        }
         let mut take_step = true;
         if let Some(loss_scale) = &mut loss_scale {
+            // float16: whether this step overflowed decides whether it is taken (a wait per step).
             let norm = crate::optim::grad_norm(&grads)?.to_scalar::<f32>()?;
-            take_step = loss_scale.update(norm.is_finite() && lossf.is_finite());
+            take_step = loss_scale.update(norm.is_finite());
             for grad in &mut grads {
                 *grad = (&*grad / scale)?;
+            }
+            if !take_step {
+                log!("iter {iter}: float16 gradients overflowed; step skipped, loss scale now {}", scale / 2.0);
             }
         }
         if take_step {
@@ -606,28 +614,51 @@ fn run_rank(
             }
             // step the optimizer
             optimizer.step(&grads, lr)?;
-        } else {
-            log!("iter {iter}: float16 gradients overflowed; step skipped, loss scale now {}", scale / 2.0);
         }
-        let dt = started.elapsed().as_secs_f64();
 
-        // timing and logging
-        step_seconds += dt;
-        step_tokens += tokens_per_iter;
-        steps_here += 1;
-        if steps_here >= 5 {
-            // let the training loop settle a bit
-            let mfu = estimate_mfu(&model_config, config.batch_size * local_steps, dt, peak_flops);
-            running_mfu = if running_mfu == -1.0 { mfu } else { 0.9 * running_mfu + 0.1 * mfu };
+        // timing and logging: the losses stay on the device until a log line, an evaluation or
+        // the end needs them (on a GPU, reading one waits for the whole step), and are then read
+        // in one go; the CPU reads each step's at once.
+        pending.push((iter, lr, loss));
+        let next = iter + 1;
+        let flush = (device.is_cpu() && !hooks.defer_loss_reads)
+            || iter % config.log_interval == 0
+            || next % config.eval_interval == 0
+            || next == config.max_iters
+            || hooks.stop_after == Some(steps_here + 1);
+        if flush {
+            let losses = Tensor::stack(
+                &pending
+                    .iter()
+                    .map(|(_, _, loss)| loss.to_dtype(DType::F64))
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+                0,
+            )?
+            .to_vec1::<f64>()?;
+            let dt = window.elapsed().as_secs_f64() / pending.len() as f64;
+            window = Instant::now();
+            for ((at, lr, _), lossf) in pending.drain(..).zip(losses) {
+                if !lossf.is_finite() && loss_scale.is_none() {
+                    bail!(diverged(&format!("the training loss is {lossf}"), at, last_good));
+                }
+                step_seconds += dt;
+                step_tokens += tokens_per_iter;
+                steps_here += 1;
+                if steps_here >= 5 {
+                    // let the training loop settle a bit
+                    let mfu = estimate_mfu(&model_config, config.batch_size * local_steps, dt, peak_flops);
+                    running_mfu = if running_mfu == -1.0 { mfu } else { 0.9 * running_mfu + 0.1 * mfu };
+                }
+                if at % config.log_interval == 0 {
+                    log!("iter {at}: loss {lossf:.4}, time {:.2}ms, mfu {:.2}%", dt * 1000.0, running_mfu * 100.0);
+                }
+                let record = row(&mut rows, at);
+                record.lr = Some(lr);
+                record.loss = Some(lossf);
+                record.ms_per_iter = Some(dt * 1000.0);
+                record.tokens_per_second = Some(tokens_per_iter as f64 / dt);
+            }
         }
-        if iter % config.log_interval == 0 {
-            log!("iter {iter}: loss {lossf:.4}, time {:.2}ms, mfu {:.2}%", dt * 1000.0, running_mfu * 100.0);
-        }
-        let record = row(&mut rows, iter);
-        record.lr = Some(lr);
-        record.loss = Some(lossf);
-        record.ms_per_iter = Some(dt * 1000.0);
-        record.tokens_per_second = Some(tokens_per_iter as f64 / dt);
         iter += 1;
         if hooks.stop_after == Some(steps_here) {
             bail!("stopped after {steps_here} steps (test hook)");
@@ -1026,7 +1057,7 @@ pub(crate) mod tests {
         assert_ne!(losses(&whole.out)[3], losses(&without.out)[3], "dropout changes the losses");
 
         let interrupted = context(dir.path(), "interrupted");
-        let error = train(&config, &interrupted, &Hooks { stop_after: Some(5) }).unwrap_err();
+        let error = train(&config, &interrupted, &Hooks { stop_after: Some(5), ..Hooks::default() }).unwrap_err();
         assert!(error.to_string().contains("test hook"), "{error}");
         assert_eq!(checkpoint::load_state(&interrupted.out, "last")?.unwrap().iter, 4);
         let report = train(&config, &interrupted, &Hooks::default())?;
@@ -1059,6 +1090,20 @@ pub(crate) mod tests {
         let digest =
             |out: &Path| checkpoint::load_state(out, "last").unwrap().unwrap().files["last.safetensors"].clone();
         assert_eq!(digest(&base.out), digest(&other.out));
+        Ok(())
+    }
+
+    #[test]
+    fn losses_read_at_log_lines_are_the_losses_read_every_step() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = Config { max_iters: 7, eval_interval: 5, log_interval: 3, ..tiny(char_data(dir.path())) };
+        let every = context(dir.path(), "every");
+        train(&config, &every, &Hooks::default())?;
+        let deferred = context(dir.path(), "deferred");
+        train(&config, &deferred, &Hooks { defer_loss_reads: true, ..Hooks::default() })?;
+        assert_eq!(losses(&every.out), losses(&deferred.out));
+        let rows = metrics::read_parquet(&deferred.out.join("metrics.parquet"))?;
+        assert!(rows.iter().filter(|row| row.loss.is_some()).all(|row| row.ms_per_iter.is_some_and(|ms| ms > 0.0)));
         Ok(())
     }
 
