@@ -498,8 +498,8 @@ mod tests {
             let x = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu)?.unsqueeze(0)?;
             let log_probs = candle_nn::ops::log_softmax(&model.gpt.forward(&x, false)?, D::Minus1)?.squeeze(0)?;
             let mut expected = 0.0;
-            for position in context.len()..tokens.len() {
-                expected -= log_probs.i((position - 1, tokens[position] as usize))?.to_scalar::<f32>()? as f64;
+            for (position, &token) in tokens.iter().enumerate().skip(context.len()) {
+                expected -= log_probs.i((position - 1, token as usize))?.to_scalar::<f32>()? as f64;
             }
             assert!((sum - expected).abs() < 1e-3, "{sum} vs {expected}");
             assert!((mean - expected / (tokens.len() - context.len()) as f64).abs() < 1e-4);

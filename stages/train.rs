@@ -240,7 +240,9 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
         Gpus::Auto if config.device == "cpu" => 1,
         Gpus::Auto => crate::device::gpu_count(),
     };
-    if machines.count * local_ranks == 1 {
+    // NANOFLOW_RANK_PROCESSES=1: even one rank runs as a worker process over the collective (on
+    // one GPU, NCCL with a world of 1), to check that path where only one GPU is at hand.
+    if machines.count * local_ranks == 1 && std::env::var_os(RANK_PROCESSES).is_none() {
         return run_rank(config, ctx, hooks, &World::single(), 1);
     }
     supervise(config, ctx, &machines, local_ranks)
@@ -275,6 +277,9 @@ pub fn worker(spec: WorkerSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Set: a world of one runs through the multi-process path too.
+const RANK_PROCESSES: &str = "NANOFLOW_RANK_PROCESSES";
+
 /// Test hook for the fan-out: `NANOFLOW_TEST_STOP_AFTER=RANK:STEPS` makes that rank fail after
 /// that many steps, as a crash would.
 const STOP_HOOK: &str = "NANOFLOW_TEST_STOP_AFTER";
@@ -284,12 +289,7 @@ const STOP_HOOK: &str = "NANOFLOW_TEST_STOP_AFTER";
 /// run wrote stay in the output directory, so the next run resumes from the last one.
 fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: usize) -> anyhow::Result<Report> {
     let size = machines.count * local_ranks;
-    ensure!(
-        config.gradient_accumulation_steps % size == 0,
-        "`gradient_accumulation_steps: {}` must be a multiple of the {size} ranks: each rank takes an equal share of \
-         a step's micro-batches (nanoGPT divides it by the world size the same way)",
-        config.gradient_accumulation_steps
-    );
+    check_world(config, size)?;
     if config.init_from != "scratch" {
         // Fetch a Hub model once here rather than in every rank at the same time.
         crate::model::source(&config.init_from, &ctx.root, &Device::Cpu).context("`init_from`")?;
@@ -305,8 +305,10 @@ fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: u
         Some((rank.parse().ok()?, steps.parse().ok()?))
     });
     eprintln!(
-        "data parallel: {size} ranks, {local_ranks} on this machine (machine {} of {}), rank 0 at {master}",
-        machines.rank, machines.count
+        "data parallel: {size} rank{}, {local_ranks} on this machine (machine {} of {}), rank 0 at {master}",
+        if size == 1 { "" } else { "s" },
+        machines.rank,
+        machines.count
     );
     let report = ctx.out.join(".rank-report.json");
     let exe = std::env::current_exe().context("cannot find the nanoflow executable to start ranks with")?;
@@ -405,7 +407,8 @@ fn run_rank(
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
         crate::device::keep_freed_memory(&device)?;
     }
-    let mut collective = if world.size > 1 { Some(crate::dist::connect(world, &device)?) } else { None };
+    // A rank started by `supervise` always has a master, even in a world of one.
+    let mut collective = if world.master.is_empty() { None } else { Some(crate::dist::connect(world, &device)?) };
     let peak_flops = crate::device::peak_bf16_flops(&crate::device::name(&device)).unwrap_or(A100_BF16_FLOPS);
     log!("device: {} ({}), matmuls in {dtype:?}", crate::device::name(&device), ctx.stage);
 
@@ -442,12 +445,7 @@ fn run_rank(
             block_size + 1
         );
     }
-    ensure!(
-        config.gradient_accumulation_steps % world.size == 0,
-        "`gradient_accumulation_steps: {}` must be a multiple of the {} ranks",
-        config.gradient_accumulation_steps,
-        world.size
-    );
+    check_world(config, world.size)?;
     let local_steps = config.gradient_accumulation_steps / world.size;
     let tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * block_size;
     log!("tokens per iteration will be: {tokens_per_iter}");
@@ -710,6 +708,17 @@ fn check(config: &Config) -> anyhow::Result<()> {
         config.dtype
     );
     ensure!(config.gpus != Gpus::Count(0), "`gpus` must be at least 1, or `auto`");
+    Ok(())
+}
+
+/// Each of `ranks` takes an equal share of a step's micro-batches.
+fn check_world(config: &Config, ranks: usize) -> anyhow::Result<()> {
+    ensure!(
+        config.gradient_accumulation_steps.is_multiple_of(ranks),
+        "`gradient_accumulation_steps: {}` must be a multiple of the {ranks} ranks: each rank takes an equal share of \
+         a step's micro-batches (nanoGPT divides it by the world size the same way)",
+        config.gradient_accumulation_steps
+    );
     Ok(())
 }
 

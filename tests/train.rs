@@ -88,10 +88,14 @@ fn two_cpu_ranks_fail_together_resume_and_match_one_process() {
     let cached = test.expect(&["run", "model", "--set", "model.gpus=1"], 0);
     assert!(cached.stderr.contains("cached"), "{}", cached.stderr);
 
-    // One process with the whole accumulation, uninterrupted, logs the same losses.
+    // One rank with the whole accumulation, uninterrupted, logs the same losses; it too runs as a
+    // rank process over the collective here (what checks NCCL on a single GPU).
     let one = Test::with_pipeline(&ranks_pipeline(20, 1, 4));
     one.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
-    one.expect(&["run", "model"], 0);
+    let output = one.command(&["run", "model"]).env("NANOFLOW_RANK_PROCESSES", "1").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("data parallel: 1 rank, 1 on this machine"), "{stderr}");
     let (expected, found) = (record(&one, "model"), record(&test, "model"));
     assert_eq!(expected.len(), found.len());
     for (a, b) in expected.iter().zip(&found) {
