@@ -866,6 +866,55 @@ mod tests {
         eprintln!("worst relative gradient error {worst:e}");
     }
 
+    /// The tiny GPT-2 on `device` with matmuls in `dtype` against transformers' float32 logits,
+    /// loss and gradients: (logits error, loss error, worst relative gradient error).
+    fn error_against_transformers(device: &Device, dtype: DType) -> (f32, f32, f32) {
+        let reference = reference();
+        let varmap = VarMap::new();
+        let gpt = Gpt::load_hf(&fixture("tiny-gpt2"), &varmap, device).unwrap().with_matmul_dtype(dtype);
+        let (idx, targets) = batch(&reference);
+        let (idx, targets) = (idx.to_device(device).unwrap(), targets.to_device(device).unwrap());
+        let logits = gpt.forward(&idx, false).unwrap();
+        let loss = cross_entropy(&logits, &targets).unwrap();
+        let grads = loss.backward().unwrap();
+        let logits_error = max_abs_diff(&logits.to_device(&Device::Cpu).unwrap(), &reference["logits"]);
+        let loss = loss.to_device(&Device::Cpu).unwrap().to_scalar::<f32>().unwrap();
+        let loss_error = (loss - reference["loss"].i(0).unwrap().to_scalar::<f32>().unwrap()).abs();
+        let mut worst = 0f32;
+        for (name, var) in vars(&varmap) {
+            let grad = grads.get(&var).unwrap().to_device(&Device::Cpu).unwrap();
+            let expected = &reference[&format!("grad.{name}")];
+            let expected = if is_conv1d(&name) { expected.t().unwrap() } else { expected.clone() };
+            worst = worst.max(max_abs_diff(&grad, &expected) / max_abs(&expected).max(1e-3));
+        }
+        (logits_error, loss_error, worst)
+    }
+
+    #[test]
+    fn bfloat16_matmuls_stay_near_transformers() {
+        let (logits, loss, grads) = error_against_transformers(&Device::Cpu, DType::BF16);
+        eprintln!("bfloat16 matmuls: logits {logits:e}, loss {loss:e}, gradients {grads:e} (relative)");
+        assert!(logits < 1e-1 && loss < 1e-2 && grads < 5e-2, "{logits} {loss} {grads}");
+        assert!(logits > 1e-6, "the matmuls did round to bfloat16");
+    }
+
+    /// The CUDA path (plain matmuls, the fused kernels) against transformers, in float32 and
+    /// bfloat16 (on a machine with a GPU and `--features cuda`).
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_logits_loss_and_gradients_match_transformers() {
+        let Ok(device) = Device::new_cuda(0) else {
+            eprintln!("no CUDA device: the CUDA path is not checked here");
+            return;
+        };
+        let (logits, loss, grads) = error_against_transformers(&device, DType::F32);
+        eprintln!("CUDA float32: logits {logits:e}, loss {loss:e}, gradients {grads:e} (relative)");
+        assert!(logits < 1e-4 && loss < 1e-4 && grads < 1e-4, "{logits} {loss} {grads}");
+        let (logits, loss, grads) = error_against_transformers(&device, DType::BF16);
+        eprintln!("CUDA bfloat16: logits {logits:e}, loss {loss:e}, gradients {grads:e} (relative)");
+        assert!(logits < 1e-1 && loss < 1e-2 && grads < 5e-2, "{logits} {loss} {grads}");
+    }
+
     /// candle's fused LayerNorm and softmax have no backward: one of them anywhere would leave
     /// every variable before it without a gradient, with no error.
     #[test]
