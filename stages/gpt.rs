@@ -787,8 +787,11 @@ mod tests {
 
     use super::*;
 
+    /// tests/fixtures, or `NANOFLOW_FIXTURES` for a test binary carried to another machine.
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+        let dir = std::env::var_os("NANOFLOW_FIXTURES")
+            .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures"), PathBuf::from);
+        dir.join(name)
     }
 
     fn reference() -> HashMap<String, Tensor> {

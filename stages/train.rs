@@ -410,7 +410,7 @@ fn run_rank(
     // A rank started by `supervise` always has a master, even in a world of one.
     let mut collective = if world.master.is_empty() { None } else { Some(crate::dist::connect(world, &device)?) };
     let peak_flops = crate::device::peak_bf16_flops(&crate::device::name(&device)).unwrap_or(A100_BF16_FLOPS);
-    log!("device: {} ({}), matmuls in {dtype:?}", crate::device::name(&device), ctx.stage);
+    log!("device: {}, matmuls in {}", crate::device::name(&device), dtype.as_str());
 
     // -----------------------------------------------------------------------------
     // data: random windows of the token stream, like nanoGPT's memmapped get_batch
