@@ -109,13 +109,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(&str)) -> anyhow::Result<
     let mut step = |label: &str, k: usize, n: usize| -> anyhow::Result<f64> {
         let (x, y) = batch()?;
         let loss = gpt::cross_entropy(&model.forward(&x, true)?, &y)?;
-        let mut grads: Vec<Tensor> = {
-            let store = loss.backward()?;
-            optimizer
-                .vars()
-                .map(|var| store.get(var.as_tensor()).cloned().map_or_else(|| var.zeros_like(), Ok))
-                .collect::<candle_core::Result<_>>()?
-        };
+        let mut grads = optimizer.gradients(&loss.backward()?)?;
         optim::clip_grad_norm(&mut grads, 1.0)?;
         optimizer.step(&grads, 6e-4)?;
         let lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;

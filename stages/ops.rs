@@ -488,11 +488,12 @@ mod cuda {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchArgs, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
 
     /// A scalar kernel argument after the buffers.
     pub enum Arg {
         U32(u32),
+        U64(u64),
         F32(f32),
     }
     use candle_core::{CudaStorage, Layout, Result, Shape, bail};
@@ -517,22 +518,10 @@ mod cuda {
         inputs: &[(&CudaStorage, &Layout)],
         layout: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let device = inputs[0].0.device().clone();
         let n = layout.shape().elem_count();
-        let views = inputs.iter().map(|(s, l)| view::<f32>(s, l)).collect::<Result<Vec<_>>>()?;
-        let out = unsafe { device.alloc::<f32>(n)? };
-        let func = device.get_or_load_custom_func(name, "nanoflow_ops", PTX)?;
-        let mut builder = func.builder();
-        for view in &views {
-            builder.arg(view);
-        }
-        builder.arg(&out);
-        let n64 = n as u64;
-        builder.arg(&n64);
         let blocks = (n as u32).div_ceil(256).clamp(1, 65_535);
         let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        unsafe { builder.launch(config) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, device), layout.shape().clone()))
+        launch(name, inputs, layout, &[Arg::U64(n as u64)], config)
     }
 
     /// f(inputs..., out, extra args...) with one block per row of `layout`'s last dimension.
@@ -542,11 +531,22 @@ mod cuda {
         layout: &Layout,
         extra: &[Arg],
     ) -> Result<(CudaStorage, Shape)> {
-        let device = inputs[0].0.device().clone();
-        let n = layout.shape().elem_count();
         let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let rows = (layout.shape().elem_count() / width) as u32;
+        launch(name, inputs, layout, extra, row_config(rows))
+    }
+
+    /// f(inputs..., out, extra...) into a new f32 buffer of `layout`'s shape.
+    fn launch(
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+        layout: &Layout,
+        extra: &[Arg],
+        config: LaunchConfig,
+    ) -> Result<(CudaStorage, Shape)> {
+        let device = inputs[0].0.device().clone();
         let views = inputs.iter().map(|(s, l)| view::<f32>(s, l)).collect::<Result<Vec<_>>>()?;
-        let out = unsafe { device.alloc::<f32>(n)? };
+        let out = unsafe { device.alloc::<f32>(layout.shape().elem_count())? };
         let func = device.get_or_load_custom_func(name, "nanoflow_ops", PTX)?;
         let mut builder = func.builder();
         for view in &views {
@@ -556,10 +556,13 @@ mod cuda {
         for arg in extra {
             match arg {
                 Arg::U32(value) => builder.arg(value),
+                Arg::U64(value) => builder.arg(value),
                 Arg::F32(value) => builder.arg(value),
             };
         }
-        launch_rows(builder, (n / width) as u32)?;
+        if config.grid_dim.0 > 0 {
+            unsafe { builder.launch(config) }.w()?;
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, device), layout.shape().clone()))
     }
 
@@ -585,17 +588,15 @@ mod cuda {
             builder.arg(grad);
         }
         builder.arg(&out).arg(&vocab);
-        launch_rows(builder, rows as u32)?;
+        if rows > 0 {
+            unsafe { builder.launch(row_config(rows as u32)) }.w()?;
+        }
         Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(rows)))
     }
 
-    fn launch_rows(mut builder: LaunchArgs<'_>, rows: u32) -> Result<()> {
-        if rows == 0 {
-            return Ok(());
-        }
-        let config = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
-        unsafe { builder.launch(config) }.w()?;
-        Ok(())
+    /// One block of ROW_THREADS per row.
+    fn row_config(rows: u32) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
     }
 }
 

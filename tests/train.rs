@@ -67,14 +67,20 @@ fn record(test: &Test, stage: &str) -> Vec<(i64, Option<f64>, Option<f64>)> {
     rows.iter().map(|row| (row.iter, row.loss, row.val_loss)).collect()
 }
 
+/// `nanoflow run model` with one more environment variable, expecting exit `code`: its stderr.
+fn run_model_with(test: &Test, (name, value): (&str, &str), code: i32) -> String {
+    let output = test.command(&["run", "model"]).env(name, value).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(output.status.code(), Some(code), "{stderr}");
+    stderr
+}
+
 #[test]
 fn two_cpu_ranks_fail_together_resume_and_match_one_process() {
     let test = Test::with_pipeline(&ranks_pipeline(20, 2, 4));
     test.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
     // Rank 1 dies after 13 steps: the stage fails as a whole, keeping the checkpoint at 10.
-    let output = test.command(&["run", "model"]).env("NANOFLOW_TEST_STOP_AFTER", "1:13").output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    let stderr = run_model_with(&test, ("NANOFLOW_TEST_STOP_AFTER", "1:13"), 1);
     assert!(stderr.contains("data parallel: 2 ranks, 2 on this machine"), "{stderr}");
     assert!(stderr.contains("rank 1 (exit status: 1)"), "{stderr}");
     assert!(stderr.contains("the next run resumes from the last"), "{stderr}");
@@ -92,9 +98,7 @@ fn two_cpu_ranks_fail_together_resume_and_match_one_process() {
     // rank process over the collective here (what checks NCCL on a single GPU).
     let one = Test::with_pipeline(&ranks_pipeline(20, 1, 4));
     one.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
-    let output = one.command(&["run", "model"]).env("NANOFLOW_RANK_PROCESSES", "1").output().unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let stderr = run_model_with(&one, ("NANOFLOW_RANK_PROCESSES", "1"), 0);
     assert!(stderr.contains("data parallel: 1 rank, 1 on this machine"), "{stderr}");
     let (expected, found) = (record(&one, "model"), record(&test, "model"));
     assert_eq!(expected.len(), found.len());

@@ -59,10 +59,7 @@ fn train(iters: usize) -> anyhow::Result<()> {
         let _ = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let forwarded = Instant::now();
         let store = loss.backward()?;
-        let mut grads: Vec<Tensor> = optimizer
-            .vars()
-            .map(|var| store.get(var.as_tensor()).cloned().map_or_else(|| var.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = optimizer.gradients(&store)?;
         let backwarded = Instant::now();
         optim::clip_grad_norm(&mut grads, 1.0)?;
         optimizer.step(&grads, 1e-3)?;
