@@ -225,8 +225,10 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
         Err(Error::NoPipeline { .. }) if file.is_none() => None,
         Err(error) => return Err(error),
     };
+    let (asked, mut stage_names) = (config.model.clone(), Vec::new());
     if let Some(path) = pipeline {
         let (plan, store) = load(Some(&path), &[])?;
+        stage_names = plan.stages.iter().map(|stage| stage.name.clone()).collect();
         if plan.index(&config.model).is_some() {
             let dir = store.current(&config.model).ok_or_else(|| Error::NoOutput { stage: config.model.clone() })?;
             config.model = dir.join(OUT).to_string_lossy().into_owned();
@@ -238,6 +240,20 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
             // A prompt file is named from where the command runs, not from the pipeline's folder.
             config.start = format!("FILE:{}", cwd.join(prompt).display());
         }
+    }
+    // The arguments are checked as a sample stage's params would be, before any model loads.
+    nanoflow_stages::sample::check(&config, &nanoflow_stages::Upstream::none()).map_err(|invalid| {
+        let option = match invalid.key.as_str() {
+            "model" => "STAGE_OR_MODEL".to_string(),
+            "start" => "PROMPT".to_string(),
+            key => format!("--{}", key.replace('_', "-")),
+        };
+        Error::InvalidArgument { option, message: invalid.message }
+    })?;
+    let is_model =
+        nanoflow_stages::gpt::GptConfig::PRESETS.contains(&config.model.as_str()) || root.join(&config.model).exists();
+    if !is_model {
+        return Err(Error::UnknownModel { name: asked, stages: stage_names });
     }
     let mut stdout = std::io::stdout().lock();
     let what = format!("sampling from `{}`", config.model);
@@ -264,7 +280,7 @@ pub fn bench(
     iters: usize,
     json: bool,
 ) -> Result<ExitCode, Error> {
-    use nanoflow_stages::bench::{self, Options};
+    use nanoflow_stages::gpt::bench::{self, Options};
     let what = format!("benchmarking `{shape}`");
     let failed = |error: anyhow::Error| Error::Failed { what: what.clone(), source: error.into() };
     let mut options = Options::preset(shape).map_err(failed)?;

@@ -21,6 +21,9 @@ pub enum Error {
     #[error("invalid YAML at {location}: {message}")]
     Syntax { location: Location, message: String },
 
+    #[error("`{file}` declares no stages")]
+    EmptyPipeline { file: String },
+
     #[error("duplicate {what} `{name}` at {second} (first at {first})")]
     Duplicate { what: &'static str, name: String, first: Location, second: Location },
 
@@ -40,10 +43,13 @@ pub enum Error {
     UnknownKey { place: String, key: String, origin: Origin, suggestion: Option<String> },
 
     #[error("missing key `{key}` in stage `{stage}` at {location}")]
-    MissingKey { stage: String, key: String, location: Location },
+    MissingKey { stage: String, key: String, location: Location, what: Option<String> },
 
     #[error("invalid params in stage `{stage}` at {location}: {message}")]
     InvalidParams { stage: String, location: Location, message: String },
+
+    #[error("invalid `{key}` in stage `{stage}` {origin}: {message}")]
+    InvalidParam { stage: String, key: String, origin: Origin, message: String },
 
     #[error("wrong type for `{key}` in stage `{stage}` {origin}: {message}")]
     WrongType { stage: String, key: String, origin: Origin, message: String },
@@ -65,6 +71,12 @@ pub enum Error {
 
     #[error("no target or stage given")]
     NothingToRun { targets: Vec<String> },
+
+    #[error("no stage, model folder or Hub GPT-2 named `{name}`")]
+    UnknownModel { name: String, stages: Vec<String> },
+
+    #[error("invalid `{option}`: {message}")]
+    InvalidArgument { option: String, message: String },
 
     #[error("invalid `--set {argument}`: {message}")]
     InvalidSet { argument: String, message: String },
@@ -114,10 +126,21 @@ impl Error {
             | Error::UnknownName { suggestion, .. } => {
                 suggestion.as_ref().map(|name| format!("did you mean `{name}`?"))
             }
+            Error::UnknownModel { name, stages } => Some(match suggest(name, stages.iter().map(String::as_str)) {
+                Some(stage) => format!("did you mean `{stage}`?"),
+                None => "a model is a stage of pipeline.yaml, a folder holding ckpt.json or config.json, or gpt2, \
+                         gpt2-medium, gpt2-large, gpt2-xl"
+                    .to_string(),
+            }),
             Error::NothingToRun { targets } if !targets.is_empty() => {
                 Some(format!("targets in this pipeline: {}", targets.join(", ")))
             }
             Error::NoPipeline { .. } => Some("pass another file with `-f FILE`".to_string()),
+            Error::EmptyPipeline { .. } => Some(
+                "a pipeline is a `stages:` mapping, e.g. `stages: {hello: {kind: command, run: 'echo hi > $OUT/hi.txt'}}`"
+                    .to_string(),
+            ),
+            Error::MissingKey { key, what: Some(what), .. } => Some(format!("`{key}` is {what}")),
             Error::StoreBusy { .. } => Some("wait for it to finish, then try again".to_string()),
             Error::InvalidSet { .. } => Some("write it as `--set stage.key=value`".to_string()),
             Error::NoOutput { stage } => Some(format!("run it with `nanoflow run {stage}`")),

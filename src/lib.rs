@@ -2,6 +2,7 @@
 //! It knows nothing of tensors or tokenizers; the stage kinds live in the `nanoflow-stages`
 //! crate. The control flow of every command is visible here, in one place.
 
+mod atomic;
 mod cache_key;
 mod cli;
 mod commands;

@@ -108,6 +108,9 @@ impl PipelineFile {
                 .collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
+        if stages.is_empty() {
+            return Err(Error::EmptyPipeline { file: file_name });
+        }
         let targets = match top.get("targets") {
             Some(targets) => {
                 as_mapping(targets, "`targets`", "a mapping of target names to stage lists", &map, &["targets"])?

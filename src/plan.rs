@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use nanoflow_stages::{Invalid, Upstream};
 use serde_yaml::Value;
 
 use crate::error::{Error, suggest};
@@ -49,6 +50,13 @@ impl Plan {
     /// Validates `file`, with `sets` (`stage.key=value`) applied on top.
     pub fn build(file: PipelineFile, sets: &[String]) -> Result<Plan, Error> {
         let names: Vec<&str> = file.stages.iter().map(|stage| stage.name.as_str()).collect();
+        // What a kind's `check` may ask: which kind of stage a `${stage}` param names.
+        let kind_of = |value: &str| {
+            let name = reference::leading(value)?;
+            let raw = file.stages.iter().find(|stage| stage.name == name)?;
+            StageKind::parse(&raw.kind).map(StageKind::name)
+        };
+        let upstream = Upstream::new(&kind_of);
         let mut overrides: Vec<Vec<Param>> = vec![Vec::new(); file.stages.len()];
         for argument in sets {
             let (stage, param) = parse_set(argument, &names)?;
@@ -58,7 +66,7 @@ impl Plan {
             .stages
             .iter()
             .zip(overrides)
-            .map(|(raw, overrides)| resolve_stage(raw, overrides, &file.root, &names))
+            .map(|(raw, overrides)| resolve_stage(raw, overrides, &file.root, &names, &upstream))
             .collect::<Result<Vec<_>, _>>()?;
         let mut targets = Vec::new();
         for raw in &file.targets {
@@ -142,7 +150,13 @@ fn parse_set(argument: &str, names: &[&str]) -> Result<(usize, Param), Error> {
     Ok((index, Param { key: key.to_string(), value, origin: Origin::CommandLine(argument.to_string()) }))
 }
 
-fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&str]) -> Result<Stage, Error> {
+fn resolve_stage(
+    raw: &RawStage,
+    overrides: Vec<Param>,
+    root: &Path,
+    names: &[&str],
+    upstream: &Upstream,
+) -> Result<Stage, Error> {
     let kind = StageKind::parse(&raw.kind).ok_or_else(|| Error::UnknownKind {
         stage: raw.name.clone(),
         kind: raw.kind.clone(),
@@ -181,7 +195,7 @@ fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&s
     };
     let params = kind.validate(Value::Mapping(merged)).map_err(|error| match error {
         ParamError::Missing { key } => {
-            Error::MissingKey { stage: raw.name.clone(), key, location: raw.location.clone() }
+            Error::MissingKey { stage: raw.name.clone(), key, location: raw.location.clone(), what: None }
         }
         ParamError::Invalid { key, message } if key.is_empty() => {
             Error::InvalidParams { stage: raw.name.clone(), location: raw.location.clone(), message }
@@ -213,6 +227,20 @@ fn resolve_stage(raw: &RawStage, overrides: Vec<Param>, root: &Path, names: &[&s
             return Err(error);
         }
     }
+
+    kind.check(&params, upstream).map_err(|invalid| match invalid {
+        Invalid { key, message, required: true } => {
+            Error::MissingKey { stage: raw.name.clone(), key, location: raw.location.clone(), what: Some(message) }
+        }
+        Invalid { key, message, .. } if key.is_empty() => {
+            Error::InvalidParams { stage: raw.name.clone(), location: raw.location.clone(), message }
+        }
+        Invalid { key, message, .. } => {
+            // `models[1]` was written as `models`.
+            let written = key.split('[').next().unwrap_or(&key).to_string();
+            Error::InvalidParam { stage: raw.name.clone(), origin: origin_of(&written), key, message }
+        }
+    })?;
 
     let mut deps = Vec::new();
     for (path, origin) in &raw.deps {

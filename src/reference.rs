@@ -57,6 +57,15 @@ pub fn references(text: &str) -> Vec<&str> {
         .collect()
 }
 
+/// The stage whose output `text` is a path in (`${stage}` or `${stage}/file`), if it starts with
+/// a reference.
+pub fn leading(text: &str) -> Option<&str> {
+    match pieces(text).first() {
+        Some(Piece::Reference(name)) => Some(name),
+        _ => None,
+    }
+}
+
 /// `text` with each reference replaced by `path_of(name)` and escapes undone.
 pub fn substitute(text: &str, path_of: impl Fn(&str) -> String) -> String {
     pieces(text)

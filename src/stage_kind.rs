@@ -3,12 +3,15 @@
 //! non-semantic keys for the content key, and running it in the child process.
 //!
 //! Every kind module in `stages/` has the same items (`Config`, `VERSION`, `NON_SEMANTIC`,
-//! `RESUMABLE`, `local_inputs`, `run`), so one list below generates the enum and every `match`.
+//! `RESUMABLE`, `local_inputs`, `check`, `run`), so one list below generates the enum and every
+//! `match`.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use nanoflow_stages::{Context, Report, command, download, eval, export, finetune, sample, tokenize, train};
+use nanoflow_stages::{
+    Context, Invalid, Report, Upstream, command, download, eval, export, finetune, sample, tokenize, train,
+};
 
 /// A param that does not fit the kind's `Config`.
 #[derive(Debug)]
@@ -65,11 +68,19 @@ macro_rules! stage_kinds {
                 }
             }
 
-            /// Checks params against the kind's `Config` and returns the config with every
-            /// default filled in, as JSON: what enters the key and reaches the child process.
+            /// Reads params into the kind's `Config` (types, unknown keys) and returns the config
+            /// with every default filled in, as JSON: what enters the key and reaches the child
+            /// process.
             pub fn validate(self, params: serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
                 match self {
                     $(StageKind::$variant => resolve::<$module::Config>(params)),+
+                }
+            }
+
+            /// The kind's own rules for (validated) params: everything pipeline.yaml decides.
+            pub fn check(self, params: &serde_json::Value, upstream: &Upstream) -> Result<(), Invalid> {
+                match self {
+                    $(StageKind::$variant => $module::check(&config(params), upstream)),+
                 }
             }
 
@@ -108,8 +119,19 @@ impl StageKind {
     }
 }
 
-fn resolve<C: DeserializeOwned + Serialize>(params: serde_yaml::Value) -> Result<serde_json::Value, ParamError> {
-    let config: C = serde_path_to_error::deserialize(params).map_err(|error| {
+/// The params as written over the kind's defaults (a `finetune` is a `train` with other
+/// defaults), read into its `Config`.
+fn resolve<C: DeserializeOwned + Serialize + Default>(
+    params: serde_yaml::Value,
+) -> Result<serde_json::Value, ParamError> {
+    let mut merged = match serde_yaml::to_value(C::default()).expect("a Config serializes") {
+        serde_yaml::Value::Mapping(defaults) => defaults,
+        _ => serde_yaml::Mapping::new(),
+    };
+    if let serde_yaml::Value::Mapping(written) = params {
+        merged.extend(written);
+    }
+    let config: C = serde_path_to_error::deserialize(serde_yaml::Value::Mapping(merged)).map_err(|error| {
         let key = error.path().iter().next().map(|segment| segment.to_string());
         let message = error.inner().to_string();
         match (key, missing_field(&message)) {
@@ -195,6 +217,15 @@ mod tests {
     }
 
     #[test]
+    fn a_finetune_is_a_train_with_its_own_defaults() {
+        assert_eq!(StageKind::Finetune.fields(), StageKind::Train.fields());
+        let finetune = StageKind::Finetune.validate(yaml("data: d\ninit_from: m\nmax_iters: 7")).unwrap();
+        let train = StageKind::Train.validate(yaml("data: d\ninit_from: m\nmax_iters: 7")).unwrap();
+        assert_eq!((finetune["learning_rate"].as_f64(), train["learning_rate"].as_f64()), (Some(3e-5), Some(6e-4)));
+        assert_eq!((finetune["max_iters"].as_u64(), train["max_iters"].as_u64()), (Some(7), Some(7)));
+    }
+
+    #[test]
     fn fills_defaults() {
         let params = StageKind::Command.validate(yaml("run: echo")).unwrap();
         assert_eq!(params, serde_json::json!({"run": "echo", "outs": [], "env": {}}));
@@ -202,10 +233,9 @@ mod tests {
 
     #[test]
     fn names_missing_and_mistyped_keys() {
-        match StageKind::Command.validate(yaml("outs: []")) {
-            Err(ParamError::Missing { key }) => assert_eq!(key, "run"),
-            other => panic!("{other:?}"),
-        }
+        let params = StageKind::Command.validate(yaml("outs: []")).unwrap();
+        let error = StageKind::Command.check(&params, &Upstream::none()).unwrap_err();
+        assert_eq!((error.key.as_str(), error.required), ("run", true));
         match StageKind::Command.validate(yaml("run: echo\nouts: 3")) {
             Err(ParamError::Invalid { key, message }) => {
                 assert_eq!(key, "outs");

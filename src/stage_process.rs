@@ -72,6 +72,6 @@ fn run() -> anyhow::Result<()> {
     let context = Context { stage: spec.stage, root: spec.root, out: spec.out, inputs: spec.inputs };
     let report = kind.run(spec.params, &context)?;
     let json = serde_json::to_vec(&report)?;
-    crate::store::write_atomic(&spec.report, &json)?;
+    crate::atomic::write_atomic(&spec.report, &json)?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::write_atomic;
+use crate::atomic::write_atomic;
 
 /// A file modified this recently may still be being written in the same mtime tick: hash it,
 /// but don't remember the digest (git's "racy clean" problem).
@@ -131,7 +131,7 @@ fn read_entries(file: &Path) -> HashMap<PathBuf, Entry> {
 
 /// blake3 of a file, hashed on all cores.
 pub fn hash_file(path: &Path) -> io::Result<String> {
-    nanoflow_stages::digest::blake3_file(path)
+    nanoflow_stages::fetch::digest::blake3_file(path)
 }
 
 /// The files under `dir` (following no symlinks into other trees), relative, sorted.

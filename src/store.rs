@@ -11,8 +11,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::atomic::{unique, write_atomic};
 use crate::error::Error;
 use crate::manifest::{MANIFEST, Manifest, OUT};
 
@@ -140,22 +140,6 @@ impl Store {
     fn error(&self, source: io::Error) -> Error {
         Error::Store { path: self.root.clone(), source }
     }
-}
-
-/// A name no other process or thread will pick: `prefix-<pid>-<n>`.
-fn unique(prefix: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Writes `bytes` to `path` so that readers see the old file or the new one, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let temporary = dir.join(unique(".write"));
-    let mut file = fs_err::File::create(&temporary)?;
-    std::io::Write::write_all(&mut file, bytes)?;
-    file.sync_all()?;
-    fs_err::rename(&temporary, path)
 }
 
 fn make_read_only(path: &Path) -> io::Result<()> {

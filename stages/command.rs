@@ -4,12 +4,13 @@
 //! it does not know why it runs (the engine decides that from the content key).
 
 use std::collections::BTreeMap;
+use std::path::Component;
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::{Context, Report};
+use crate::{Context, Invalid, Report, Upstream, ensure, required};
 
 /// Bumped when the meaning of a command stage changes (how the script is run), so that every
 /// command stage's key changes with it.
@@ -21,24 +22,34 @@ pub const NON_SEMANTIC: &[&str] = &[];
 /// A script that failed half-way starts again from an empty `$OUT`.
 pub const RESUMABLE: bool = false;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The script, run by `sh -ec` (like a CI step: the first failing line fails the stage) in
     /// the directory holding pipeline.yaml, with `$OUT` the directory it must write into.
     pub run: String,
     /// Files or folders, relative to `$OUT`, that the script must produce; a run that leaves one
     /// out fails, and a stored output missing one is not a cache hit. Empty: anything goes.
-    #[serde(default)]
     pub outs: Vec<String>,
     /// Extra environment variables for the script. They enter the key like any param.
-    #[serde(default)]
     pub env: BTreeMap<String, String>,
 }
 
 /// A script's local files are named with `deps:` (the engine's key), not by params.
 pub fn local_inputs(_config: &Config) -> Vec<String> {
     Vec::new()
+}
+
+/// Everything pipeline.yaml decides, before anything runs: a script, and outs inside `$OUT`.
+pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
+    required("run", &config.run, || "the shell script to run, with `$OUT` the folder it writes into".to_string())?;
+    for (i, out) in config.outs.iter().enumerate() {
+        let path = std::path::Path::new(out);
+        let inside =
+            !out.is_empty() && path.components().all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
+        ensure(inside, &format!("outs[{i}]"), || format!("must be a path inside `$OUT`, not `{out}`"))?;
+    }
+    Ok(())
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {

@@ -16,17 +16,18 @@
 //! ```
 
 use std::io::Read;
-use std::path::{Component, Path};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::http::{self, Retry};
-use crate::hub::{self, HubEnv};
-pub use crate::hub::{Hub, RepoType};
+use crate::fetch::check_relative;
+use crate::fetch::http::{self, Retry};
+use crate::fetch::hub::{self, HubEnv};
+pub use crate::fetch::hub::{Hub, RepoType};
 use crate::progress::format_bytes;
-use crate::{Context, Report};
+use crate::{Context, Invalid, Report, Upstream, ensure};
 
 /// Bumped when what a download stage writes changes meaning, so that every download key changes.
 pub const VERSION: u32 = 1;
@@ -37,11 +38,9 @@ pub const NON_SEMANTIC: &[&str] = &["retries", "backoff_ms"];
 /// A re-run of the same key keeps `$OUT`, so a `.part` file left by an interrupted run resumes.
 pub const RESUMABLE: bool = true;
 
-/// What to download. `#[serde(remote = "Self")]` derives inherent (de)serialize functions that
-/// the trait impls below wrap, so that a config naming no source, or two, is rejected while the
-/// pipeline is read (exit code 2, nothing ran) rather than when the stage runs.
+/// What to download: exactly one source (`check` makes sure before anything runs).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(remote = "Self", deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// An HTTP(S) URL to fetch. Exactly one of `url`, `hf` and `path` is set.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -78,63 +77,49 @@ impl Default for Config {
     }
 }
 
-impl Serialize for Config {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        Config::serialize(self, serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Config {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Config, D::Error> {
-        let config = Config::deserialize(deserializer)?;
-        config.validate().map_err(serde::de::Error::custom)?;
-        Ok(config)
-    }
-}
-
 impl Config {
     fn pin(&self) -> anyhow::Result<Option<Digest>> {
-        self.digest.as_deref().map(Digest::parse).transpose().map_err(|error| anyhow!(error))
+        Ok(self.digest.as_deref().map(Digest::parse).transpose().map_err(|message| Invalid::new("digest", message))?)
     }
+}
 
-    /// Checks what serde cannot: exactly one source, and well-formed names and digests.
-    pub fn validate(&self) -> Result<(), String> {
-        let sources = [self.url.is_some(), self.hf.is_some(), self.path.is_some()];
-        match sources.iter().filter(|set| **set).count() {
-            1 => {}
-            0 => return Err("a download needs one of `url`, `hf` or `path`".into()),
-            _ => return Err("a download takes only one of `url`, `hf` and `path`".into()),
-        }
-        if let Some(url) = &self.url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(format!("`url` must start with `http://` or `https://`: `{url}`"));
-        }
-        if let Some(digest) = &self.digest {
-            Digest::parse(digest)?;
-        }
-        if let Some(filename) = &self.filename {
-            check_file_name(filename)?;
-        }
-        if let Some(hub) = &self.hf {
-            if self.filename.is_some() || self.digest.is_some() {
-                return Err("`filename` and `digest` apply to `url` and `path`, not to `hf`".into());
-            }
-            if hub.repo.split('/').filter(|part| !part.is_empty()).count() != 2 {
-                return Err(format!("`hf.repo` must be `owner/name`, not `{}`", hub.repo));
-            }
-            if hub.files.is_empty() {
-                return Err("`hf.files` must list at least one file or pattern".into());
-            }
-            for file in &hub.files {
-                check_relative(file).map_err(|error| format!("`hf.files`: {error}"))?;
-                if hub::is_pattern(file) {
-                    hub::pattern(file).map_err(|error| format!("`hf.files`: {error}"))?;
-                }
-            }
-        }
-        Ok(())
+/// What serde cannot check: exactly one source, and well-formed URLs, names, digests and
+/// patterns.
+pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
+    let sources = [config.url.is_some(), config.hf.is_some(), config.path.is_some()];
+    match sources.iter().filter(|set| **set).count() {
+        1 => {}
+        0 => return Err(Invalid::new("", "a download needs one of `url`, `hf` or `path`")),
+        _ => return Err(Invalid::new("", "a download takes only one of `url`, `hf` and `path`")),
     }
+    if let Some(url) = &config.url {
+        ensure(url.starts_with("http://") || url.starts_with("https://"), "url", || {
+            format!("must start with `http://` or `https://`, not `{url}`")
+        })?;
+    }
+    if let Some(digest) = &config.digest {
+        Digest::parse(digest).map_err(|message| Invalid::new("digest", message))?;
+    }
+    if let Some(filename) = &config.filename {
+        check_file_name(filename).map_err(|message| Invalid::new("filename", message))?;
+    }
+    if let Some(hub) = &config.hf {
+        if config.filename.is_some() || config.digest.is_some() {
+            let key = if config.filename.is_some() { "filename" } else { "digest" };
+            return Err(Invalid::new(key, "applies to `url` and `path`, not to `hf`"));
+        }
+        ensure(hub.repo.split('/').filter(|part| !part.is_empty()).count() == 2, "hf", || {
+            format!("`repo` must be `owner/name`, not `{}`", hub.repo)
+        })?;
+        ensure(!hub.files.is_empty(), "hf", || "`files` must list at least one file or pattern".to_string())?;
+        for file in &hub.files {
+            check_relative(file).map_err(|message| Invalid::new("hf", format!("`files`: {message}")))?;
+            if hub::is_pattern(file) {
+                hub::pattern(file).map_err(|message| Invalid::new("hf", format!("`files`: {message}")))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The local files and folders whose content the engine hashes into the key: the `path`.
@@ -153,17 +138,18 @@ pub(crate) fn run_with(
     ctx: &Context,
     hub_env: &dyn Fn() -> anyhow::Result<HubEnv>,
 ) -> anyhow::Result<Report> {
-    config.validate().map_err(|error| anyhow!(error).context(format!("invalid params for stage `{}`", ctx.stage)))?;
+    check(config, &Upstream::none())?;
     fs_err::create_dir_all(&ctx.out)?;
     let retry = Retry { retries: config.retries, backoff: Duration::from_millis(config.backoff_ms) };
     if let Some(url) = &config.url {
         download_url(url, config, retry, ctx)
     } else if let Some(hub) = &config.hf {
-        hub::download(hub, retry, &hub_env()?, ctx)
+        let (files, bytes, summary) = hub::download(hub, retry, &hub_env()?, &ctx.stage, &ctx.out)?;
+        Ok(report(summary, bytes, files, None))
     } else if let Some(path) = &config.path {
         copy_path(path, config, ctx)
     } else {
-        unreachable!("validate checked that one source is set")
+        unreachable!("check made sure that one source is set")
     }
 }
 
@@ -226,11 +212,11 @@ impl Digest {
             Some(("blake3", hex)) => (Algorithm::Blake3, hex),
             Some(("sha256", hex)) => (Algorithm::Sha256, hex),
             _ => {
-                return Err(format!("`digest` must be `blake3:<hex>` or `sha256:<hex>`, not `{text}`"));
+                return Err(format!("must be `blake3:<hex>` or `sha256:<hex>`, not `{text}`"));
             }
         };
         if hex.len() != 64 || !hex.bytes().all(|byte| byte.is_ascii_hexdigit()) {
-            return Err(format!("`digest` `{text}` must have 64 hex digits after the `:`"));
+            return Err(format!("must have 64 hex digits after the `:`, not `{text}`"));
         }
         Ok(Digest { algorithm, hex: hex.to_ascii_lowercase() })
     }
@@ -240,7 +226,7 @@ impl Digest {
     fn of_file(pin: Option<&Digest>, path: &Path) -> anyhow::Result<Digest> {
         let algorithm = pin.map_or(Algorithm::Blake3, |pin| pin.algorithm);
         let hex = match algorithm {
-            Algorithm::Blake3 => crate::digest::blake3_file(path)?,
+            Algorithm::Blake3 => crate::fetch::digest::blake3_file(path)?,
             Algorithm::Sha256 => {
                 use sha2::Digest as _;
                 let mut hasher = sha2::Sha256::new();
@@ -336,17 +322,7 @@ pub(crate) fn report(summary: String, bytes: u64, files: u64, digest: Option<Str
 /// A single path segment that is safe to create in `$OUT`.
 fn check_file_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\\']) {
-        return Err(format!("`filename` must be a plain file name, not `{name}`"));
-    }
-    Ok(())
-}
-
-/// A relative path that stays inside `$OUT`.
-pub(crate) fn check_relative(path: &str) -> Result<(), String> {
-    let inside =
-        !path.is_empty() && Path::new(path).components().all(|component| matches!(component, Component::Normal(_)));
-    if !inside {
-        return Err(format!("`{path}` must be a relative path inside the repo"));
+        return Err(format!("must be a plain file name, not `{name}`"));
     }
     Ok(())
 }
@@ -354,7 +330,7 @@ pub(crate) fn check_relative(path: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_server::{Route, Server};
+    use nanoflow_test_support::{Route, Server};
 
     fn context(dir: &Path) -> Context {
         Context::for_test(dir, "text")
@@ -547,22 +523,30 @@ mod tests {
     }
 
     #[test]
-    fn params_are_checked_when_read() {
+    fn params_are_checked_before_running() {
         let parse = |json: serde_json::Value| serde_json::from_value::<Config>(json).map_err(|e| e.to_string());
-        assert_eq!(parse(serde_json::json!({})).unwrap_err(), "a download needs one of `url`, `hf` or `path`");
+        let check =
+            |json: serde_json::Value| check(&parse(json).unwrap(), &Upstream::none()).map_err(|e| e.to_string());
+        assert_eq!(check(serde_json::json!({})).unwrap_err(), "a download needs one of `url`, `hf` or `path`");
         assert_eq!(
-            parse(serde_json::json!({"url": "https://a/b", "path": "x"})).unwrap_err(),
+            check(serde_json::json!({"url": "https://a/b", "path": "x"})).unwrap_err(),
             "a download takes only one of `url`, `hf` and `path`"
         );
-        assert!(parse(serde_json::json!({"url": "ftp://a/b"})).unwrap_err().contains("`http://`"));
-        assert!(parse(serde_json::json!({"url": "https://a/b", "digest": "md5:00"})).unwrap_err().contains("`blake3:"));
+        assert_eq!(
+            check(serde_json::json!({"url": "ftp://a/b"})).unwrap_err(),
+            "`url` must start with `http://` or `https://`, not `ftp://a/b`"
+        );
+        assert_eq!(
+            check(serde_json::json!({"url": "https://a/b", "digest": "md5:00"})).unwrap_err(),
+            "`digest` must be `blake3:<hex>` or `sha256:<hex>`, not `md5:00`"
+        );
         assert!(
             parse(serde_json::json!({"url": "https://a/b", "retry": 3})).unwrap_err().contains("unknown field `retry`")
         );
-        assert!(parse(serde_json::json!({"hf": {"repo": "gpt2", "files": ["a"]}})).unwrap_err().contains("owner/name"));
-        assert!(parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["../x"]}})).unwrap_err().contains("inside"));
-        assert!(parse(serde_json::json!({"hf": {"repo": "a/b"}})).unwrap_err().contains("at least one"));
-        assert!(parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["[a"]}})).unwrap_err().contains("pattern"));
+        assert!(check(serde_json::json!({"hf": {"repo": "gpt2", "files": ["a"]}})).unwrap_err().contains("owner/name"));
+        assert!(check(serde_json::json!({"hf": {"repo": "a/b", "files": ["../x"]}})).unwrap_err().contains("inside"));
+        assert!(check(serde_json::json!({"hf": {"repo": "a/b"}})).unwrap_err().contains("at least one"));
+        assert!(check(serde_json::json!({"hf": {"repo": "a/b", "files": ["[a"]}})).unwrap_err().contains("pattern"));
 
         // Defaults are filled in, unset options stay out of the serialized form (and the key).
         let config = parse(serde_json::json!({"hf": {"repo": "a/b", "files": ["x"]}})).unwrap();

@@ -15,17 +15,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context as _, bail, ensure};
-use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
+use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray};
 use candle_core::{D, DType, Device, Tensor};
-use parquet::arrow::ArrowWriter;
 use serde::{Deserialize, Serialize};
 
-use crate::gpt::{self, GptConfig};
-use crate::model::{self, Model};
-use crate::shard::TokenSplit;
-use crate::tokenizer::Tokenizer;
-use crate::train::{Rng, get_batch};
-use crate::{Context, Progress, Report, Unit};
+use crate::formats::meta::Meta;
+use crate::formats::shard::TokenSplit;
+use crate::formats::tokenizer::Tokenizer;
+use crate::gpt::source::{self, Model};
+use crate::gpt::{GptConfig, Rng, batches};
+use crate::{Context, Invalid, Progress, Report, Unit, Upstream, at_least_one, ensure};
 
 pub const VERSION: u32 = 1;
 
@@ -97,17 +96,35 @@ pub struct Row {
     pub hellaswag_examples: Option<i64>,
 }
 
-pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
-    ensure!(
-        !config.models.is_empty(),
-        "`models` is required: a list of gpt2 ... gpt2-xl, train stage outputs (`${{stage}}`) or Hugging Face GPT-2 folders"
-    );
-    ensure!(
-        !config.data.is_empty() || !config.hellaswag.is_empty(),
+/// Everything pipeline.yaml decides, before anything runs.
+pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
+    if config.models.is_empty() {
+        return Err(Invalid::required("models", format!("a list of models, each {}", source::FORMS)));
+    }
+    for (i, model) in config.models.iter().enumerate() {
+        source::check(&format!("models[{i}]"), model, upstream)?;
+    }
+    ensure(!config.data.is_empty() || !config.hellaswag.is_empty(), "", || {
         "nothing to measure: set `data` (a tokenize stage's output) for losses, `hellaswag` for HellaSwag, or both"
-    );
-    ensure!(config.eval_iters > 0 && config.batch_size > 0, "`eval_iters` and `batch_size` must be at least 1");
-    let device = crate::device::by_name(&config.device)?;
+            .to_string()
+    })?;
+    upstream.expect("data", &config.data, &["tokenize", "command"], "a tokenize stage's output")?;
+    upstream.expect(
+        "hellaswag",
+        &config.hellaswag,
+        &["download", "command"],
+        "HellaSwag's jsonl (a download stage's output)",
+    )?;
+    at_least_one("eval_iters", config.eval_iters)?;
+    at_least_one("batch_size", config.batch_size)?;
+    if let Some(block_size) = config.block_size {
+        at_least_one("block_size", block_size)?;
+    }
+    crate::gpt::device::check_name(&config.device).map_err(|message| Invalid::new("device", message))
+}
+
+pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
+    let device = crate::gpt::device::by_name(&config.device)?;
     let data = match config.data.is_empty() {
         true => None,
         false => Some(Data::open(&ctx.root.join(&config.data)).context("`data`")?),
@@ -119,7 +136,7 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
 
     let mut rows = Vec::new();
     for (i, spec) in config.models.iter().enumerate() {
-        let model = model::load(spec, &ctx.root, &device).with_context(|| format!("`models[{i}]`"))?;
+        let model = source::load(spec, &ctx.root, &device).with_context(|| format!("`models[{i}]`"))?;
         eprintln!("evaluating {}", model.description);
         let mut row =
             Row { model: spec_name(spec), params: model.gpt.config.num_params(true) as i64, ..Row::default() };
@@ -187,17 +204,11 @@ struct Data {
 
 impl Data {
     fn open(dir: &Path) -> anyhow::Result<Data> {
-        let meta_path = dir.join("meta.json");
-        let meta: serde_json::Value = serde_json::from_str(
-            &fs_err::read_to_string(&meta_path).context("must be a tokenize stage's output (it has no meta.json)")?,
-        )
-        .with_context(|| format!("`{}` is not JSON", meta_path.display()))?;
-        let vocab_size =
-            meta["vocab_size"].as_u64().with_context(|| format!("`{}` has no `vocab_size`", meta_path.display()))?;
+        let meta = Meta::read(dir)?;
         Ok(Data {
             dir: dir.to_path_buf(),
             tokenizer: Tokenizer::from_meta(&meta).ok(),
-            vocab_size: vocab_size as usize,
+            vocab_size: meta.vocab_size,
             train: TokenSplit::open(dir, "train")?,
             val: TokenSplit::open(dir, "val")?,
         })
@@ -209,7 +220,7 @@ impl Data {
         if let (Some(ours), Some(theirs)) = (&self.tokenizer, &model.tokenizer)
             && ours.name() != theirs.name()
         {
-            bail!("the data is tokenized with `{}`, the model with `{}`", ours.name(), theirs.name());
+            bail!("the data is tokenized with `{}`, the model with `{}`", ours.name().as_str(), theirs.name().as_str());
         }
         ensure!(
             self.vocab_size <= gpt.config.vocab_size,
@@ -234,15 +245,17 @@ impl Data {
             );
             let mut rng = Rng::new(config.seed ^ (split as u64) << 32);
             let mut progress = Progress::new(format!("{name} loss"), Unit::Items, Some(config.eval_iters as u64));
-            let mut sum = 0.0;
-            for _ in 0..config.eval_iters {
-                let (x, y) = get_batch(data, &mut rng, config.batch_size, block_size, device)?;
-                let logits = gpt.forward(&x, false)?;
-                sum += gpt::cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                progress.inc(1);
-            }
+            *mean = batches::mean_loss(
+                gpt,
+                data,
+                &mut rng,
+                config.eval_iters,
+                config.batch_size,
+                block_size,
+                device,
+                &mut || progress.inc(1),
+            )?;
             progress.finish();
-            *mean = sum / config.eval_iters as f64;
         }
         Ok(out)
     }
@@ -374,12 +387,7 @@ fn write_parquet(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
         ("hellaswag_acc_norm", float(|row| row.hellaswag_acc_norm), true),
         ("hellaswag_examples", Arc::new(rows.iter().map(|row| row.hellaswag_examples).collect::<Int64Array>()), true),
     ];
-    let batch = RecordBatch::try_from_iter_with_nullable(columns)?;
-    let file = fs_err::File::create(path)?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), None)?;
-    writer.write(&batch).with_context(|| format!("could not write `{}`", path.display()))?;
-    writer.close().with_context(|| format!("could not write `{}`", path.display()))?;
-    Ok(())
+    crate::formats::table::write(path, columns)
 }
 
 /// The table of nanoGPT's README (model, params, train loss, val loss), plus HellaSwag columns
@@ -485,7 +493,7 @@ mod tests {
         assert!(losses[1] < losses[0] - 0.3, "{table}");
 
         // HellaSwag scores, checked against the losses of each ending computed one at a time.
-        let model = model::load(&trained.out.display().to_string(), dir.path(), &Device::Cpu)?;
+        let model = source::load(&trained.out.display().to_string(), dir.path(), &Device::Cpu)?;
         let tokenizer = model.tokenizer()?;
         let example = &hellaswag_examples(&hellaswag, 1)?[0];
         let batched = ending_losses(&model, tokenizer, example, &Device::Cpu)?;

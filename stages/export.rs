@@ -13,8 +13,8 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::gpt::GptConfig;
-use crate::model;
-use crate::{Context, Report};
+use crate::gpt::source;
+use crate::{Context, Invalid, Report, Upstream};
 
 pub const VERSION: u32 = 1;
 
@@ -37,12 +37,13 @@ pub fn local_inputs(config: &Config) -> Vec<String> {
     }
 }
 
+/// Everything pipeline.yaml decides, before anything runs.
+pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
+    source::check("model", &config.model, upstream)
+}
+
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
-    anyhow::ensure!(
-        !config.model.is_empty(),
-        "`model` is required: a train stage's output (`${{stage}}`), a Hugging Face GPT-2 folder, or gpt2 ... gpt2-xl"
-    );
-    let model = model::load(&config.model, &ctx.root, &Device::Cpu).context("`model`")?;
+    let model = source::load(&config.model, &ctx.root, &Device::Cpu).context("`model`")?;
     model.gpt.save_hf(&model.varmap, &ctx.out)?;
     let mut files = vec!["model.safetensors", "config.json"];
     match &model.tokenizer {
@@ -51,7 +52,7 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     }
     eprintln!("exported {} as {}", model.description, files.join(", "));
     let config = &model.gpt.config;
-    let tokenizer = model.tokenizer.as_ref().map_or("no", |tokenizer| tokenizer.name());
+    let tokenizer = model.tokenizer.as_ref().map_or("no", |tokenizer| tokenizer.name().as_str());
     let mut report = Report {
         summary: format!(
             "Hugging Face GPT-2, {:.2}M parameters, {} layers x {} wide, {tokenizer} tokenizer",
@@ -85,12 +86,12 @@ mod tests {
         crate::train::run(&crate::train::Config { max_iters: 4, ..test_support::tiny(data) }, &trained)?;
         let ctx = Context::for_test(&dir.path().join("export"), "export");
         run(&Config { model: trained.out.display().to_string() }, &ctx)?;
-        for file in ["model.safetensors", "config.json", crate::tokenizer::CHAR_VOCAB] {
+        for file in ["model.safetensors", "config.json", crate::formats::tokenizer::CHAR_VOCAB] {
             assert!(ctx.out.join(file).exists(), "{file}");
         }
 
-        let original = model::load(&trained.out.display().to_string(), dir.path(), &Device::Cpu)?;
-        let exported = model::load(&ctx.out.display().to_string(), dir.path(), &Device::Cpu)?;
+        let original = source::load(&trained.out.display().to_string(), dir.path(), &Device::Cpu)?;
+        let exported = source::load(&ctx.out.display().to_string(), dir.path(), &Device::Cpu)?;
         assert!(!original.gpt.config.bias && exported.gpt.config.bias, "zero biases were added");
         let idx = Tensor::new(&[[1u32, 5, 9, 13, 2, 7], [0, 3, 3, 8, 20, 31]], &Device::Cpu)?;
         let diff = max_abs_diff(&original.gpt.forward(&idx, false)?, &exported.gpt.forward(&idx, false)?);
@@ -100,7 +101,7 @@ mod tests {
 
         let again = Context::for_test(&dir.path().join("again"), "export");
         run(&Config { model: ctx.out.display().to_string() }, &again)?;
-        for file in ["config.json", crate::tokenizer::CHAR_VOCAB] {
+        for file in ["config.json", crate::formats::tokenizer::CHAR_VOCAB] {
             assert_eq!(fs_err::read(ctx.out.join(file))?, fs_err::read(again.out.join(file))?, "{file}");
         }
         Ok(())
@@ -116,7 +117,7 @@ mod tests {
         let reference =
             candle_core::safetensors::load(fixtures.join("tiny-export-reference.safetensors"), &Device::Cpu)?;
         let idx = reference["idx"].to_dtype(candle_core::DType::U32)?;
-        let model = model::load(&export.display().to_string(), &fixtures, &Device::Cpu)?;
+        let model = source::load(&export.display().to_string(), &fixtures, &Device::Cpu)?;
         let logits = model.gpt.forward(&idx, false)?;
         assert_eq!(logits.dims(), reference["logits"].dims());
         let diff = max_abs_diff(&logits, &reference["logits"]);
@@ -125,7 +126,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let ctx = Context::for_test(dir.path(), "export");
         run(&Config { model: export.display().to_string() }, &ctx)?;
-        for file in ["config.json", crate::tokenizer::CHAR_VOCAB] {
+        for file in ["config.json", crate::formats::tokenizer::CHAR_VOCAB] {
             assert_eq!(
                 fs_err::read_to_string(export.join(file))?,
                 fs_err::read_to_string(ctx.out.join(file))?,

@@ -1,38 +1,35 @@
 //! The stage kinds: what each `kind:` of pipeline.yaml does, and nothing about DAGs, keys or the
 //! store (that is the engine's half, in `src/`).
 //!
-//! Every kind is a module with a `Config` (a serde struct with `deny_unknown_fields`, its
-//! defaults in one place), a `VERSION` that enters the content key, and
+//! Every kind is a file at the top of this crate (the file name is what `kind:` says) with a
+//! `Config` (a serde struct with `deny_unknown_fields`, its defaults in one place), a `VERSION`
+//! that enters the content key, `check(&Config, &Upstream) -> Result<(), Invalid>` (everything
+//! `pipeline.yaml` decides: the engine calls it for every stage before anything runs, so a bad
+//! param exits 2 instead of failing after hours of upstream work) and
 //! `run(&Config, &Context) -> anyhow::Result<Report>`. The engine calls `run` in a child process
-//! with an output directory that only becomes visible once `run` returns `Ok`.
+//! with an output directory that only becomes visible once `run` returns `Ok`, and with a config
+//! that `check` passed.
+//!
+//! What the kinds use sits in folders beside them, and depends on no kind: `gpt/` (the model and
+//! everything that touches tensors: the only place that imports candle), `formats/` (token
+//! shards, meta.json, BPE, tokenizers, the training record) and `fetch/` (HTTP, the Hub,
+//! digests).
 
-pub mod bench;
-pub mod bpe;
-pub mod checkpoint;
+// The kinds, one file each: the file name is what `kind:` says.
 pub mod command;
-pub mod device;
-pub mod digest;
-pub mod dist;
 pub mod download;
 pub mod eval;
 pub mod export;
 pub mod finetune;
-pub mod gpt;
-mod http;
-mod hub;
-pub mod metrics;
-pub mod model;
-pub mod ops;
-pub mod optim;
-pub mod progress;
 pub mod sample;
-pub mod shard;
-/// Test support: a local HTTP server for the download and Hub tests (also the CLI's).
-#[doc(hidden)]
-pub mod test_server;
 pub mod tokenize;
-pub mod tokenizer;
 pub mod train;
+
+// What the kinds use.
+pub mod fetch;
+pub mod formats;
+pub mod gpt;
+pub mod progress;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -60,6 +57,83 @@ impl Context {
         let out = dir.join("out");
         fs_err::create_dir_all(&out).expect("a test output directory");
         Context { stage: stage.into(), root: dir.to_path_buf(), out, inputs: BTreeMap::new() }
+    }
+}
+
+/// A param no run could use, found by a kind's `check`: the key (empty when no one key is to
+/// blame) and what is wrong with it, as a lowercase phrase that follows the key's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub key: String,
+    pub message: String,
+    /// The key is required and absent (or empty); `message` says what it should be.
+    pub required: bool,
+}
+
+impl Invalid {
+    pub fn new(key: &str, message: impl Into<String>) -> Invalid {
+        Invalid { key: key.to_string(), message: message.into(), required: false }
+    }
+
+    /// `key` must be given: `what` it is, e.g. "a tokenize stage's output, e.g. `data: ${tokens}`".
+    pub fn required(key: &str, what: impl Into<String>) -> Invalid {
+        Invalid { key: key.to_string(), message: what.into(), required: true }
+    }
+}
+
+/// `key` must be given (`value` not empty): `what` says what it is.
+pub fn required(key: &str, value: &str, what: impl FnOnce() -> String) -> Result<(), Invalid> {
+    if value.is_empty() { Err(Invalid::required(key, what())) } else { Ok(()) }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.key.as_str(), self.required) {
+            ("", _) => f.write_str(&self.message),
+            (key, true) => write!(f, "`{key}` is required: {}", self.message),
+            (key, false) => write!(f, "`{key}` {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// `Err(Invalid)` unless `condition` holds.
+pub fn ensure(condition: bool, key: &str, message: impl FnOnce() -> String) -> Result<(), Invalid> {
+    if condition { Ok(()) } else { Err(Invalid::new(key, message())) }
+}
+
+/// `key` must be at least 1.
+pub fn at_least_one(key: &str, value: usize) -> Result<(), Invalid> {
+    ensure(value >= 1, key, || "must be at least 1, not 0".to_string())
+}
+
+/// What `check` may know of the rest of the pipeline: which kind of stage a `${stage}` param
+/// names.
+pub struct Upstream<'a> {
+    kind_of: &'a dyn Fn(&str) -> Option<&'static str>,
+}
+
+impl<'a> Upstream<'a> {
+    /// `kind_of(value)`: the kind of the stage whose output `value` is a path in, if it is one.
+    pub fn new(kind_of: &'a dyn Fn(&str) -> Option<&'static str>) -> Upstream<'a> {
+        Upstream { kind_of }
+    }
+
+    /// No stage references anything (unit tests, `nanoflow sample`).
+    pub fn none() -> Upstream<'static> {
+        Upstream { kind_of: &|_| None }
+    }
+
+    /// When `value` (param `key`) names a stage's output, that stage must be of one of `kinds`:
+    /// `what` says what the param wants, e.g. "a tokenize stage's output".
+    pub fn expect(&self, key: &str, value: &str, kinds: &[&str], what: &str) -> Result<(), Invalid> {
+        match (self.kind_of)(value) {
+            Some(kind) if !kinds.contains(&kind) => {
+                Err(Invalid::new(key, format!("must be {what}, but `{value}` is the output of a {kind} stage")))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -10,10 +10,10 @@ use anyhow::{Context as _, ensure};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
+use crate::formats::tokenizer::Utf8Stream;
+use crate::gpt::source;
 use crate::gpt::{GptConfig, Rng, Sampling};
-use crate::model;
-use crate::tokenizer::Utf8Stream;
-use crate::{Context, Report};
+use crate::{Context, Invalid, Report, Upstream, at_least_one, ensure};
 
 pub const VERSION: u32 = 1;
 
@@ -89,6 +89,18 @@ pub struct Samples {
     pub seconds: f64,
 }
 
+/// Everything pipeline.yaml decides, before anything runs.
+pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
+    crate::gpt::source::check("model", &config.model, upstream)?;
+    ensure(!config.start.is_empty(), "start", || "is empty: the model needs at least one token to continue".into())?;
+    at_least_one("num_samples", config.num_samples)?;
+    at_least_one("max_new_tokens", config.max_new_tokens)?;
+    ensure(config.temperature.is_finite() && config.temperature >= 0.0, "temperature", || {
+        format!("must be 0 (greedy) or more, not {}", config.temperature)
+    })?;
+    crate::gpt::device::check_name(&config.device).map_err(|message| Invalid::new("device", message))
+}
+
 /// Something to show while sampling: a piece of a sample's text, or the end of one.
 pub enum Event<'a> {
     Text(&'a str),
@@ -97,13 +109,9 @@ pub enum Event<'a> {
 
 /// Draws the samples, calling `on_event` as text comes. Relative paths resolve against `root`.
 pub fn generate(config: &Config, root: &Path, on_event: &mut dyn FnMut(Event)) -> anyhow::Result<Samples> {
-    ensure!(
-        !config.model.is_empty(),
-        "`model` is required: a train stage's output (`${{stage}}`), a Hugging Face GPT-2 folder, or gpt2 ... gpt2-xl"
-    );
-    ensure!(config.temperature.is_finite() && config.temperature >= 0.0, "`temperature` must be at least 0");
-    let device = crate::device::by_name(&config.device)?;
-    let model = model::load(&config.model, root, &device).context("`model`")?;
+    check(config, &Upstream::none())?;
+    let device = crate::gpt::device::by_name(&config.device)?;
+    let model = source::load(&config.model, root, &device).context("`model`")?;
     let tokenizer = model.tokenizer()?;
     let prompt = match config.start.strip_prefix("FILE:") {
         Some(path) => fs_err::read_to_string(root.join(path)).context("`start`")?,

@@ -15,9 +15,11 @@ use anyhow::{Context as _, bail, ensure};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::bpe::{self, Bpe};
-use crate::shard::{self, ShardWriter};
-use crate::{Context, Progress, Report, Unit};
+use crate::formats::bpe;
+use crate::formats::meta::{Meta, ShardFormat, Source, TokenizerName};
+use crate::formats::shard::{self, ShardWriter};
+use crate::formats::tokenizer::{CharVocab, Tokenizer};
+use crate::{Context, Invalid, Progress, Report, Unit, Upstream, ensure, required};
 
 /// Bumped when the same params would give different tokens or files.
 pub const VERSION: u32 = 1;
@@ -28,11 +30,8 @@ pub const NON_SEMANTIC: &[&str] = &["threads"];
 /// Tokenizing again from the start is cheap next to keeping partial shards consistent.
 pub const RESUMABLE: bool = false;
 
-/// `#[serde(remote = "Self")]` derives inherent (de)serialize functions that the trait impls
-/// below wrap, so that a missing `input` or a contradictory split is rejected while the pipeline
-/// is read (exit code 2, nothing ran), not when the stage runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(remote = "Self", deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The text to tokenize: a file, or a folder whose files are read in sorted path order
     /// (hidden files skipped). Required; usually `${download-stage}`.
@@ -46,7 +45,7 @@ pub struct Config {
     pub field: String,
     /// `gpt2` (tiktoken's GPT-2 BPE, `<|endoftext|>` after each document) or `char` (one token
     /// per character; the vocabulary goes into meta.json). Default `gpt2`, what GPT-2 models use.
-    pub tokenizer: Tokenizer,
+    pub tokenizer: TokenizerName,
     /// The fraction of the token stream, taken from its end, that becomes the `val` split.
     /// Unset: 0.1 (nanoGPT's 90/10), or 0 when `val_input` is given. The split point is
     /// `floor(tokens * (1 - val_fraction))`, which for `char` is exactly where nanoGPT's
@@ -67,7 +66,7 @@ impl Default for Config {
             input: String::new(),
             format: Format::Auto,
             field: "text".into(),
-            tokenizer: Tokenizer::Gpt2,
+            tokenizer: TokenizerName::Gpt2,
             val_fraction: None,
             val_input: None,
             shard_tokens: 100_000_000,
@@ -85,52 +84,35 @@ pub enum Format {
     Parquet,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Tokenizer {
-    Char,
-    Gpt2,
-}
-
 /// Text is read and encoded this many bytes at a time: big enough to keep every core busy,
 /// small enough that memory stays flat.
 const BATCH_BYTES: usize = 16 << 20;
 /// A long document splits into chunks of about this size so that its pieces encode in parallel.
 const CHUNK_BYTES: usize = 64 << 10;
 
-impl<'de> Deserialize<'de> for Config {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Config, D::Error> {
-        let config = Config::deserialize(deserializer)?;
-        if config.input.is_empty() {
-            return Err(serde::de::Error::missing_field("input"));
-        }
-        config.val_fraction().map_err(serde::de::Error::custom)?;
-        Ok(config)
-    }
-}
-
-impl Serialize for Config {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        Config::serialize(self, serializer)
-    }
-}
-
 impl Config {
     /// The fraction of the stream that goes to `val`, from `val_fraction` and `val_input`.
-    fn val_fraction(&self) -> Result<f64, String> {
+    fn val_fraction(&self) -> Result<f64, Invalid> {
         let fraction = match (self.val_fraction, &self.val_input) {
             (Some(_), Some(_)) => {
-                return Err("`val_fraction` and `val_input` both choose the val split: set one".into());
+                return Err(Invalid::new("val_fraction", "and `val_input` both choose the val split: set one"));
             }
             (Some(fraction), None) => fraction,
             (None, Some(_)) => 0.0,
             (None, None) => 0.1,
         };
-        if !(0.0..1.0).contains(&fraction) {
-            return Err(format!("`val_fraction` must be at least 0 and below 1, not {fraction}"));
-        }
+        ensure((0.0..1.0).contains(&fraction), "val_fraction", || {
+            format!("must be at least 0 and below 1, not {fraction}")
+        })?;
         Ok(fraction)
     }
+}
+
+/// Everything pipeline.yaml decides, before anything runs.
+pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
+    required("input", &config.input, || "the text to tokenize: a file, a folder or `${download-stage}`".to_string())?;
+    config.val_fraction()?;
+    ensure(config.shard_tokens >= 1, "shard_tokens", || "must be at least 1, not 0".to_string())
 }
 
 /// `input` and `val_input` when they name local files rather than `${stage}` outputs (the
@@ -140,7 +122,7 @@ pub fn local_inputs(config: &Config) -> Vec<String> {
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
-    let val_fraction = config.val_fraction().map_err(anyhow::Error::msg)?;
+    let val_fraction = config.val_fraction()?;
     let pool = rayon::ThreadPoolBuilder::new().num_threads(config.threads).build()?;
 
     let train_files = list_files(&ctx.root.join(&config.input), config.format)?;
@@ -148,18 +130,18 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
         Some(val_input) => list_files(&ctx.root.join(val_input), config.format)?,
         None => Vec::new(),
     };
-    let encoder = match config.tokenizer {
-        Tokenizer::Gpt2 => Encoder::Gpt2(Bpe::gpt2()),
-        Tokenizer::Char => Encoder::Char(CharVocab::collect(train_files.iter().chain(&val_files), &config.field)?),
+    let tokenizer = match config.tokenizer {
+        TokenizerName::Gpt2 => Tokenizer::Gpt2,
+        TokenizerName::Char => Tokenizer::Char(char_vocab(train_files.iter().chain(&val_files), &config.field)?),
     };
 
     let mut train = ShardWriter::new(&ctx.out, "train", config.shard_tokens)?;
-    pool.install(|| encode_files(&train_files, &config.field, &encoder, &mut train, "tokenize train"))?;
+    pool.install(|| encode_files(&train_files, &config.field, &tokenizer, &mut train, "tokenize train"))?;
     let (train_paths, mut train_tokens) = train.finish()?;
     ensure!(train_tokens > 0, "`input` holds no text to tokenize");
     let mut val = ShardWriter::new(&ctx.out, "val", config.shard_tokens)?;
     if !val_files.is_empty() {
-        pool.install(|| encode_files(&val_files, &config.field, &encoder, &mut val, "tokenize val"))?;
+        pool.install(|| encode_files(&val_files, &config.field, &tokenizer, &mut val, "tokenize val"))?;
     } else if val_fraction > 0.0 {
         let keep = (train_tokens as f64 * (1.0 - val_fraction)).floor() as u64;
         shard::split_off_tail(&train_paths, train_tokens, train_tokens - keep, &mut val)?;
@@ -171,34 +153,34 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     for (split, files) in [("train", &train_files), ("val", &val_files)] {
         for file in files {
             let digest = pool
-                .install(|| crate::digest::blake3_file(&file.path))
+                .install(|| crate::fetch::digest::blake3_file(&file.path))
                 .with_context(|| format!("could not read `{}`", file.path.display()))?;
             let bytes = fs_err::metadata(&file.path)?.len();
-            sources.push(serde_json::json!({
-                "split": split, "path": file.name, "bytes": bytes, "blake3": digest,
-            }));
+            sources.push(Source { blake3: digest, bytes, path: file.name.clone(), split: split.into() });
         }
     }
-    let meta = serde_json::json!({
-        "tokenizer": config.tokenizer,
-        "vocab_size": encoder.vocab_size(),
-        "eot_token": encoder.eot(),
-        "itos": match &encoder { Encoder::Char(vocab) => Some(vocab.itos()), Encoder::Gpt2(_) => None },
-        "shard_format": { "magic": shard::MAGIC, "version": shard::FORMAT_VERSION, "header_bytes": shard::HEADER_BYTES, "dtype": "uint16" },
-        "train_tokens": train_tokens,
-        "val_tokens": val_tokens,
-        "sources": sources,
-    });
-    let meta_path = ctx.out.join("meta.json");
-    fs_err::write(&meta_path, serde_json::to_string_pretty(&meta)? + "\n")?;
+    let meta = Meta {
+        eot_token: tokenizer.end_of_text(),
+        itos: match &tokenizer {
+            Tokenizer::Char(vocab) => Some(vocab.itos()),
+            Tokenizer::Gpt2 => None,
+        },
+        shard_format: ShardFormat::default(),
+        sources,
+        tokenizer: config.tokenizer,
+        train_tokens,
+        val_tokens,
+        vocab_size: tokenizer.vocab_size(),
+    };
+    meta.write(&ctx.out)?;
 
     let mut report = Report {
-        summary: format!("{train_tokens} train tokens, {val_tokens} val tokens, vocab {}", encoder.vocab_size()),
+        summary: format!("{train_tokens} train tokens, {val_tokens} val tokens, vocab {}", tokenizer.vocab_size()),
         ..Report::default()
     };
     report.metrics.insert("train_tokens".into(), train_tokens.into());
     report.metrics.insert("val_tokens".into(), val_tokens.into());
-    report.metrics.insert("vocab_size".into(), encoder.vocab_size().into());
+    report.metrics.insert("vocab_size".into(), tokenizer.vocab_size().into());
     Ok(report)
 }
 
@@ -386,85 +368,19 @@ fn read_parquet(
     Ok(())
 }
 
-/// The tokenizer with what it needs to encode.
-enum Encoder {
-    Gpt2(&'static Bpe),
-    Char(CharVocab),
-}
-
-impl Encoder {
-    fn vocab_size(&self) -> usize {
-        match self {
-            Encoder::Gpt2(_) => bpe::VOCAB_SIZE,
-            Encoder::Char(vocab) => vocab.chars.len(),
-        }
-    }
-
-    fn eot(&self) -> Option<u16> {
-        match self {
-            Encoder::Gpt2(_) => Some(bpe::END_OF_TEXT),
-            Encoder::Char(_) => None,
-        }
-    }
-
-    fn encode(&self, text: &str, end_of_document: bool) -> anyhow::Result<Vec<u16>> {
-        let mut out = Vec::with_capacity(text.len() / 3 + 1);
-        match self {
-            Encoder::Gpt2(bpe) => bpe.encode(text, &mut out),
-            Encoder::Char(vocab) => vocab.encode(text, &mut out)?,
-        }
-        if end_of_document && let Some(eot) = self.eot() {
-            out.push(eot);
-        }
-        Ok(out)
-    }
-}
-
-/// The character vocabulary: sorted distinct characters, as nanoGPT's `sorted(set(data))`.
-struct CharVocab {
-    chars: Vec<char>,
-    /// Token id by code point, `u32::MAX` where absent.
-    ids: Vec<u32>,
-}
-
-impl CharVocab {
-    fn collect<'a>(files: impl Iterator<Item = &'a SourceFile>, field: &str) -> anyhow::Result<CharVocab> {
-        let mut seen = vec![false; 0x110000];
-        for file in files {
-            read_documents(file, field, &mut |text, _| {
-                for c in text.chars() {
-                    seen[c as usize] = true;
-                }
-                Ok(())
-            })?;
-        }
-        let chars: Vec<char> =
-            (0..0x110000u32).filter(|&code| seen[code as usize]).filter_map(char::from_u32).collect();
-        ensure!(
-            chars.len() <= 1 << 16,
-            "the input has {} distinct characters; token ids must fit uint16 (65536)",
-            chars.len()
-        );
-        let mut ids = vec![u32::MAX; chars.last().map_or(0, |&c| c as usize + 1)];
-        for (id, &c) in chars.iter().enumerate() {
-            ids[c as usize] = id as u32;
-        }
-        Ok(CharVocab { chars, ids })
-    }
-
-    fn encode(&self, text: &str, out: &mut Vec<u16>) -> anyhow::Result<()> {
-        for c in text.chars() {
-            match self.ids.get(c as usize) {
-                Some(&id) if id != u32::MAX => out.push(id as u16),
-                _ => bail!("character {c:?} is not in the vocabulary"),
+/// The character vocabulary of `files`: their sorted distinct characters, as nanoGPT's
+/// `sorted(set(data))`.
+fn char_vocab<'a>(files: impl Iterator<Item = &'a SourceFile>, field: &str) -> anyhow::Result<CharVocab> {
+    let mut seen = vec![false; 0x110000];
+    for file in files {
+        read_documents(file, field, &mut |text, _| {
+            for c in text.chars() {
+                seen[c as usize] = true;
             }
-        }
-        Ok(())
+            Ok(())
+        })?;
     }
-
-    fn itos(&self) -> Vec<String> {
-        self.chars.iter().map(|c| c.to_string()).collect()
-    }
+    CharVocab::new((0..0x110000u32).filter(|&code| seen[code as usize]).filter_map(char::from_u32).collect())
 }
 
 /// Encodes every document of `files` into `writer`. A reader thread cuts the documents into
@@ -474,7 +390,7 @@ impl CharVocab {
 fn encode_files(
     files: &[SourceFile],
     field: &str,
-    encoder: &Encoder,
+    tokenizer: &Tokenizer,
     writer: &mut ShardWriter,
     label: &str,
 ) -> anyhow::Result<()> {
@@ -501,7 +417,7 @@ fn encode_files(
         });
         let mut encoded = Ok(());
         for batch in &receiver {
-            encoded = encode_batch(&batch, encoder, writer);
+            encoded = encode_batch(&batch, tokenizer, writer);
             if encoded.is_err() {
                 break;
             }
@@ -515,7 +431,7 @@ fn encode_files(
     Ok(())
 }
 
-fn encode_batch(batch: &[(String, bool)], encoder: &Encoder, writer: &mut ShardWriter) -> anyhow::Result<()> {
+fn encode_batch(batch: &[(String, bool)], tokenizer: &Tokenizer, writer: &mut ShardWriter) -> anyhow::Result<()> {
     let tasks: Vec<(&str, bool)> = batch
         .iter()
         .flat_map(|(text, end)| {
@@ -524,8 +440,13 @@ fn encode_batch(batch: &[(String, bool)], encoder: &Encoder, writer: &mut ShardW
             parts.into_iter().enumerate().map(move |(i, part)| (part, *end && i == last))
         })
         .collect();
-    let encoded: Vec<Vec<u16>> =
-        tasks.par_iter().map(|&(text, end)| encoder.encode(text, end)).collect::<anyhow::Result<_>>()?;
+    let encode = |&(text, end): &(&str, bool)| -> anyhow::Result<Vec<u16>> {
+        let mut out = Vec::with_capacity(text.len() / 3 + 1);
+        tokenizer.encode_into(text, &mut out)?;
+        out.extend(tokenizer.end_of_text().filter(|_| end));
+        Ok(out)
+    };
+    let encoded: Vec<Vec<u16>> = tasks.par_iter().map(encode).collect::<anyhow::Result<_>>()?;
     for tokens in &encoded {
         writer.write(tokens)?;
     }
@@ -535,7 +456,8 @@ fn encode_batch(batch: &[(String, bool)], encoder: &Encoder, writer: &mut ShardW
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shard::TokenSplit;
+    use crate::formats::bpe::Bpe;
+    use crate::formats::shard::TokenSplit;
 
     fn context(dir: &Path) -> Context {
         Context::for_test(dir, "test")
@@ -551,7 +473,7 @@ mod tests {
     }
 
     fn char_config(input: &str) -> Config {
-        Config { input: input.into(), tokenizer: Tokenizer::Char, ..Config::default() }
+        Config { input: input.into(), tokenizer: TokenizerName::Char, ..Config::default() }
     }
 
     #[test]
@@ -732,6 +654,8 @@ mod tests {
         assert!(error.contains("cannot tell the format of"), "{error}");
         let config = Config { val_fraction: Some(0.1), val_input: Some("v.txt".into()), ..char_config("notes.md") };
         assert!(run(&config, &ctx).unwrap_err().to_string().contains("set one"));
+        let error = check(&Config { shard_tokens: 0, ..char_config("notes.md") }, &Upstream::none()).unwrap_err();
+        assert_eq!(error.to_string(), "`shard_tokens` must be at least 1, not 0");
         let unknown = serde_json::from_str::<Config>(r#"{"input": "x", "tokeniser": "char"}"#).unwrap_err().to_string();
         assert!(unknown.contains("unknown field `tokeniser`"), "{unknown}");
     }

@@ -28,14 +28,15 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{self, State};
-use crate::device::A100_BF16_FLOPS;
-use crate::dist::{Machines, World};
-use crate::gpt::{self, Gpt, GptConfig};
-use crate::metrics::{self, Row};
-use crate::optim::{AdamW, AdamWParams, LossScale, Schedule};
-use crate::shard::TokenSplit;
-use crate::{Context, Report};
+use crate::formats::meta::{self, Meta};
+use crate::formats::metrics::{self, Row};
+use crate::formats::shard::TokenSplit;
+use crate::gpt::checkpoint::{self, State};
+use crate::gpt::device::A100_BF16_FLOPS;
+use crate::gpt::dist::{Machines, World};
+use crate::gpt::optim::{AdamW, AdamWParams, LossScale, Schedule};
+use crate::gpt::{self, Gpt, GptConfig, Rng, batches};
+use crate::{Context, Invalid, Report, Upstream, at_least_one, ensure, required};
 
 /// Bumped when the same params would train a different model or write different files.
 pub const VERSION: u32 = 4;
@@ -233,12 +234,12 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
 /// One process, or a world of ranks: `gpus` on this machine times the machines a launcher
 /// started (see `dist`).
 pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Result<Report> {
-    check(config)?;
+    check(config, &Upstream::none())?;
     let machines = Machines::from_env(|name| std::env::var(name).ok())?;
     let local_ranks = match config.gpus {
         Gpus::Count(n) => n,
         Gpus::Auto if config.device == "cpu" => 1,
-        Gpus::Auto => crate::device::gpu_count(),
+        Gpus::Auto => crate::gpt::device::gpu_count(),
     };
     // NANOFLOW_RANK_PROCESSES=1: even one rank runs as a worker process over the collective (on
     // one GPU, NCCL with a world of 1), to check that path where only one GPU is at hand.
@@ -269,7 +270,7 @@ pub struct WorkerSpec {
 /// One rank: `nanoflow __rank`'s body.
 pub fn worker(spec: WorkerSpec) -> anyhow::Result<()> {
     let hooks = Hooks { stop_after: spec.stop_after, ..Hooks::default() };
-    check(&spec.config)?;
+    check(&spec.config, &Upstream::none())?;
     let report = run_rank(&spec.config, &spec.context, &hooks, &spec.world, spec.local_ranks)
         .with_context(|| format!("rank {} of {}", spec.world.rank, spec.world.size))?;
     if let Some(path) = spec.report {
@@ -293,7 +294,7 @@ fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: u
     check_world(config, size)?;
     if config.init_from != "scratch" {
         // Fetch a Hub model once here rather than in every rank at the same time.
-        crate::model::source(&config.init_from, &ctx.root, &Device::Cpu).context("`init_from`")?;
+        crate::gpt::source::source(&config.init_from, &ctx.root, &Device::Cpu).context("`init_from`")?;
     }
     let master = if machines.count == 1 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -400,29 +401,28 @@ fn run_rank(
         ($($arg:tt)*) => { if main { eprintln!($($arg)*) } };
     }
     log!("config: {}", serde_json::to_string(config)?);
-    let device = crate::device::for_rank(&config.device, world.local_rank, local_ranks)?;
-    let dtype = crate::device::matmul_dtype(&config.dtype, &device)?;
+    let device = crate::gpt::device::for_rank(&config.device, world.local_rank, local_ranks)?;
+    let dtype = crate::gpt::device::matmul_dtype(&config.dtype, &device)?;
     if device.is_cuda() {
         // TF32 for what stays float32, as nanoGPT allows it.
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
-        crate::device::keep_freed_memory(&device)?;
+        crate::gpt::device::keep_freed_memory(&device)?;
     }
     // A rank started by `supervise` always has a master, even in a world of one.
-    let mut collective = if world.master.is_empty() { None } else { Some(crate::dist::connect(world, &device)?) };
-    let peak_flops = crate::device::peak_bf16_flops(&crate::device::name(&device)).unwrap_or(A100_BF16_FLOPS);
-    log!("device: {}, matmuls in {}", crate::device::name(&device), dtype.as_str());
+    let mut collective = if world.master.is_empty() { None } else { Some(crate::gpt::dist::connect(world, &device)?) };
+    let peak_flops = crate::gpt::device::peak_bf16_flops(&crate::gpt::device::name(&device)).unwrap_or(A100_BF16_FLOPS);
+    log!("device: {}, matmuls in {}", crate::gpt::device::name(&device), dtype.as_str());
 
     // -----------------------------------------------------------------------------
     // data: random windows of the token stream, like nanoGPT's memmapped get_batch
-    ensure!(!config.data.is_empty(), "`data` is required: a tokenize stage's output, e.g. `data: ${{tokenize-stage}}`");
     let data_dir = ctx.root.join(&config.data);
-    let data_vocab = data_vocab_size(&data_dir)?;
+    let data_vocab = Meta::read(&data_dir).context("`data`")?.vocab_size;
     let train_data = TokenSplit::open(&data_dir, "train")?;
     let val_data = TokenSplit::open(&data_dir, "val")?;
     if writes {
         // The data's meta.json travels with the model: it names the tokenizer that `sample`,
         // `eval` and `export` need to turn text into this model's tokens and back.
-        fs_err::copy(data_dir.join("meta.json"), ctx.out.join("meta.json"))?;
+        fs_err::copy(data_dir.join(meta::FILE), ctx.out.join(meta::FILE))?;
     }
 
     // -----------------------------------------------------------------------------
@@ -480,7 +480,7 @@ fn run_rank(
         checkpoint::load_weights(&ctx.out, name, &mut varmap, Some(&mut optimizer))?;
         iter = state.iter;
         best_val_loss = state.best_val_loss;
-        rng = Rng(state.rng);
+        rng = Rng::from_state(state.rng);
         if loss_scale.is_some() {
             loss_scale = Some(state.loss_scale.unwrap_or_default());
         }
@@ -529,7 +529,7 @@ fn run_rank(
                 val_loss: losses[1],
                 model: model_config.clone(),
                 config: serde_json::to_value(config)?,
-                rng: rng.0,
+                rng: rng.state(),
                 files: Default::default(),
                 loss_scale,
             };
@@ -556,11 +556,11 @@ fn run_rank(
         let mut loss_sum: Option<Tensor> = None;
         let scale = loss_scale.map_or(1.0, |s| s.scale);
         for micro_step in 0..config.gradient_accumulation_steps {
-            let offsets = batch_offsets(&train_data, &mut rng, config.batch_size, block_size);
+            let offsets = batches::batch_offsets(&train_data, &mut rng, config.batch_size, block_size);
             if micro_step % world.size != world.rank {
                 continue;
             }
-            let (x, y) = read_batch(&train_data, &offsets, block_size, &device)?;
+            let (x, y) = batches::read_batch(&train_data, &offsets, block_size, &device)?;
             // Dropout's masks follow from the seed and the micro-step alone, so a resumed run,
             // or a world of another size, draws the ones the uninterrupted run drew.
             let step = (iter * config.gradient_accumulation_steps + micro_step) as u64;
@@ -591,12 +591,12 @@ fn run_rank(
         // the gradients (one collective call per bucket, the loss riding in the last)
         let mut loss = (loss_sum.expect("at least one micro-step per rank") / local_steps as f64)?;
         if let Some(collective) = collective.as_deref_mut() {
-            loss = crate::dist::average(collective, &mut grads, &loss)?;
+            loss = crate::gpt::dist::average(collective, &mut grads, &loss)?;
         }
         let mut take_step = true;
         if let Some(loss_scale) = &mut loss_scale {
             // float16: whether this step overflowed decides whether it is taken (a wait per step).
-            let norm = crate::optim::grad_norm(&grads)?.to_scalar::<f32>()?;
+            let norm = crate::gpt::optim::grad_norm(&grads)?.to_scalar::<f32>()?;
             take_step = loss_scale.update(norm.is_finite());
             for grad in &mut grads {
                 *grad = (&*grad / scale)?;
@@ -608,7 +608,7 @@ fn run_rank(
         if take_step {
             // clip the gradient
             if config.grad_clip != 0.0 {
-                crate::optim::clip_grad_norm(&mut grads, config.grad_clip)?;
+                crate::gpt::optim::clip_grad_norm(&mut grads, config.grad_clip)?;
             }
             // step the optimizer
             optimizer.step(&grads, lr)?;
@@ -692,23 +692,72 @@ fn run_rank(
     Ok(report)
 }
 
-/// Params that no run could use, caught before anything loads.
-fn check(config: &Config) -> anyhow::Result<()> {
-    ensure!(config.batch_size > 0, "`batch_size` must be at least 1");
-    ensure!(config.gradient_accumulation_steps > 0, "`gradient_accumulation_steps` must be at least 1");
-    ensure!(config.eval_interval > 0, "`eval_interval` must be at least 1");
-    ensure!(config.eval_iters > 0, "`eval_iters` must be at least 1");
-    ensure!(config.log_interval > 0, "`log_interval` must be at least 1");
-    ensure!(config.pad_vocab_to_multiple_of > 0, "`pad_vocab_to_multiple_of` must be at least 1");
-    ensure!((0.0..1.0).contains(&config.dropout), "`dropout` must be at least 0 and below 1, not {}", config.dropout);
-    ensure!(config.learning_rate.is_finite() && config.learning_rate >= 0.0, "`learning_rate` must be at least 0");
-    ensure!(
-        matches!(config.dtype.as_str(), "auto" | "bfloat16" | "float16" | "float32"),
-        "unknown `dtype` `{}`: use auto, bfloat16, float16 or float32",
-        config.dtype
-    );
-    ensure!(config.gpus != Gpus::Count(0), "`gpus` must be at least 1, or `auto`");
-    Ok(())
+/// Everything pipeline.yaml decides: the engine calls this before any stage runs.
+pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
+    required("data", &config.data, || "a tokenize stage's output, e.g. `data: ${tokenize-stage}`".to_string())?;
+    upstream.expect("data", &config.data, &["tokenize", "command"], "a tokenize stage's output")?;
+    if config.init_from != "scratch" {
+        crate::gpt::source::check("init_from", &config.init_from, upstream)?;
+    }
+    let shape = [
+        ("n_layer", config.n_layer),
+        ("n_head", config.n_head),
+        ("n_embd", config.n_embd),
+        ("block_size", config.block_size),
+    ];
+    for (key, value) in shape.into_iter().chain([("vocab_size", config.vocab_size)]) {
+        if let Some(value) = value {
+            at_least_one(key, value)?;
+        }
+    }
+    // From scratch an unset width or head count is GPT-2's; from a checkpoint, the checkpoint's.
+    let (n_head, n_embd) = match config.init_from.as_str() {
+        "scratch" => (Some(config.n_head.unwrap_or(12)), Some(config.n_embd.unwrap_or(768))),
+        _ => (config.n_head, config.n_embd),
+    };
+    if let (Some(n_head), Some(n_embd)) = (n_head, n_embd) {
+        ensure(n_embd.is_multiple_of(n_head), "n_head", || {
+            format!(
+                "must divide `n_embd` ({n_embd}), and {n_head} does not: each head attends over n_embd / n_head of it"
+            )
+        })?;
+    }
+    for (key, value) in [
+        ("pad_vocab_to_multiple_of", config.pad_vocab_to_multiple_of),
+        ("batch_size", config.batch_size),
+        ("gradient_accumulation_steps", config.gradient_accumulation_steps),
+        ("eval_interval", config.eval_interval),
+        ("eval_iters", config.eval_iters),
+        ("log_interval", config.log_interval),
+    ] {
+        at_least_one(key, value)?;
+    }
+    for (key, value) in [("dropout", config.dropout), ("beta1", config.beta1), ("beta2", config.beta2)] {
+        ensure((0.0..1.0).contains(&value), key, || format!("must be at least 0 and below 1, not {value}"))?;
+    }
+    for (key, value) in [
+        ("learning_rate", config.learning_rate),
+        ("min_lr", config.min_lr),
+        ("weight_decay", config.weight_decay),
+        ("grad_clip", config.grad_clip),
+    ] {
+        ensure(value.is_finite() && value >= 0.0, key, || format!("must be 0 or more, not {value}"))?;
+    }
+    crate::gpt::device::check_name(&config.device).map_err(|message| Invalid::new("device", message))?;
+    ensure(crate::gpt::device::DTYPES.contains(&config.dtype.as_str()), "dtype", || {
+        format!("is `{}`; use auto, bfloat16, float16 or float32", config.dtype)
+    })?;
+    match config.gpus {
+        Gpus::Count(0) => Err(Invalid::new("gpus", "must be at least 1, or `auto`")),
+        Gpus::Count(ranks) => ensure(config.gradient_accumulation_steps.is_multiple_of(ranks), "gpus", || {
+            format!(
+                "must divide `gradient_accumulation_steps` ({}), and {ranks} does not: each rank takes an equal share \
+                 of a step's micro-batches (nanoGPT divides it by the world size the same way)",
+                config.gradient_accumulation_steps
+            )
+        }),
+        Gpus::Auto => Ok(()),
+    }
 }
 
 /// Each of `ranks` takes an equal share of a step's micro-batches.
@@ -720,15 +769,6 @@ fn check_world(config: &Config, ranks: usize) -> anyhow::Result<()> {
         config.gradient_accumulation_steps
     );
     Ok(())
-}
-
-/// meta.json's `vocab_size`, which the tokenize stage writes.
-fn data_vocab_size(data: &Path) -> anyhow::Result<usize> {
-    let path = data.join("meta.json");
-    let text = fs_err::read_to_string(&path).context("`data` must be a tokenize stage's output")?;
-    let meta: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("`{}` is not JSON", path.display()))?;
-    meta["vocab_size"].as_u64().map(|n| n as usize).with_context(|| format!("`{}` has no `vocab_size`", path.display()))
 }
 
 /// Builds the model in `varmap`: GPT-2 init from scratch, or a checkpoint's weights with the
@@ -757,8 +797,8 @@ fn init_model(
         }
         return Ok(Gpt::init(&model_config, varmap, device, config.seed)?);
     }
-    let crate::model::Source { config: source_config, tensors, description, dir: source, .. } =
-        crate::model::source(&config.init_from, &ctx.root, device).context("`init_from`")?;
+    let crate::gpt::source::Source { config: source_config, tensors, description, dir: source, .. } =
+        crate::gpt::source::source(&config.init_from, &ctx.root, device).context("`init_from`")?;
     if log {
         eprintln!("initializing from {description}");
     }
@@ -848,43 +888,6 @@ fn row(rows: &mut Vec<Row>, iter: usize) -> &mut Row {
     rows.last_mut().expect("just pushed")
 }
 
-/// nanoGPT's get_batch: `batch_size` windows at uniform random offsets; y is x shifted by one.
-pub(crate) fn get_batch(
-    data: &TokenSplit,
-    rng: &mut Rng,
-    batch_size: usize,
-    block_size: usize,
-    device: &Device,
-) -> anyhow::Result<(Tensor, Tensor)> {
-    let offsets = batch_offsets(data, rng, batch_size, block_size);
-    read_batch(data, &offsets, block_size, device)
-}
-
-/// Where a batch's windows start: every rank draws every batch's, to stay on the shared stream.
-fn batch_offsets(data: &TokenSplit, rng: &mut Rng, batch_size: usize, block_size: usize) -> Vec<u64> {
-    (0..batch_size).map(|_| rng.below(data.len() - block_size as u64)).collect()
-}
-
-/// The windows at `offsets`: x (B, T) and y, x shifted by one.
-fn read_batch(
-    data: &TokenSplit,
-    offsets: &[u64],
-    block_size: usize,
-    device: &Device,
-) -> anyhow::Result<(Tensor, Tensor)> {
-    let mut window = vec![0u16; block_size + 1];
-    let mut x = Vec::with_capacity(offsets.len() * block_size);
-    let mut y = Vec::with_capacity(offsets.len() * block_size);
-    for &offset in offsets {
-        data.read(offset, &mut window)?;
-        x.extend(window[..block_size].iter().map(|&token| token as u32));
-        y.extend(window[1..].iter().map(|&token| token as u32));
-    }
-    let x = Tensor::from_vec(x, (offsets.len(), block_size), device)?; // (B, T)
-    let y = Tensor::from_vec(y, (offsets.len(), block_size), device)?; // (B, T)
-    Ok((x, y))
-}
-
 /// Where evaluation streams start: far from the training stream (which starts at the seed) on
 /// SplitMix64's cycle of 2^64.
 const EVAL_STREAM: u64 = 0x6576_616c_0000_0000;
@@ -903,13 +906,17 @@ fn estimate_loss(
     let mut out = [0.0; 2];
     for (split, (data, mean)) in [train_data, val_data].into_iter().zip(out.iter_mut()).enumerate() {
         let mut rng = Rng::new(config.seed ^ EVAL_STREAM ^ ((iter as u64) << 1 | split as u64));
-        let mut sum = 0.0;
-        for _ in 0..config.eval_iters {
-            let (x, y) = get_batch(data, &mut rng, config.batch_size, model.config.block_size, device)?;
-            let logits = model.forward(&x, false)?;
-            sum += gpt::cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        }
-        *mean = sum / config.eval_iters as f64;
+        let block_size = model.config.block_size;
+        *mean = batches::mean_loss(
+            model,
+            data,
+            &mut rng,
+            config.eval_iters,
+            config.batch_size,
+            block_size,
+            device,
+            &mut || {},
+        )?;
     }
     Ok(out)
 }
@@ -924,30 +931,6 @@ pub fn estimate_mfu(model: &GptConfig, fwdbwd_per_iter: usize, dt: f64, peak_flo
 
 fn json_number(x: f64) -> serde_json::Value {
     serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
-}
-
-/// SplitMix64 (Steele, Lea & Flood, 2014): a whole generator in one u64, so its state goes into
-/// a checkpoint as a number.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct Rng(pub u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (Lemire's multiply-shift without rejection: the bias is below n / 2^64).
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((self.next_u64() as u128 * n as u128) >> 64) as u64
-    }
 }
 
 #[cfg(test)]
@@ -966,7 +949,7 @@ pub(crate) mod tests {
         let corpus = concat!(env!("CARGO_MANIFEST_DIR"), "/../data/ci/corpus.txt");
         let config = crate::tokenize::Config {
             input: corpus.into(),
-            tokenizer: crate::tokenize::Tokenizer::Char,
+            tokenizer: crate::formats::meta::TokenizerName::Char,
             ..Default::default()
         };
         let ctx = context(root, "data");
@@ -999,31 +982,6 @@ pub(crate) mod tests {
     fn losses(out: &Path) -> Vec<(i64, Option<f64>, Option<f64>)> {
         let rows = metrics::read_parquet(&out.join("metrics.parquet")).unwrap();
         rows.iter().map(|row| (row.iter, row.loss, row.val_loss)).collect()
-    }
-
-    #[test]
-    fn batches_are_reproducible_windows() -> anyhow::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let data = char_data(dir.path());
-        let split = TokenSplit::open(Path::new(&data), "train")?;
-        let draw = |seed| get_batch(&split, &mut Rng::new(seed), 4, 16, &Device::Cpu).unwrap();
-        let (x, y) = draw(1337);
-        let (x2, y2) = draw(1337);
-        assert_eq!(x.to_vec2::<u32>()?, x2.to_vec2::<u32>()?);
-        assert_eq!(y.to_vec2::<u32>()?, y2.to_vec2::<u32>()?);
-        assert_ne!(x.to_vec2::<u32>()?, draw(1338).0.to_vec2::<u32>()?);
-        for (x, y) in x.to_vec2::<u32>()?.iter().zip(y.to_vec2::<u32>()?) {
-            assert_eq!(x[1..], y[..15], "y is x shifted by one");
-        }
-        Ok(())
-    }
-
-    #[test]
-    fn rng_draws_cover_the_range() {
-        let mut rng = Rng::new(1);
-        let draws: Vec<u64> = (0..1000).map(|_| rng.below(10)).collect();
-        assert!(draws.iter().all(|&d| d < 10));
-        assert!((0..10).all(|d| draws.contains(&d)));
     }
 
     #[test]
@@ -1247,13 +1205,18 @@ pub(crate) mod tests {
     fn unknown_keys_and_bad_values_are_errors() {
         let error = serde_json::from_value::<Config>(serde_json::json!({"data": "d", "n_embed": 4})).unwrap_err();
         assert!(error.to_string().contains("unknown field `n_embed`"), "{error}");
-        let config = Config { dtype: "fp8".into(), ..Config::default() };
-        assert!(check(&config).unwrap_err().to_string().contains("use auto, bfloat16, float16 or float32"));
+        let config = Config { data: "d".into(), dtype: "fp8".into(), ..Config::default() };
+        assert_eq!(
+            check(&config, &Upstream::none()).unwrap_err().to_string(),
+            "`dtype` is `fp8`; use auto, bfloat16, float16 or float32"
+        );
         let gpus = |value: serde_json::Value| serde_json::from_value::<Config>(serde_json::json!({"gpus": value}));
         assert_eq!(gpus(serde_json::json!("auto")).unwrap().gpus, Gpus::Auto);
         assert_eq!(gpus(serde_json::json!(8)).unwrap().gpus, Gpus::Count(8));
         let error = gpus(serde_json::json!("all")).unwrap_err().to_string();
         assert!(error.contains("a number of GPUs or `auto`"), "{error}");
-        assert!(check(&Config { gpus: Gpus::Count(0), ..Config::default() }).is_err());
+        let error =
+            check(&Config { gpus: Gpus::Count(0), dtype: "auto".into(), ..config }, &Upstream::none()).unwrap_err();
+        assert_eq!(error.to_string(), "`gpus` must be at least 1, or `auto`");
     }
 }

@@ -3,6 +3,7 @@
 //! directory, so a test can see exactly which stages ran.
 
 mod cache;
+mod check;
 mod cli;
 mod data;
 mod models;

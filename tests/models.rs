@@ -2,7 +2,7 @@
 //! Hub (`HF_ENDPOINT`), and `nanoflow sample` on stage outputs. The "Hub GPT-2" is a tiny model
 //! with GPT-2's vocabulary that nanoflow trains and exports in the test itself.
 
-use nanoflow_stages::test_server::{Route, Server};
+use nanoflow_test_support::{Route, Server};
 
 use crate::{Output, Test};
 

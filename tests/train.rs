@@ -63,7 +63,7 @@ fn a_killed_train_stage_resumes_from_its_last_checkpoint() {
 /// (iter, loss, val loss) of a finished train stage's record.
 fn record(test: &Test, stage: &str) -> Vec<(i64, Option<f64>, Option<f64>)> {
     let path = test.path(&format!("artifacts/{stage}/current/metrics.parquet"));
-    let rows = nanoflow_stages::metrics::read_parquet(&path).unwrap();
+    let rows = nanoflow_stages::formats::metrics::read_parquet(&path).unwrap();
     rows.iter().map(|row| (row.iter, row.loss, row.val_loss)).collect()
 }
 

@@ -88,7 +88,8 @@ fn wrong_type() {
 fn missing_required_key_and_kind() {
     assert_eq!(
         error("stages:\n  a:\n    kind: command\n"),
-        "error: missing key `run` in stage `a` at pipeline.yaml:2:3\n"
+        "error: missing key `run` in stage `a` at pipeline.yaml:2:3\n\nhint: `run` is the shell script to run, with \
+         `$OUT` the folder it writes into\n"
     );
     assert_eq!(error("stages:\n  a:\n    run: x\n"), "error: stage `a` has no `kind` at pipeline.yaml:2:3\n");
 }
@@ -165,7 +166,8 @@ fn no_pipeline_file() {
 fn a_kind_checks_its_params_while_the_pipeline_is_read() {
     assert_eq!(
         error("stages:\n  t:\n    kind: tokenize\n    tokenizer: char\n"),
-        "error: missing key `input` in stage `t` at pipeline.yaml:2:3\n"
+        "error: missing key `input` in stage `t` at pipeline.yaml:2:3\n\nhint: `input` is the text to tokenize: a \
+         file, a folder or `${download-stage}`\n"
     );
     assert_eq!(
         error("stages:\n  t:\n    kind: tokenize\n    input: exists.txt\n    tokenizer: bytes\n"),

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use nanoflow_stages::bpe::{self, Bpe};
+use nanoflow_stages::formats::bpe::{self, Bpe};
 use rayon::prelude::*;
 
 fn main() {

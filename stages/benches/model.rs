@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
+use nanoflow_stages::gpt::optim::{self, AdamW, AdamWParams};
 use nanoflow_stages::gpt::{self, Gpt, GptConfig, Rng, Sampling};
-use nanoflow_stages::optim::{self, AdamW, AdamWParams};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).filter(|arg| arg != "--bench").collect();

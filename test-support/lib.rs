@@ -1,7 +1,8 @@
-//! A tiny HTTP/1.1 server on 127.0.0.1 for the download tests: plain `std::net` and a thread per
-//! connection, serving fixed bodies with `Range`/`If-Range` support, extra headers per route (the
-//! Hub's `etag` and `x-repo-commit`), and connections that break part-way on purpose. Every
-//! request is logged so tests can assert what the client asked for.
+//! Test support, never shipped: a tiny HTTP/1.1 server on 127.0.0.1 for the download and Hub
+//! tests (the stages crate's and the CLI's): plain `std::net` and a thread per connection,
+//! serving fixed bodies with `Range`/`If-Range` support, extra headers per route (the Hub's
+//! `etag` and `x-repo-commit`), and connections that break part-way on purpose.
+//! Every request is logged so tests can assert what the client asked for.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};

@@ -22,7 +22,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::gpt::GptConfig;
-use crate::optim::AdamW;
+use crate::gpt::optim::AdamW;
 
 /// `format` in every checkpoint's JSON.
 pub const FORMAT: &str = "nanoflow-checkpoint";
@@ -51,7 +51,7 @@ pub struct State {
     pub files: BTreeMap<String, FileDigest>,
     /// float16 training's loss scale (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss_scale: Option<crate::optim::LossScale>,
+    pub loss_scale: Option<crate::gpt::optim::LossScale>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -157,14 +157,15 @@ fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>
 
 fn digest(path: &Path) -> anyhow::Result<FileDigest> {
     let bytes = fs_err::metadata(path)?.len();
-    let blake3 = crate::digest::blake3_file(path).with_context(|| format!("could not read `{}`", path.display()))?;
+    let blake3 =
+        crate::fetch::digest::blake3_file(path).with_context(|| format!("could not read `{}`", path.display()))?;
     Ok(FileDigest { bytes, blake3 })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::optim::AdamWParams;
+    use crate::gpt::optim::AdamWParams;
     use candle_core::{DType, Device, Tensor};
 
     fn varmap() -> anyhow::Result<VarMap> {

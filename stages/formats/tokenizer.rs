@@ -4,12 +4,12 @@
 //! stage copies that file into its output, and an export writes it in the form its readers know
 //! (Hugging Face's `vocab.json` + `merges.txt` for GPT-2 BPE, `char_vocab.json` for characters).
 
-use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, bail, ensure};
 
-use crate::bpe::{self, Bpe};
+use crate::formats::bpe::{self, Bpe};
+use crate::formats::meta::{self, Meta, TokenizerName};
 
 /// The file a char-level export keeps its vocabulary in. Documented in README.md:
 /// `{"tokenizer": "char", "itos": ["\n", " ", "!", ...]}` — token id `i` is the character
@@ -20,78 +20,126 @@ pub const CHAR_VOCAB: &str = "char_vocab.json";
 pub enum Tokenizer {
     /// GPT-2's byte-level BPE (tiktoken's `gpt2`), `<|endoftext|>` = 50256.
     Gpt2,
-    /// One token per character: `itos[i]` is token `i`.
-    Char { itos: Vec<String>, stoi: HashMap<char, u32> },
+    /// One token per character.
+    Char(CharVocab),
+}
+
+/// A character vocabulary: token `i` is `chars[i]`, the sorted distinct characters of the data
+/// (nanoGPT's `sorted(set(data))`).
+#[derive(Debug, Clone)]
+pub struct CharVocab {
+    chars: Vec<char>,
+    /// Token id by code point, `u32::MAX` where absent: a lookup per character, no hashing.
+    ids: Vec<u32>,
+}
+
+impl CharVocab {
+    /// The vocabulary of `chars` (distinct), in that order.
+    pub fn new(chars: Vec<char>) -> anyhow::Result<CharVocab> {
+        ensure!(
+            chars.len() <= 1 << 16,
+            "the input has {} distinct characters; token ids must fit uint16 (65536)",
+            chars.len()
+        );
+        let mut ids = vec![u32::MAX; chars.iter().max().map_or(0, |&c| c as usize + 1)];
+        for (id, &c) in chars.iter().enumerate() {
+            ensure!(ids[c as usize] == u32::MAX, "the character {c:?} is in the vocabulary twice");
+            ids[c as usize] = id as u32;
+        }
+        Ok(CharVocab { chars, ids })
+    }
+
+    /// meta.json's `itos`: one character per entry.
+    pub fn from_itos(itos: &[String]) -> anyhow::Result<CharVocab> {
+        let mut chars = Vec::with_capacity(itos.len());
+        for (id, s) in itos.iter().enumerate() {
+            let mut it = s.chars();
+            match (it.next(), it.next()) {
+                (Some(c), None) => chars.push(c),
+                _ => bail!("entry {id} of `itos` is {s:?}, not one character"),
+            }
+        }
+        CharVocab::new(chars)
+    }
+
+    pub fn itos(&self) -> Vec<String> {
+        self.chars.iter().map(|c| c.to_string()).collect()
+    }
+
+    /// Appends the ids of `text`; a character the vocabulary lacks is an error naming it.
+    pub fn encode(&self, text: &str, out: &mut Vec<u16>) -> anyhow::Result<()> {
+        for c in text.chars() {
+            match self.ids.get(c as usize) {
+                Some(&id) if id != u32::MAX => out.push(id as u16),
+                _ => bail!("the character {c:?} is not in the vocabulary"),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Tokenizer {
-    pub fn char(itos: Vec<String>) -> anyhow::Result<Tokenizer> {
-        let mut stoi = HashMap::new();
-        for (id, s) in itos.iter().enumerate() {
-            let mut chars = s.chars();
-            match (chars.next(), chars.next()) {
-                (Some(c), None) => stoi.insert(c, id as u32),
-                _ => bail!("entry {id} of `itos` is {s:?}, not one character"),
-            };
-        }
-        Ok(Tokenizer::Char { itos, stoi })
-    }
-
     /// The tokenizer a `meta.json` (a tokenize stage's, or its copy in a train stage) names.
-    pub fn from_meta(meta: &serde_json::Value) -> anyhow::Result<Tokenizer> {
-        match meta["tokenizer"].as_str() {
-            Some("gpt2") => Ok(Tokenizer::Gpt2),
-            Some("char") => {
-                let itos: Vec<String> =
-                    serde_json::from_value(meta["itos"].clone()).context("`itos` is not a list of strings")?;
-                Tokenizer::char(itos)
-            }
-            Some(other) => bail!("unknown tokenizer `{other}`"),
-            None => bail!("no `tokenizer` field"),
-        }
+    pub fn from_meta(meta: &Meta) -> anyhow::Result<Tokenizer> {
+        Ok(match (meta.tokenizer, &meta.itos) {
+            (TokenizerName::Gpt2, _) => Tokenizer::Gpt2,
+            (TokenizerName::Char, Some(itos)) => Tokenizer::Char(CharVocab::from_itos(itos)?),
+            (TokenizerName::Char, None) => bail!("a `char` tokenizer needs its vocabulary (`itos`)"),
+        })
     }
 
     /// The tokenizer of a model folder: `meta.json` (a train stage's output), `char_vocab.json`
-    /// (a char-level export) or `vocab.json` (GPT-2 BPE). `None` when the folder says nothing.
+    /// (a char-level export, the tokenizer part of a meta.json) or `vocab.json` (GPT-2 BPE).
+    /// `None` when the folder says nothing.
     pub fn from_dir(dir: &Path) -> anyhow::Result<Option<Tokenizer>> {
-        for name in ["meta.json", CHAR_VOCAB] {
+        for name in [meta::FILE, CHAR_VOCAB] {
             let path = dir.join(name);
             if path.exists() {
-                let meta: serde_json::Value = serde_json::from_str(&fs_err::read_to_string(&path)?)
-                    .with_context(|| format!("could not parse `{}`", path.display()))?;
+                let meta = Meta::parse(&fs_err::read_to_string(&path)?)
+                    .with_context(|| format!("could not read `{}`", path.display()))?;
                 return Tokenizer::from_meta(&meta).map(Some).with_context(|| format!("in `{}`", path.display()));
             }
         }
         Ok(dir.join("vocab.json").exists().then_some(Tokenizer::Gpt2))
     }
 
-    pub fn name(&self) -> &'static str {
+    pub fn name(&self) -> TokenizerName {
         match self {
-            Tokenizer::Gpt2 => "gpt2",
-            Tokenizer::Char { .. } => "char",
+            Tokenizer::Gpt2 => TokenizerName::Gpt2,
+            Tokenizer::Char(_) => TokenizerName::Char,
         }
     }
 
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Gpt2 => bpe::VOCAB_SIZE,
-            Tokenizer::Char { itos, .. } => itos.len(),
+            Tokenizer::Char(vocab) => vocab.chars.len(),
         }
+    }
+
+    /// The token that ends a document, if the tokenizer has one (GPT-2's `<|endoftext|>`).
+    pub fn end_of_text(&self) -> Option<u16> {
+        match self {
+            Tokenizer::Gpt2 => Some(bpe::END_OF_TEXT),
+            Tokenizer::Char(_) => None,
+        }
+    }
+
+    /// Appends the ids of `text` (`<|endoftext|>` in it is plain text, as tiktoken's
+    /// `encode_ordinary`).
+    pub fn encode_into(&self, text: &str, out: &mut Vec<u16>) -> anyhow::Result<()> {
+        match self {
+            Tokenizer::Gpt2 => Bpe::gpt2().encode(text, out),
+            Tokenizer::Char(vocab) => vocab.encode(text, out)?,
+        }
+        Ok(())
     }
 
     /// The ids of `text`; a character a char vocabulary lacks is an error naming it.
     pub fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        match self {
-            Tokenizer::Gpt2 => {
-                let mut out = Vec::new();
-                Bpe::gpt2().encode(text, &mut out);
-                Ok(out.into_iter().map(u32::from).collect())
-            }
-            Tokenizer::Char { stoi, .. } => text
-                .chars()
-                .map(|c| stoi.get(&c).copied().with_context(|| format!("the character {c:?} is not in the vocabulary")))
-                .collect(),
-        }
+        let mut out = Vec::new();
+        self.encode_into(text, &mut out)?;
+        Ok(out.into_iter().map(u32::from).collect())
     }
 
     /// The bytes of `ids`: BPE tokens may split a UTF-8 character, so a stream is decoded
@@ -103,9 +151,9 @@ impl Tokenizer {
                 let ids: Vec<u16> = ids.iter().map(|&id| u16::try_from(id).unwrap_or(u16::MAX)).collect();
                 Bpe::gpt2().decode(&ids)
             }
-            Tokenizer::Char { itos, .. } => ids
+            Tokenizer::Char(vocab) => ids
                 .iter()
-                .map(|&id| itos.get(id as usize).map_or("\u{fffd}", String::as_str))
+                .map(|&id| vocab.chars.get(id as usize).copied().unwrap_or('\u{fffd}'))
                 .collect::<String>()
                 .into(),
         }
@@ -120,7 +168,8 @@ impl Tokenizer {
     /// (`GPT2TokenizerFast.from_pretrained(dir)` loads them); for characters, [`CHAR_VOCAB`].
     pub fn write_export(&self, dir: &Path) -> anyhow::Result<Vec<&'static str>> {
         match self {
-            Tokenizer::Char { itos, .. } => {
+            Tokenizer::Char(vocab) => {
+                let itos = vocab.itos();
                 let vocab = serde_json::json!({"tokenizer": "char", "vocab_size": itos.len(), "itos": itos});
                 fs_err::write(dir.join(CHAR_VOCAB), serde_json::to_string_pretty(&vocab)? + "\n")?;
                 Ok(vec![CHAR_VOCAB])
@@ -222,7 +271,7 @@ mod tests {
 
     #[test]
     fn char_vocabulary_encodes_and_names_unknown_characters() -> anyhow::Result<()> {
-        let meta = serde_json::json!({"tokenizer": "char", "itos": ["\n", " ", "a", "b"]});
+        let meta = Meta::parse(r#"{"tokenizer": "char", "vocab_size": 4, "itos": ["\n", " ", "a", "b"]}"#)?;
         let tokenizer = Tokenizer::from_meta(&meta)?;
         assert_eq!(tokenizer.encode("ab a\n")?, vec![2, 3, 1, 2, 0]);
         assert_eq!(tokenizer.decode(&[3, 2, 9]), "ba\u{fffd}");

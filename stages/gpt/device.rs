@@ -5,6 +5,19 @@
 use anyhow::{Context as _, bail};
 use candle_core::{DType, Device};
 
+/// The names `device` takes: `auto`, `cpu`, `cuda`, `cuda:N`. Whether this build has CUDA, or
+/// this machine a GPU, is known only where the stage runs.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let ordinal = name.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok());
+    match (name, ordinal) {
+        ("auto" | "cpu" | "cuda", _) | (_, Some(true)) => Ok(()),
+        _ => Err(format!("is `{name}`; use auto, cpu, cuda or cuda:N")),
+    }
+}
+
+/// The dtypes `dtype` takes.
+pub const DTYPES: [&str; 4] = ["auto", "bfloat16", "float16", "float32"];
+
 /// The device `name` picks for a rank: `auto` is CUDA when nanoflow is built with `--features
 /// cuda` and a GPU is present, else the CPU. Ranks of a multi-GPU world take the GPU of their
 /// local rank (`cuda`/`auto`), so `cuda:N` names a device only for a single process.

@@ -48,34 +48,53 @@ pub fn validator_path(part: &Path) -> PathBuf {
 /// number of bytes in `part` once the server has sent them all.
 pub fn fetch(agent: &ureq::Agent, url: &str, part: &Path, retry: Retry, label: &str) -> anyhow::Result<u64> {
     let mut progress = Progress::new(label, Unit::Bytes, None);
-    let mut failures = 0;
-    loop {
-        let before = file_len(part)?;
-        let error = match attempt(agent, url, part, &mut progress) {
-            Ok(()) => break,
-            Err(Attempt::Fatal(error)) => return Err(error),
-            Err(Attempt::Retry(error)) => error,
-        };
-        if file_len(part)? > before {
-            failures = 0;
+    retry.run(url, || {
+        let before = file_len(part).map_err(Attempt::Fatal)?;
+        match attempt(agent, url, part, &mut progress) {
+            Err(Attempt::Retry(error)) if file_len(part).map_err(Attempt::Fatal)? > before => {
+                Err(Attempt::Progressed(error))
+            }
+            other => other,
         }
-        failures += 1;
-        if failures > retry.retries {
-            return Err(error.context(format!("gave up after {} retries", retry.retries)));
-        }
-        let wait = retry.backoff.saturating_mul(1 << (failures - 1).min(16)).min(MAX_BACKOFF);
-        eprintln!("{url}: {error:#}; retry {failures}/{} in {wait:.1?}", retry.retries);
-        std::thread::sleep(wait);
-    }
+    })?;
     progress.finish();
     file_len(part)
 }
 
 /// How one attempt failed: worth another try (a broken connection, a 5xx) or not (a 404, a full
 /// disk).
-enum Attempt {
+pub enum Attempt {
     Retry(anyhow::Error),
+    /// Worth another try, and it got somewhere (bytes arrived): the count of failures restarts.
+    Progressed(anyhow::Error),
     Fatal(anyhow::Error),
+}
+
+impl Retry {
+    /// Calls `attempt` until it succeeds, fails for good, or has failed `retries` times in a row,
+    /// waiting `backoff` × 2^n (at most a minute) before each retry. The one retry loop of every
+    /// download: plain URLs and the Hub's files alike.
+    pub fn run<T>(self, url: &str, mut attempt: impl FnMut() -> Result<T, Attempt>) -> anyhow::Result<T> {
+        let mut failures = 0;
+        loop {
+            let error = match attempt() {
+                Ok(value) => return Ok(value),
+                Err(Attempt::Fatal(error)) => return Err(error),
+                Err(Attempt::Retry(error)) => error,
+                Err(Attempt::Progressed(error)) => {
+                    failures = 0;
+                    error
+                }
+            };
+            failures += 1;
+            if failures > self.retries {
+                return Err(error.context(format!("gave up after {} retries", self.retries)));
+            }
+            let wait = self.backoff.saturating_mul(1 << (failures - 1).min(16)).min(MAX_BACKOFF);
+            eprintln!("{url}: {error:#}; retry {failures}/{} in {wait:.1?}", self.retries);
+            std::thread::sleep(wait);
+        }
+    }
 }
 
 fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress) -> Result<(), Attempt> {

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
-use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
-use parquet::arrow::ArrowWriter;
+use arrow_array::{Array, ArrayRef, Float64Array, Int64Array};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 /// What happened at one iteration. The training columns are empty at an iteration that was only
@@ -47,15 +46,7 @@ pub fn write_parquet(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
         ("ms_per_iter", column(|row| row.ms_per_iter), true),
         ("tokens_per_second", column(|row| row.tokens_per_second), true),
     ];
-    let batch = RecordBatch::try_from_iter_with_nullable(columns)?;
-    let properties = parquet::file::properties::WriterProperties::builder()
-        .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
-        .build();
-    let file = fs_err::File::create(path)?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties))?;
-    writer.write(&batch).with_context(|| format!("could not write `{}`", path.display()))?;
-    writer.close().with_context(|| format!("could not write `{}`", path.display()))?;
-    Ok(())
+    crate::formats::table::write(path, columns)
 }
 
 /// Reads what `write_parquet` wrote.

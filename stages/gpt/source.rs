@@ -18,10 +18,11 @@ use anyhow::{Context as _, bail};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
-use crate::checkpoint;
+use crate::fetch::hub::{self, Hub};
+use crate::formats::tokenizer::Tokenizer;
+use crate::gpt::checkpoint;
 use crate::gpt::{Gpt, GptConfig};
-use crate::hub::{self, Hub};
-use crate::tokenizer::Tokenizer;
+use crate::{Invalid, Upstream};
 
 /// A model's shape and weights, not yet built: what `init_from` crops and checks before use.
 pub struct Source {
@@ -46,6 +47,17 @@ pub struct Model {
 
 /// What `spec` may be, for error messages.
 pub const FORMS: &str = "a GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a train stage's output (ckpt.json) or a Hugging Face GPT-2 folder (config.json)";
+
+/// The kinds of stage whose output is a model: a train or finetune stage (its best checkpoint),
+/// an export or a download (a Hugging Face GPT-2 folder), or a command that writes one.
+pub const KINDS: &[&str] = &["train", "finetune", "export", "download", "command"];
+
+/// A param naming a model (`key` is e.g. `model` or `models[1]`): required, and a stage output
+/// only of a kind that makes one.
+pub fn check(key: &str, spec: &str, upstream: &Upstream) -> Result<(), Invalid> {
+    crate::required(key, spec, || FORMS.to_string())?;
+    upstream.expect(key, spec, KINDS, "a model (the output of a train, finetune, export or download stage)")
+}
 
 /// Reads the model `spec` names (see the module docs); relative paths resolve against `root`.
 pub fn source(spec: &str, root: &Path, device: &Device) -> anyhow::Result<Source> {
@@ -136,7 +148,7 @@ fn fetch_gpt2(name: &str) -> anyhow::Result<PathBuf> {
         files: vec!["config.json".into(), "model.safetensors".into()],
         ..Hub::default()
     };
-    let retry = crate::http::Retry { retries: 5, backoff: Duration::from_secs(1) };
+    let retry = crate::fetch::http::Retry { retries: 5, backoff: Duration::from_secs(1) };
     let paths = hub::fetch(&hub, retry).with_context(|| format!("could not fetch `{name}` from the Hub"))?;
     let dir = paths[1].parent().context("a cached file has a folder")?;
     Ok(dir.to_path_buf())

@@ -9,8 +9,8 @@ use anyhow::{Context as _, ensure};
 use candle_core::{DType, Tensor};
 use candle_nn::VarMap;
 
+use crate::gpt::optim::{self, AdamW, AdamWParams};
 use crate::gpt::{self, Gpt, GptConfig, Rng};
-use crate::optim::{self, AdamW, AdamWParams};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -86,13 +86,13 @@ pub struct Measurement {
 pub fn run(options: &Options, progress: &mut dyn FnMut(&str)) -> anyhow::Result<Measurement> {
     ensure!(options.iters > 0, "`--iters` must be at least 1");
     ensure!(options.batch_size > 0, "`--batch-size` must be at least 1");
-    let device = crate::device::by_name(&options.device)?;
-    let dtype = crate::device::matmul_dtype(&options.dtype, &device)?;
+    let device = crate::gpt::device::by_name(&options.device)?;
+    let dtype = crate::gpt::device::matmul_dtype(&options.dtype, &device)?;
     if device.is_cuda() {
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
     }
-    let device_name = crate::device::name(&device);
-    let peak_flops = crate::device::peak_bf16_flops(&device_name).unwrap_or(crate::device::A100_BF16_FLOPS);
+    let device_name = crate::gpt::device::name(&device);
+    let peak_flops = crate::gpt::device::peak_bf16_flops(&device_name).unwrap_or(crate::gpt::device::A100_BF16_FLOPS);
     let config = &options.model;
     let varmap = VarMap::new();
     let model = Gpt::init(config, &varmap, &device, options.seed)?.with_matmul_dtype(dtype);
@@ -105,7 +105,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(&str)) -> anyhow::Result<
         let all = Tensor::from_vec(tokens, (b, t + 1), &device)?;
         Ok((all.narrow(1, 0, t)?.contiguous()?, all.narrow(1, 1, t)?.contiguous()?))
     };
-    let mut peak_memory = crate::device::memory_in_use(&device);
+    let mut peak_memory = crate::gpt::device::memory_in_use(&device);
     let mut step = |label: &str, k: usize, n: usize| -> anyhow::Result<f64> {
         let (x, y) = batch()?;
         let loss = gpt::cross_entropy(&model.forward(&x, true)?, &y)?;
@@ -113,7 +113,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(&str)) -> anyhow::Result<
         optim::clip_grad_norm(&mut grads, 1.0)?;
         optimizer.step(&grads, 6e-4)?;
         let lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        peak_memory = peak_memory.max(crate::device::memory_in_use(&device));
+        peak_memory = peak_memory.max(crate::gpt::device::memory_in_use(&device));
         progress(&format!("{label} {k}/{n} loss: {lossf:.4}"));
         Ok(lossf)
     };
@@ -135,7 +135,7 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(&str)) -> anyhow::Result<
     device.synchronize()?;
     let seconds = started.elapsed().as_secs_f64();
     if device.is_cpu() {
-        peak_memory = crate::device::cpu_peak_memory().or(peak_memory);
+        peak_memory = crate::gpt::device::cpu_peak_memory().or(peak_memory);
     }
     let tokens_per_iter = b * t;
     let flops = config.flops_per_token() * (tokens_per_iter * options.iters) as f64 / seconds;

@@ -5,15 +5,14 @@
 //! and resuming a file from its `.part` blob.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::download::{check_relative, report};
-use crate::http::{self, Retry};
+use crate::fetch::check_relative;
+use crate::fetch::http::{self, Attempt, Retry};
 use crate::progress::format_bytes;
-use crate::{Context, Progress, Report, Unit};
+use crate::{Progress, Unit};
 
 /// Files of one Hub repository at one revision, e.g.
 /// `{repo: openai-community/gpt2, files: [config.json, model.safetensors]}` or
@@ -137,19 +136,27 @@ pub(crate) fn fetch(hub: &Hub, retry: Retry) -> anyhow::Result<Vec<PathBuf>> {
     hub.files.iter().map(|file| client.get(file, retry)).collect()
 }
 
-pub(crate) fn download(hub: &Hub, retry: Retry, env: &HubEnv, ctx: &Context) -> anyhow::Result<Report> {
-    let client = Client::new(hub, env, Some(&ctx.stage))?;
+/// Fetches `hub`'s files and places them under `out` at their repo paths, for stage `stage`:
+/// (files, bytes, a one-line summary).
+pub(crate) fn download(
+    hub: &Hub,
+    retry: Retry,
+    env: &HubEnv,
+    stage: &str,
+    out: &Path,
+) -> anyhow::Result<(u64, u64, String)> {
+    let client = Client::new(hub, env, Some(stage))?;
     let (what, for_stage) = (&client.what, &client.for_stage);
     let files = hub_files(hub, &client.api_repo, retry)
         .with_context(|| format!("could not list the files of {what}{for_stage}"))?;
     let (mut bytes, count) = (0, files.len() as u64);
     for file in &files {
         let cached = client.get(file, retry)?;
-        let target = ctx.out.join(file);
+        let target = out.join(file);
         bytes += place(&cached, &target)
             .with_context(|| format!("could not place `{file}` of {what} in the output{for_stage}"))?;
     }
-    Ok(report(format!("{count} files of {what}, {}", format_bytes(bytes as f64)), bytes, count, None))
+    Ok((count, bytes, format!("{count} files of {what}, {}", format_bytes(bytes as f64))))
 }
 
 /// The repo paths `hub.files` names, patterns expanded against the repo listing (fetched only
@@ -199,47 +206,38 @@ fn expand(entries: &[String], mut listing: Vec<String>) -> anyhow::Result<Vec<St
     Ok(files)
 }
 
-/// Retries a Hub call the way `http::fetch` retries a URL. `hf-hub` resumes an interrupted file
-/// from its own `.part` blob in the cache, so a retry (or the next run) continues where it broke.
+/// `call` under `retry`: transient errors (timeouts, 408, 429, 5xx, broken connections) are
+/// retried, a 401/403 fails at once with a hint, anything else fails at once.
 fn with_retries<T>(
     retry: Retry,
     url: &str,
     mut call: impl FnMut() -> Result<T, hf_hub::api::sync::ApiError>,
 ) -> anyhow::Result<T> {
     use hf_hub::api::sync::ApiError;
-    let mut failures = 0;
-    loop {
-        let error = match call() {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
-        };
-        let transient = match &error {
-            ApiError::RequestError(error) => match error.as_ref() {
-                ureq::Error::Status(code, _) => *code == 408 || *code == 429 || *code >= 500,
-                ureq::Error::Transport(_) => true,
-            },
-            ApiError::IoError(_) | ApiError::TooManyRetries(_) => true,
-            _ => false,
-        };
-        if let ApiError::RequestError(request) = &error
-            && let ureq::Error::Status(401 | 403, _) = request.as_ref()
-        {
-            let hint = "the repo may be gated or private: accept its terms on the Hub and set `HF_TOKEN`";
-            return Err(anyhow::Error::new(error).context(hint));
-        }
-        failures += 1;
-        if !transient || failures > retry.retries {
+    retry.run(url, || {
+        call().map_err(|error| {
+            let status = match &error {
+                ApiError::RequestError(request) => match request.as_ref() {
+                    ureq::Error::Status(code, _) => Some(*code),
+                    ureq::Error::Transport(_) => None,
+                },
+                _ => None,
+            };
+            let transient = match &error {
+                ApiError::RequestError(_) => status.is_none_or(|code| code == 408 || code == 429 || code >= 500),
+                ApiError::IoError(_) | ApiError::TooManyRetries(_) => true,
+                _ => false,
+            };
             let error = anyhow::Error::new(error);
-            return Err(if transient {
-                error.context(format!("gave up after {} retries", retry.retries))
-            } else {
-                error
-            });
-        }
-        let wait = retry.backoff.saturating_mul(1 << (failures - 1).min(16)).min(Duration::from_secs(60));
-        eprintln!("{url}: {error}; retry {failures}/{} in {wait:.1?}", retry.retries);
-        std::thread::sleep(wait);
-    }
+            match status {
+                Some(401 | 403) => Attempt::Fatal(
+                    error.context("the repo may be gated or private: accept its terms on the Hub and set `HF_TOKEN`"),
+                ),
+                _ if transient => Attempt::Retry(error),
+                _ => Attempt::Fatal(error),
+            }
+        })
+    })
 }
 
 /// Puts the cached file at `target`: a hard link when the cache is on the same filesystem (no
@@ -278,7 +276,8 @@ impl hf_hub::api::Progress for HubProgress {
 mod tests {
     use super::*;
     use crate::download::{Config, run_with};
-    use crate::test_server::{Route, Server};
+    use crate::{Context, Report};
+    use nanoflow_test_support::{Route, Server};
     use std::collections::BTreeMap;
 
     const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";

@@ -24,6 +24,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Embedding, Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
+use crate::gpt::Rng;
+
 /// GPT-2's init: weights ~ N(0, 0.02) (model.py's `_init_weights`).
 const INIT_STD: f64 = 0.02;
 /// GPT-2's LayerNorm epsilon (HF `layer_norm_epsilon`; PyTorch's default too).
@@ -119,7 +121,7 @@ impl LayerNorm {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = crate::ops::normalize(x, LAYER_NORM_EPS as f32)?.broadcast_mul(&self.weight)?;
+        let x = crate::gpt::ops::normalize(x, LAYER_NORM_EPS as f32)?.broadcast_mul(&self.weight)?;
         match &self.bias {
             Some(bias) => x.broadcast_add(bias),
             None => Ok(x),
@@ -148,7 +150,7 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let width = dims.pop().unwrap_or(1);
         let rows = dims.iter().product::<usize>();
-        let y = crate::ops::matmul_as(&x.reshape((rows, width))?, &self.weight.t()?, dtype)?;
+        let y = crate::gpt::ops::matmul_as(&x.reshape((rows, width))?, &self.weight.t()?, dtype)?;
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -223,7 +225,7 @@ impl CausalSelfAttention {
         let qkv = self.c_attn.forward(x, pass.dtype)?; // (B, T, 3C)
         if cache.is_none() && pass.p == 0.0 {
             // The common case, training or evaluating without dropout: one fused op on the CPU.
-            let y = crate::ops::causal_attention(&qkv, self.n_head, pass.dtype)?;
+            let y = crate::gpt::ops::causal_attention(&qkv, self.n_head, pass.dtype)?;
             return self.c_proj.forward(&y, pass.dtype);
         }
         // (B, nh, T, hs): the heads move next to the batch.
@@ -239,10 +241,10 @@ impl CausalSelfAttention {
             *cache = Some((k.clone(), v.clone()));
         }
         // Scaled dot-product attention, each position seeing only itself and earlier ones.
-        let att = crate::ops::matmul_as(&q, &k.t()?, pass.dtype)?; // (B, nh, T, past + T)
-        let att = crate::ops::causal_softmax(&att, 1.0 / (hs as f64).sqrt(), past)?;
+        let att = crate::gpt::ops::matmul_as(&q, &k.t()?, pass.dtype)?; // (B, nh, T, past + T)
+        let att = crate::gpt::ops::causal_softmax(&att, 1.0 / (hs as f64).sqrt(), past)?;
         let att = pass.dropout(&att)?;
-        let y = crate::ops::matmul_as(&att, &v, pass.dtype)?; // (B, nh, T, hs)
+        let y = crate::gpt::ops::matmul_as(&att, &v, pass.dtype)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): the heads side by side again
         pass.dropout(&self.c_proj.forward(&y, pass.dtype)?)
     }
@@ -289,7 +291,7 @@ impl Mlp {
 
     fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         // The tanh approximation GPT-2 uses (HF's "gelu_new").
-        let x = crate::ops::gelu(&self.c_fc.forward(x, pass.dtype)?)?; // (B, T, 4C)
+        let x = crate::gpt::ops::gelu(&self.c_fc.forward(x, pass.dtype)?)?; // (B, T, 4C)
         pass.dropout(&self.c_proj.forward(&x, pass.dtype)?)
     }
 }
@@ -621,7 +623,7 @@ pub struct Sampling {
 /// Mean cross-entropy over all positions: logits (B, T, V), targets (B, T) u32.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    crate::ops::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
+    crate::gpt::ops::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
 }
 
 /// One token id from a row of logits (V): see `Gpt::generate`.
@@ -736,43 +738,6 @@ impl SimpleBackend for SeededVarMap {
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.varmap.contains_tensor(name)
-    }
-}
-
-/// A seeded generator: splitmix64 (Steele et al. 2014) for the bits, Box-Muller for normal
-/// samples. Small and the same on every platform and device, which is all init and sampling need.
-pub struct Rng {
-    state: u64,
-    spare: Option<f64>,
-}
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng { state: seed, spare: None }
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1), never 0, so that the logarithm below is finite.
-    pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// A standard normal sample.
-    fn normal(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        let radius = (-2.0 * self.uniform().ln()).sqrt();
-        let angle = 2.0 * std::f64::consts::PI * self.uniform();
-        self.spare = Some(radius * angle.sin());
-        radius * angle.cos()
     }
 }
 

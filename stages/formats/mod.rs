@@ -1,0 +1,10 @@
+//! File formats the stages write and read, with no tensors in them: token shards and the
+//! `meta.json` beside them, GPT-2's BPE and the tokenizers built on it, and the training record
+//! (`metrics.parquet`, `loss.png`).
+
+pub mod bpe;
+pub mod meta;
+pub mod metrics;
+pub mod shard;
+pub mod table;
+pub mod tokenizer;

@@ -1,0 +1,25 @@
+//! The GPT and everything that touches tensors: the only part of nanoflow that imports candle.
+//! The stage kinds above this folder say *what* to train, sample, evaluate or export; this folder
+//! says how, on a CPU or a GPU.
+//!
+//! - `model`: nanoGPT's model.py (the layers, GPT-2 init, the loss, sampling, the Hugging Face
+//!   GPT-2 layout); `ops`: its fused kernels, CPU and CUDA (`kernels/ops.cu`);
+//! - `source`: where a model's weights come from (a Hub name, a train stage, an HF folder);
+//! - `optim`: AdamW, the learning-rate schedule, clipping; `checkpoint`: what a run saves and
+//!   resumes from; `rng`: the one seeded generator;
+//! - `device`: devices and dtypes by name; `dist`: data-parallel ranks and their collective;
+//! - `bench`: nanoGPT's bench.py.
+
+pub mod batches;
+pub mod bench;
+pub mod checkpoint;
+pub mod device;
+pub mod dist;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod rng;
+pub mod source;
+
+pub use model::{Gpt, GptConfig, Sampling, cross_entropy};
+pub use rng::Rng;
