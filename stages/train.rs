@@ -24,18 +24,17 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context as _, bail, ensure};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use crate::formats::meta::{self, Meta};
 use crate::formats::metrics::{self, Row};
 use crate::formats::shard::TokenSplit;
 use crate::gpt::checkpoint::{self, State};
-use crate::gpt::device::A100_BF16_FLOPS;
 use crate::gpt::dist::{Machines, World};
-use crate::gpt::optim::{AdamW, AdamWParams, LossScale, Schedule};
-use crate::gpt::{self, Gpt, GptConfig, Rng, batches};
+use crate::gpt::optim::{AdamWParams, Schedule};
+use crate::gpt::source::AskedShape;
+use crate::gpt::trainer::{Init, Options, Trainer};
+use crate::gpt::{GptConfig, Rng, batches};
 use crate::{Context, Invalid, Report, Upstream, at_least_one, ensure, required};
 
 /// Bumped when the same params would train a different model or write different files.
@@ -249,11 +248,8 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
     supervise(config, ctx, &machines, local_ranks)
 }
 
-/// The hidden command a train stage starts its ranks with: `nanoflow __rank`, a `WorkerSpec`
-/// as JSON on stdin.
-pub const WORKER_COMMAND: &str = "__rank";
-
-/// What one rank of a multi-process run needs.
+/// What one rank of a multi-process run needs: `nanoflow __rank` reads it as JSON on stdin
+/// (`gpt/ranks.rs` starts them).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WorkerSpec {
     pub config: Config,
@@ -294,7 +290,7 @@ fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: u
     check_world(config, size)?;
     if config.init_from != "scratch" {
         // Fetch a Hub model once here rather than in every rank at the same time.
-        crate::gpt::source::source(&config.init_from, &ctx.root, &Device::Cpu).context("`init_from`")?;
+        crate::gpt::source::prefetch(&config.init_from, &ctx.root).context("`init_from`")?;
     }
     let master = if machines.count == 1 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
@@ -313,8 +309,7 @@ fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: u
         machines.count
     );
     let report = ctx.out.join(".rank-report.json");
-    let exe = std::env::current_exe().context("cannot find the nanoflow executable to start ranks with")?;
-    let mut ranks = Vec::new();
+    let mut specs = Vec::new();
     for local_rank in 0..local_ranks {
         let rank = machines.rank * local_ranks + local_rank;
         let spec = WorkerSpec {
@@ -325,62 +320,12 @@ fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: u
             report: (local_rank == 0).then(|| report.clone()),
             stop_after: stop.filter(|&(at, _)| at == rank).map(|(_, steps)| steps),
         };
-        let mut child = std::process::Command::new(&exe)
-            .arg(WORKER_COMMAND)
-            .stdin(std::process::Stdio::piped())
-            .spawn()
-            .with_context(|| format!("could not start rank {rank} (`{} {WORKER_COMMAND}`)", exe.display()))?;
-        let mut stdin = child.stdin.take().expect("piped");
-        ranks.push((rank, child));
-        std::io::Write::write_all(&mut stdin, &serde_json::to_vec(&spec)?)?;
+        specs.push((rank, serde_json::to_vec(&spec)?));
     }
-    wait_for_ranks(&mut ranks)?;
+    crate::gpt::ranks::run(specs)?;
     let json = fs_err::read(&report).context("rank 0 finished without a report")?;
     fs_err::remove_file(&report)?;
     Ok(serde_json::from_slice(&json)?)
-}
-
-/// Waits for every rank; when one fails, gives the others a moment to fail on their own (their
-/// collectives lose it) and then stops them.
-fn wait_for_ranks(ranks: &mut [(usize, std::process::Child)]) -> anyhow::Result<()> {
-    let mut done = vec![false; ranks.len()];
-    let mut failed: Vec<String> = Vec::new();
-    let mut first_failure: Option<Instant> = None;
-    loop {
-        for ((rank, child), done) in ranks.iter_mut().zip(&mut done) {
-            if *done {
-                continue;
-            }
-            if let Some(status) = child.try_wait()? {
-                *done = true;
-                if !status.success() {
-                    failed.push(format!("rank {rank} ({status})"));
-                    first_failure.get_or_insert_with(Instant::now);
-                }
-            }
-        }
-        if done.iter().all(|&done| done) {
-            break;
-        }
-        if first_failure.is_some_and(|at| at.elapsed() > std::time::Duration::from_secs(5)) {
-            for ((rank, child), done) in ranks.iter_mut().zip(&done) {
-                if !done {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    failed.push(format!("rank {rank} (stopped)"));
-                }
-            }
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    ensure!(
-        failed.is_empty(),
-        "{} failed: {}; the checkpoints written so far are kept, and the next run resumes from the last",
-        if failed.len() == 1 { "a rank" } else { "ranks" },
-        failed.join(", ")
-    );
-    Ok(())
 }
 
 /// One rank's training (the whole run when the world is one process). Every rank draws every
@@ -401,17 +346,6 @@ fn run_rank(
         ($($arg:tt)*) => { if main { eprintln!($($arg)*) } };
     }
     log!("config: {}", serde_json::to_string(config)?);
-    let device = crate::gpt::device::for_rank(&config.device, world.local_rank, local_ranks)?;
-    let dtype = crate::gpt::device::matmul_dtype(&config.dtype, &device)?;
-    if device.is_cuda() {
-        // TF32 for what stays float32, as nanoGPT allows it.
-        candle_core::cuda::set_gemm_reduced_precision_f32(true);
-        crate::gpt::device::keep_freed_memory(&device)?;
-    }
-    // A rank started by `supervise` always has a master, even in a world of one.
-    let mut collective = if world.master.is_empty() { None } else { Some(crate::gpt::dist::connect(world, &device)?) };
-    let peak_flops = crate::gpt::device::peak_bf16_flops(&crate::gpt::device::name(&device)).unwrap_or(A100_BF16_FLOPS);
-    log!("device: {}, matmuls in {}", crate::gpt::device::name(&device), dtype.as_str());
 
     // -----------------------------------------------------------------------------
     // data: random windows of the token stream, like nanoGPT's memmapped get_batch
@@ -426,10 +360,40 @@ fn run_rank(
     }
 
     // -----------------------------------------------------------------------------
-    // model init: scratch, a train stage's checkpoint, or GPT-2 weights in the Hugging Face layout
-    let varmap = VarMap::new();
-    let model = init_model(config, ctx, data_vocab, &varmap, &device, main)?.with_matmul_dtype(dtype);
-    let model_config = model.config.clone();
+    // model init: scratch, a train stage's checkpoint, or GPT-2 weights in the Hugging Face
+    // layout; optimizer: AdamW, weight decay on 2-D parameters only (nanoGPT's
+    // configure_optimizers)
+    let init = match config.init_from.as_str() {
+        "scratch" => Init::Scratch(GptConfig {
+            block_size: config.block_size.unwrap_or(1024),
+            vocab_size: config.vocab_size.unwrap_or(data_vocab).next_multiple_of(config.pad_vocab_to_multiple_of),
+            n_layer: config.n_layer.unwrap_or(12),
+            n_head: config.n_head.unwrap_or(12),
+            n_embd: config.n_embd.unwrap_or(768),
+            dropout: config.dropout,
+            bias: config.bias.unwrap_or(false),
+        }),
+        spec => Init::Pretrained {
+            spec: spec.to_string(),
+            root: ctx.root.clone(),
+            shape: AskedShape {
+                n_layer: config.n_layer,
+                n_head: config.n_head,
+                n_embd: config.n_embd,
+                vocab_size: config.vocab_size,
+                bias: config.bias,
+                block_size: config.block_size,
+                dropout: config.dropout,
+            },
+        },
+    };
+    let adamw = AdamWParams { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
+    let options =
+        Options { device: &config.device, dtype: &config.dtype, world, local_ranks, adamw, seed: config.seed };
+    let mut trainer = Trainer::new(init, &options)?;
+    log!("device: {}, matmuls in {}", trainer.device_name(), trainer.matmul_dtype());
+    log!("initializing {}", trainer.description);
+    let model_config = trainer.config().clone();
     let block_size = model_config.block_size;
     ensure!(
         data_vocab <= model_config.vocab_size,
@@ -450,11 +414,7 @@ fn run_rank(
     let tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * block_size;
     log!("tokens per iteration will be: {tokens_per_iter}");
     log!("number of parameters: {:.2}M", model_config.num_params(true) as f64 / 1e6);
-
-    // optimizer: AdamW, weight decay on 2-D parameters only (nanoGPT's configure_optimizers)
-    let params = AdamWParams { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
-    let mut optimizer = AdamW::new(varmap.data().lock().expect("varmap lock").clone(), params)?;
-    let [(decay_tensors, decay_params), (nodecay_tensors, nodecay_params)] = optimizer.groups();
+    let [(decay_tensors, decay_params), (nodecay_tensors, nodecay_params)] = trainer.optimizer_groups();
     log!("num decayed parameter tensors: {decay_tensors}, with {decay_params} parameters");
     log!("num non-decayed parameter tensors: {nodecay_tensors}, with {nodecay_params} parameters");
     let schedule = Schedule {
@@ -464,8 +424,7 @@ fn run_rank(
         lr_decay_iters: config.lr_decay_iters,
         min_lr: config.min_lr,
     };
-    // float16 matmuls need their gradients scaled up to survive (nanoGPT's GradScaler).
-    let mut loss_scale = (dtype == DType::F16).then(LossScale::default);
+    let peak_flops = trainer.peak_flops();
 
     // -----------------------------------------------------------------------------
     // resume: an interrupted run of the same key left its checkpoints in the output directory
@@ -476,14 +435,10 @@ fn run_rank(
     let mut resumed_from = None;
     if let Some((name, state)) = latest_checkpoint(&ctx.out)? {
         check_same_run(config, &state, &ctx.out)?;
-        let mut varmap = varmap.clone();
-        checkpoint::load_weights(&ctx.out, name, &mut varmap, Some(&mut optimizer))?;
+        trainer.resume(&ctx.out, name, state.loss_scale)?;
         iter = state.iter;
         best_val_loss = state.best_val_loss;
         rng = Rng::from_state(state.rng);
-        if loss_scale.is_some() {
-            loss_scale = Some(state.loss_scale.unwrap_or_default());
-        }
         let metrics_path = ctx.out.join("metrics.parquet");
         if metrics_path.exists() {
             rows = metrics::read_parquet(&metrics_path)?;
@@ -497,8 +452,8 @@ fn run_rank(
     // training loop
     let mut last_good = resumed_from;
     let mut steps_here = 0;
-    // Steps whose losses are still on the device: (iter, lr, loss); `window` times them.
-    let mut pending: Vec<(usize, f64, Tensor)> = Vec::new();
+    // Steps whose losses are still on the device: (iter, lr); `window` times them.
+    let mut pending: Vec<(usize, f64)> = Vec::new();
     let mut window = Instant::now();
     let mut running_mfu = -1.0;
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
@@ -508,7 +463,7 @@ fn run_rank(
         // evaluate the loss on train/val sets and write checkpoints
         let due = iter % config.eval_interval == 0 || iter == config.max_iters;
         if writes && due && resumed_from != Some(iter) {
-            let losses = estimate_loss(&model, config, &train_data, &val_data, iter, &device)?;
+            let losses = estimate_loss(&trainer, config, &train_data, &val_data, iter)?;
             log!("step {iter}: train loss {:.4}, val loss {:.4}", losses[0], losses[1]);
             for (split, loss) in ["train", "val"].iter().zip(losses) {
                 if !loss.is_finite() {
@@ -531,14 +486,14 @@ fn run_rank(
                 config: serde_json::to_value(config)?,
                 rng: rng.state(),
                 files: Default::default(),
-                loss_scale,
+                loss_scale: trainer.loss_scale(),
             };
             // The record first: a checkpoint may be older than the record, never newer.
             metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
-            checkpoint::save(&ctx.out, "last", &varmap, &optimizer, state.clone())?;
+            trainer.save(&ctx.out, "last", state.clone())?;
             if improved || config.always_save_checkpoint {
                 log!("saving checkpoint to {}", ctx.out.display());
-                checkpoint::save(&ctx.out, "ckpt", &varmap, &optimizer, state)?;
+                trainer.save(&ctx.out, "ckpt", state)?;
             }
             metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
             last_good = Some(iter);
@@ -548,95 +503,35 @@ fn run_rank(
         }
 
         // forward backward update, with optional gradient accumulation to simulate larger batch
-        // size; each rank takes every `world.size`-th micro-batch
+        // size; every rank draws every micro-batch's offsets and takes its share
         if pending.is_empty() {
             window = Instant::now();
         }
-        let mut grads: Vec<Option<Tensor>> = vec![None; optimizer.vars().count()];
-        let mut loss_sum: Option<Tensor> = None;
-        let scale = loss_scale.map_or(1.0, |s| s.scale);
-        for micro_step in 0..config.gradient_accumulation_steps {
-            let offsets = batches::batch_offsets(&train_data, &mut rng, config.batch_size, block_size);
-            if micro_step % world.size != world.rank {
-                continue;
-            }
-            let (x, y) = batches::read_batch(&train_data, &offsets, block_size, &device)?;
-            // Dropout's masks follow from the seed and the micro-step alone, so a resumed run,
-            // or a world of another size, draws the ones the uninterrupted run drew.
-            let step = (iter * config.gradient_accumulation_steps + micro_step) as u64;
-            model.seed_dropout(config.seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
-            let logits = model.forward(&x, true)?; // (B, T, vocab_size)
-            let loss = gpt::cross_entropy(&logits, &y)?;
-            loss_sum = Some(match loss_sum {
-                Some(sum) => (sum + loss.detach())?,
-                None => loss.detach(),
-            });
-            // scale the loss to account for gradient accumulation
-            let store = (loss * (scale / local_steps as f64))?.backward()?;
-            for (sum, var) in grads.iter_mut().zip(optimizer.vars()) {
-                if let Some(grad) = store.get(var.as_tensor()) {
-                    *sum = Some(match sum.take() {
-                        Some(sum) => (sum + grad)?,
-                        None => grad.clone(),
-                    });
-                }
-            }
-        }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(optimizer.vars())
-            .map(|(grad, var)| grad.map_or_else(|| var.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
-        // the step's loss: the mean over all its micro-batches, averaged over the ranks along with
-        // the gradients (one collective call per bucket, the loss riding in the last)
-        let mut loss = (loss_sum.expect("at least one micro-step per rank") / local_steps as f64)?;
-        if let Some(collective) = collective.as_deref_mut() {
-            loss = crate::gpt::dist::average(collective, &mut grads, &loss)?;
-        }
-        let mut take_step = true;
-        if let Some(loss_scale) = &mut loss_scale {
-            // float16: whether this step overflowed decides whether it is taken (a wait per step).
-            let norm = crate::gpt::optim::grad_norm(&grads)?.to_scalar::<f32>()?;
-            take_step = loss_scale.update(norm.is_finite());
-            for grad in &mut grads {
-                *grad = (&*grad / scale)?;
-            }
-            if !take_step {
-                log!("iter {iter}: float16 gradients overflowed; step skipped, loss scale now {}", scale / 2.0);
-            }
-        }
-        if take_step {
-            // clip the gradient
-            if config.grad_clip != 0.0 {
-                crate::gpt::optim::clip_grad_norm(&mut grads, config.grad_clip)?;
-            }
-            // step the optimizer
-            optimizer.step(&grads, lr)?;
+        let micro_batches: Vec<Vec<u64>> = (0..config.gradient_accumulation_steps)
+            .map(|_| batches::batch_offsets(&train_data, &mut rng, config.batch_size, block_size))
+            .collect();
+        let first_micro_step = (iter * config.gradient_accumulation_steps) as u64;
+        let skipped = trainer.step(&train_data, &micro_batches, first_micro_step, config.seed, lr, config.grad_clip)?;
+        if let Some(scale) = skipped {
+            log!("iter {iter}: float16 gradients overflowed; step skipped, loss scale now {scale}");
         }
 
         // timing and logging: the losses stay on the device until a log line, an evaluation or
         // the end needs them (on a GPU, reading one waits for the whole step), and are then read
         // in one go; the CPU reads each step's at once.
-        pending.push((iter, lr, loss));
+        pending.push((iter, lr));
         let next = iter + 1;
-        let flush = (device.is_cpu() && !hooks.defer_loss_reads)
+        let flush = (trainer.is_cpu() && !hooks.defer_loss_reads)
             || iter % config.log_interval == 0
             || next % config.eval_interval == 0
             || next == config.max_iters
             || hooks.stop_after == Some(steps_here + 1);
         if flush {
-            let losses = Tensor::stack(
-                &pending
-                    .iter()
-                    .map(|(_, _, loss)| loss.to_dtype(DType::F64))
-                    .collect::<candle_core::Result<Vec<_>>>()?,
-                0,
-            )?
-            .to_vec1::<f64>()?;
+            let losses = trainer.read_losses()?;
             let dt = window.elapsed().as_secs_f64() / pending.len() as f64;
             window = Instant::now();
-            for ((at, lr, _), lossf) in pending.drain(..).zip(losses) {
-                if !lossf.is_finite() && loss_scale.is_none() {
+            for ((at, lr), lossf) in pending.drain(..).zip(losses) {
+                if !lossf.is_finite() && trainer.loss_scale().is_none() {
                     bail!(diverged(&format!("the training loss is {lossf}"), at, last_good));
                 }
                 step_seconds += dt;
@@ -771,72 +666,6 @@ fn check_world(config: &Config, ranks: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds the model in `varmap`: GPT-2 init from scratch, or a checkpoint's weights with the
-/// shape its config asks for (cropped to a smaller `block_size`, `dropout` replaced).
-fn init_model(
-    config: &Config,
-    ctx: &Context,
-    data_vocab: usize,
-    varmap: &VarMap,
-    device: &Device,
-    log: bool,
-) -> anyhow::Result<Gpt> {
-    if config.init_from == "scratch" {
-        let vocab_size = config.vocab_size.unwrap_or(data_vocab).next_multiple_of(config.pad_vocab_to_multiple_of);
-        let model_config = GptConfig {
-            block_size: config.block_size.unwrap_or(1024),
-            vocab_size,
-            n_layer: config.n_layer.unwrap_or(12),
-            n_head: config.n_head.unwrap_or(12),
-            n_embd: config.n_embd.unwrap_or(768),
-            dropout: config.dropout,
-            bias: config.bias.unwrap_or(false),
-        };
-        if log {
-            eprintln!("initializing a new model from scratch");
-        }
-        return Ok(Gpt::init(&model_config, varmap, device, config.seed)?);
-    }
-    let crate::gpt::source::Source { config: source_config, tensors, description, dir: source, .. } =
-        crate::gpt::source::source(&config.init_from, &ctx.root, device).context("`init_from`")?;
-    if log {
-        eprintln!("initializing from {description}");
-    }
-    // Shape params must agree with the checkpoint, except a smaller block_size, which crops.
-    let mismatch = |key: &str, asked: usize, found: usize| {
-        anyhow::anyhow!("`{key}: {asked}` does not match the checkpoint's {found} in `{}`", source.display())
-    };
-    for (key, asked, found) in [
-        ("n_layer", config.n_layer, source_config.n_layer),
-        ("n_head", config.n_head, source_config.n_head),
-        ("n_embd", config.n_embd, source_config.n_embd),
-        ("vocab_size", config.vocab_size, source_config.vocab_size),
-    ] {
-        if let Some(asked) = asked.filter(|&asked| asked != found) {
-            return Err(mismatch(key, asked, found));
-        }
-    }
-    if let Some(bias) = config.bias.filter(|&bias| bias != source_config.bias) {
-        bail!("`bias: {bias}` does not match the checkpoint's {} in `{}`", source_config.bias, source.display());
-    }
-    let block_size = config.block_size.unwrap_or(source_config.block_size);
-    ensure!(
-        block_size <= source_config.block_size,
-        "`block_size: {block_size}` is larger than the checkpoint's {}; it can only shrink",
-        source_config.block_size
-    );
-    let model_config = GptConfig { block_size, dropout: config.dropout, ..source_config };
-    let model = Gpt::init(&model_config, varmap, device, config.seed)?;
-    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
-        let tensor =
-            tensors.get(name).with_context(|| format!("the checkpoint in `{}` has no `{name}`", source.display()))?;
-        // Cropping: the first block_size positions of the position embedding (B, T) table.
-        let tensor = if name == "wpe.weight" { tensor.narrow(0, 0, block_size)? } else { tensor.clone() };
-        var.set(&tensor.to_dtype(var.dtype())?).with_context(|| format!("could not load `{name}`"))?;
-    }
-    Ok(model)
-}
-
 /// The most advanced complete checkpoint in `dir`, if any.
 fn latest_checkpoint(dir: &Path) -> anyhow::Result<Option<(&'static str, State)>> {
     let mut latest: Option<(&'static str, State)> = None;
@@ -896,27 +725,16 @@ const EVAL_STREAM: u64 = 0x6576_616c_0000_0000;
 /// model in eval mode (no dropout). Batches come from a stream of their own, fixed by the seed
 /// and the iteration, so evaluating never moves the training batches.
 fn estimate_loss(
-    model: &Gpt,
+    trainer: &Trainer,
     config: &Config,
     train_data: &TokenSplit,
     val_data: &TokenSplit,
     iter: usize,
-    device: &Device,
 ) -> anyhow::Result<[f64; 2]> {
     let mut out = [0.0; 2];
     for (split, (data, mean)) in [train_data, val_data].into_iter().zip(out.iter_mut()).enumerate() {
         let mut rng = Rng::new(config.seed ^ EVAL_STREAM ^ ((iter as u64) << 1 | split as u64));
-        let block_size = model.config.block_size;
-        *mean = batches::mean_loss(
-            model,
-            data,
-            &mut rng,
-            config.eval_iters,
-            config.batch_size,
-            block_size,
-            device,
-            &mut || {},
-        )?;
+        *mean = trainer.evaluate(data, &mut rng, config.eval_iters, config.batch_size)?;
     }
     Ok(out)
 }
@@ -937,6 +755,10 @@ fn json_number(x: f64) -> serde_json::Value {
 pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::gpt::optim::LossScale;
 
     pub fn context(root: &Path, out: &str) -> Context {
         let out = root.join(out);

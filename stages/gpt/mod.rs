@@ -7,7 +7,10 @@
 //! - `source`: where a model's weights come from (a Hub name, a train stage, an HF folder);
 //! - `optim`: AdamW, the learning-rate schedule, clipping; `checkpoint`: what a run saves and
 //!   resumes from; `rng`: the one seeded generator;
+//! - `trainer`: how one rank trains (`train.rs` says when); `batches`: token windows and the
+//!   mean loss over them;
 //! - `device`: devices and dtypes by name; `dist`: data-parallel ranks and their collective;
+//!   `ranks`: their processes on this machine;
 //! - `bench`: nanoGPT's bench.py.
 
 pub mod batches;
@@ -18,8 +21,10 @@ pub mod dist;
 pub mod model;
 pub mod ops;
 pub mod optim;
+pub mod ranks;
 pub mod rng;
 pub mod source;
+pub mod trainer;
 
 pub use model::{Gpt, GptConfig, Sampling, cross_entropy};
 pub use rng::Rng;

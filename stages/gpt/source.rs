@@ -36,6 +36,47 @@ pub struct Source {
     pub dir: PathBuf,
 }
 
+/// The shape a train stage asks of weights it starts from: unset keys take the checkpoint's;
+/// set ones must match it, except a smaller `block_size`, which crops (nanoGPT's
+/// `crop_block_size`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AskedShape {
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub vocab_size: Option<usize>,
+    pub bias: Option<bool>,
+    pub block_size: Option<usize>,
+    /// Not a property of the weights: whatever the stage asks.
+    pub dropout: f64,
+}
+
+impl AskedShape {
+    /// The model to build from a checkpoint of shape `found` (read from `dir`, for messages).
+    pub fn resolve(&self, found: &GptConfig, dir: &Path) -> anyhow::Result<GptConfig> {
+        for (key, asked, found) in [
+            ("n_layer", self.n_layer, found.n_layer),
+            ("n_head", self.n_head, found.n_head),
+            ("n_embd", self.n_embd, found.n_embd),
+            ("vocab_size", self.vocab_size, found.vocab_size),
+        ] {
+            if let Some(asked) = asked.filter(|&asked| asked != found) {
+                bail!("`{key}: {asked}` does not match the checkpoint's {found} in `{}`", dir.display());
+            }
+        }
+        if let Some(bias) = self.bias.filter(|&bias| bias != found.bias) {
+            bail!("`bias: {bias}` does not match the checkpoint's {} in `{}`", found.bias, dir.display());
+        }
+        let block_size = self.block_size.unwrap_or(found.block_size);
+        anyhow::ensure!(
+            block_size <= found.block_size,
+            "`block_size: {block_size}` is larger than the checkpoint's {}; it can only shrink",
+            found.block_size
+        );
+        Ok(GptConfig { block_size, dropout: self.dropout, ..found.clone() })
+    }
+}
+
 /// A model ready to run.
 pub struct Model {
     pub gpt: Gpt,
@@ -139,6 +180,12 @@ fn hugging_face(dir: &Path, device: &Device) -> anyhow::Result<Source> {
         description: format!("the Hugging Face GPT-2 in `{}`", dir.display()),
         dir: dir.to_path_buf(),
     })
+}
+
+/// Reads the model `spec` names once on the CPU, so that a Hub model is fetched (and a broken
+/// one reported) by one process rather than by every rank at the same time.
+pub fn prefetch(spec: &str, root: &Path) -> anyhow::Result<()> {
+    source(spec, root, &Device::Cpu).map(|_| ())
 }
 
 /// `openai-community/NAME`'s config.json and model.safetensors in the Hub cache: their folder.
