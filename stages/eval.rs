@@ -16,14 +16,13 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail, ensure};
 use arrow_array::{ArrayRef, Float64Array, Int64Array, StringArray};
-use candle_core::{D, DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::formats::meta::Meta;
 use crate::formats::shard::TokenSplit;
 use crate::formats::tokenizer::Tokenizer;
 use crate::gpt::source::{self, Model};
-use crate::gpt::{GptConfig, Rng, batches};
+use crate::gpt::{GptConfig, Rng};
 use crate::{Context, Invalid, Progress, Report, Unit, Upstream, at_least_one, ensure};
 
 pub const VERSION: u32 = 1;
@@ -124,7 +123,6 @@ pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
-    let device = crate::gpt::device::by_name(&config.device)?;
     let data = match config.data.is_empty() {
         true => None,
         false => Some(Data::open(&ctx.root.join(&config.data)).context("`data`")?),
@@ -136,19 +134,19 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
 
     let mut rows = Vec::new();
     for (i, spec) in config.models.iter().enumerate() {
-        let model = source::load(spec, &ctx.root, &device).with_context(|| format!("`models[{i}]`"))?;
+        let model = source::load(spec, &ctx.root, &config.device).with_context(|| format!("`models[{i}]`"))?;
         eprintln!("evaluating {}", model.description);
         let mut row =
-            Row { model: spec_name(spec), params: model.gpt.config.num_params(true) as i64, ..Row::default() };
+            Row { model: spec_name(spec), params: model.config().num_params(true) as i64, ..Row::default() };
         if let Some(data) = &data {
             let [train, val] =
-                data.losses(&model, config, &device).with_context(|| format!("`models[{i}]` on `data`"))?;
+                data.losses(&model, config).with_context(|| format!("`models[{i}]` on `data`"))?;
             eprintln!("  train loss {train:.4}, val loss {val:.4}");
             (row.train_loss, row.val_loss) = (Some(train), Some(val));
         }
         if let Some(examples) = &hellaswag {
             let score =
-                score_hellaswag(&model, examples, &device).with_context(|| format!("`models[{i}]` on HellaSwag"))?;
+                score_hellaswag(&model, examples).with_context(|| format!("`models[{i}]` on HellaSwag"))?;
             eprintln!("  hellaswag acc {:.4}, acc_norm {:.4} ({} examples)", score.acc, score.acc_norm, score.examples);
             row.hellaswag_acc = Some(score.acc);
             row.hellaswag_acc_norm = Some(score.acc_norm);
@@ -215,24 +213,24 @@ impl Data {
     }
 
     /// nanoGPT's estimate_loss for one model: [train, val].
-    fn losses(&self, model: &Model, config: &Config, device: &Device) -> anyhow::Result<[f64; 2]> {
-        let gpt = &model.gpt;
+    fn losses(&self, model: &Model, config: &Config) -> anyhow::Result<[f64; 2]> {
+        let gpt = model.config();
         if let (Some(ours), Some(theirs)) = (&self.tokenizer, &model.tokenizer)
             && ours.name() != theirs.name()
         {
             bail!("the data is tokenized with `{}`, the model with `{}`", ours.name().as_str(), theirs.name().as_str());
         }
         ensure!(
-            self.vocab_size <= gpt.config.vocab_size,
+            self.vocab_size <= gpt.vocab_size,
             "the data's vocabulary ({}) does not fit the model's ({})",
             self.vocab_size,
-            gpt.config.vocab_size
+            gpt.vocab_size
         );
-        let block_size = config.block_size.unwrap_or(gpt.config.block_size);
+        let block_size = config.block_size.unwrap_or(gpt.block_size);
         ensure!(
-            block_size <= gpt.config.block_size,
+            block_size <= gpt.block_size,
             "`block_size: {block_size}` is longer than the model's context ({})",
-            gpt.config.block_size
+            gpt.block_size
         );
         let mut out = [0.0; 2];
         for (split, (data, mean)) in [&self.train, &self.val].into_iter().zip(out.iter_mut()).enumerate() {
@@ -245,16 +243,8 @@ impl Data {
             );
             let mut rng = Rng::new(config.seed ^ (split as u64) << 32);
             let mut progress = Progress::new(format!("{name} loss"), Unit::Items, Some(config.eval_iters as u64));
-            *mean = batches::mean_loss(
-                gpt,
-                data,
-                &mut rng,
-                config.eval_iters,
-                config.batch_size,
-                block_size,
-                device,
-                &mut || progress.inc(1),
-            )?;
+            let iters = config.eval_iters;
+            *mean = model.mean_loss(data, &mut rng, iters, config.batch_size, block_size, &mut || progress.inc(1))?;
             progress.finish();
         }
         Ok(out)
@@ -313,12 +303,12 @@ pub struct Score {
     pub examples: usize,
 }
 
-fn score_hellaswag(model: &Model, examples: &[Example], device: &Device) -> anyhow::Result<Score> {
+fn score_hellaswag(model: &Model, examples: &[Example]) -> anyhow::Result<Score> {
     let tokenizer = model.tokenizer()?;
     let (mut correct, mut correct_norm) = (0, 0);
     let mut progress = Progress::new("hellaswag", Unit::Items, Some(examples.len() as u64));
     for (i, example) in examples.iter().enumerate() {
-        let losses = ending_losses(model, tokenizer, example, device).with_context(|| format!("example {i}"))?;
+        let losses = ending_losses(model, tokenizer, example).with_context(|| format!("example {i}"))?;
         let argmin =
             |values: Vec<f64>| (0..values.len()).fold(0, |best, j| if values[j] < values[best] { j } else { best });
         correct += usize::from(argmin(losses.iter().map(|(sum, _)| *sum).collect()) == example.label);
@@ -331,49 +321,12 @@ fn score_hellaswag(model: &Model, examples: &[Example], device: &Device) -> anyh
 }
 
 /// (total, mean) cross-entropy of each ending's tokens after the context, as build-nanogpt's
-/// hellaswag.py: the ending is encoded with a leading space, the rows are padded to the longest
-/// and only ending tokens count. A row longer than the model's context keeps its last tokens.
-pub fn ending_losses(
-    model: &Model,
-    tokenizer: &Tokenizer,
-    example: &Example,
-    device: &Device,
-) -> anyhow::Result<Vec<(f64, f64)>> {
+/// hellaswag.py: the ending is encoded with a leading space (see `Model::ending_losses`).
+pub fn ending_losses(model: &Model, tokenizer: &Tokenizer, example: &Example) -> anyhow::Result<Vec<(f64, f64)>> {
     let context = tokenizer.encode(&example.ctx)?;
-    let mut rows = Vec::new();
-    for ending in &example.endings {
-        let ending = tokenizer.encode(&format!(" {ending}"))?;
-        ensure!(!ending.is_empty(), "an ending encodes to no tokens");
-        let mut tokens = context.clone();
-        tokens.extend(&ending);
-        let mut mask = vec![0u8; context.len()];
-        mask.extend(std::iter::repeat_n(1, ending.len()));
-        let keep = model.gpt.config.block_size + 1;
-        if tokens.len() > keep {
-            tokens.drain(..tokens.len() - keep);
-            mask.drain(..mask.len() - keep);
-        }
-        rows.push((tokens, mask));
-    }
-    let t = rows.iter().map(|(tokens, _)| tokens.len()).max().unwrap_or(0);
-    let n = rows.len();
-    let (mut x, mut y, mut m): (Vec<u32>, Vec<u32>, Vec<f32>) = (Vec::new(), Vec::new(), Vec::new());
-    for (tokens, mask) in &rows {
-        let pad = t - tokens.len();
-        let padded: Vec<u32> = tokens.iter().copied().chain(std::iter::repeat_n(0, pad)).collect();
-        x.extend(&padded[..t - 1]);
-        y.extend(&padded[1..]);
-        m.extend(mask[1..].iter().map(|&v| v as f32).chain(std::iter::repeat_n(0.0, pad)));
-    }
-    let x = Tensor::from_vec(x, (n, t - 1), device)?;
-    let y = Tensor::from_vec(y, (n, t - 1, 1), device)?;
-    let logits = model.gpt.forward(&x, false)?; // (N, T-1, V)
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let losses = log_probs.gather(&y, 2)?.squeeze(2)?.neg()?; // (N, T-1)
-    let mask = Tensor::from_vec(m, (n, t - 1), device)?;
-    let sums = (losses * &mask)?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let counts = mask.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    Ok(sums.into_iter().zip(counts).map(|(sum, count)| (sum, sum / count)).collect())
+    let endings =
+        example.endings.iter().map(|ending| tokenizer.encode(&format!(" {ending}"))).collect::<anyhow::Result<Vec<_>>>()?;
+    model.ending_losses(&context, &endings)
 }
 
 fn write_parquet(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
@@ -445,7 +398,7 @@ fn format_params(params: i64) -> String {
 mod tests {
     use super::*;
     use crate::train::tests as test_support;
-    use candle_core::IndexOp;
+    use candle_core::{D, Device, IndexOp, Tensor};
 
     #[test]
     fn spec_names_are_stage_names() {
@@ -493,14 +446,14 @@ mod tests {
         assert!(losses[1] < losses[0] - 0.3, "{table}");
 
         // HellaSwag scores, checked against the losses of each ending computed one at a time.
-        let model = source::load(&trained.out.display().to_string(), dir.path(), &Device::Cpu)?;
+        let model = source::load(&trained.out.display().to_string(), dir.path(), "cpu")?;
         let tokenizer = model.tokenizer()?;
         let example = &hellaswag_examples(&hellaswag, 1)?[0];
-        let batched = ending_losses(&model, tokenizer, example, &Device::Cpu)?;
+        let batched = ending_losses(&model, tokenizer, example)?;
         for (ending, (sum, mean)) in example.endings.iter().zip(&batched) {
             let tokens = tokenizer.encode(&format!("{} {ending}", example.ctx))?;
             // Rows longer than the context keep their last block_size + 1 tokens.
-            let dropped = tokens.len().saturating_sub(model.gpt.config.block_size + 1);
+            let dropped = tokens.len().saturating_sub(model.config().block_size + 1);
             let tokens = &tokens[dropped..];
             let context = &tokenizer.encode(&example.ctx)?[dropped..];
             let x = Tensor::new(&tokens[..tokens.len() - 1], &Device::Cpu)?.unsqueeze(0)?;

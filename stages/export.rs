@@ -9,7 +9,6 @@
 //! for GPT-2 BPE, `char_vocab.json` for a character vocabulary.
 
 use anyhow::Context as _;
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use crate::gpt::GptConfig;
@@ -43,15 +42,15 @@ pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
-    let model = source::load(&config.model, &ctx.root, &Device::Cpu).context("`model`")?;
-    model.gpt.save_hf(&model.varmap, &ctx.out)?;
+    let model = source::load(&config.model, &ctx.root, "cpu").context("`model`")?;
+    model.save_hf(&ctx.out)?;
     let mut files = vec!["model.safetensors", "config.json"];
     match &model.tokenizer {
         Some(tokenizer) => files.extend(tokenizer.write_export(&ctx.out)?),
         None => eprintln!("{} records no tokenizer: the export has none", model.description),
     }
     eprintln!("exported {} as {}", model.description, files.join(", "));
-    let config = &model.gpt.config;
+    let config = model.config();
     let tokenizer = model.tokenizer.as_ref().map_or("no", |tokenizer| tokenizer.name().as_str());
     let mut report = Report {
         summary: format!(
@@ -70,7 +69,7 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
 mod tests {
     use super::*;
     use crate::train::tests as test_support;
-    use candle_core::{D, Tensor};
+    use candle_core::{D, Device, Tensor};
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         a.sub(b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar().unwrap()
@@ -90,8 +89,8 @@ mod tests {
             assert!(ctx.out.join(file).exists(), "{file}");
         }
 
-        let original = source::load(&trained.out.display().to_string(), dir.path(), &Device::Cpu)?;
-        let exported = source::load(&ctx.out.display().to_string(), dir.path(), &Device::Cpu)?;
+        let original = source::load(&trained.out.display().to_string(), dir.path(), "cpu")?;
+        let exported = source::load(&ctx.out.display().to_string(), dir.path(), "cpu")?;
         assert!(!original.gpt.config.bias && exported.gpt.config.bias, "zero biases were added");
         let idx = Tensor::new(&[[1u32, 5, 9, 13, 2, 7], [0, 3, 3, 8, 20, 31]], &Device::Cpu)?;
         let diff = max_abs_diff(&original.gpt.forward(&idx, false)?, &exported.gpt.forward(&idx, false)?);
@@ -117,7 +116,7 @@ mod tests {
         let reference =
             candle_core::safetensors::load(fixtures.join("tiny-export-reference.safetensors"), &Device::Cpu)?;
         let idx = reference["idx"].to_dtype(candle_core::DType::U32)?;
-        let model = source::load(&export.display().to_string(), &fixtures, &Device::Cpu)?;
+        let model = source::load(&export.display().to_string(), &fixtures, "cpu")?;
         let logits = model.gpt.forward(&idx, false)?;
         assert_eq!(logits.dims(), reference["logits"].dims());
         let diff = max_abs_diff(&logits, &reference["logits"]);

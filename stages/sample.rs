@@ -7,7 +7,6 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context as _, ensure};
-use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 use crate::formats::tokenizer::Utf8Stream;
@@ -110,8 +109,7 @@ pub enum Event<'a> {
 /// Draws the samples, calling `on_event` as text comes. Relative paths resolve against `root`.
 pub fn generate(config: &Config, root: &Path, on_event: &mut dyn FnMut(Event)) -> anyhow::Result<Samples> {
     check(config, &Upstream::none())?;
-    let device = crate::gpt::device::by_name(&config.device)?;
-    let model = source::load(&config.model, root, &device).context("`model`")?;
+    let model = source::load(&config.model, root, &config.device).context("`model`")?;
     let tokenizer = model.tokenizer()?;
     let prompt = match config.start.strip_prefix("FILE:") {
         Some(path) => fs_err::read_to_string(root.join(path)).context("`start`")?,
@@ -122,7 +120,7 @@ pub fn generate(config: &Config, root: &Path, on_event: &mut dyn FnMut(Event)) -
     eprintln!(
         "sampling from {} ({:.2}M parameters)",
         model.description,
-        model.gpt.config.num_params(true) as f64 / 1e6
+        model.config().num_params(true) as f64 / 1e6
     );
 
     let sampling = Sampling {
@@ -132,13 +130,12 @@ pub fn generate(config: &Config, root: &Path, on_event: &mut dyn FnMut(Event)) -
         kv_cache: config.kv_cache,
     };
     let mut rng = Rng::new(config.seed);
-    let idx = Tensor::new(ids.as_slice(), &device)?.unsqueeze(0)?; // (1, T)
     let started = Instant::now();
     let mut samples = Vec::new();
     for _ in 0..config.num_samples {
         on_event(Event::Text(&prompt));
         let mut stream = Utf8Stream::default();
-        let out = model.gpt.generate_with(&idx, &sampling, &mut rng, &mut |next| {
+        let out = model.generate(&ids, &sampling, &mut rng, &mut |next| {
             let text = stream.push(&tokenizer.decode_bytes(next));
             if !text.is_empty() {
                 on_event(Event::Text(&text));
@@ -147,7 +144,7 @@ pub fn generate(config: &Config, root: &Path, on_event: &mut dyn FnMut(Event)) -
         })?;
         on_event(Event::Text(&stream.finish()));
         on_event(Event::EndOfSample);
-        samples.push(tokenizer.decode(&out.squeeze(0)?.to_vec1::<u32>()?));
+        samples.push(tokenizer.decode(&out));
     }
     Ok(Samples {
         model: model.description.clone(),

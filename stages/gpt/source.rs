@@ -15,13 +15,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::fetch::hub::{self, Hub};
 use crate::formats::tokenizer::Tokenizer;
 use crate::gpt::checkpoint;
-use crate::gpt::{Gpt, GptConfig};
+use crate::formats::shard::TokenSplit;
+use crate::gpt::{Gpt, GptConfig, Rng, Sampling, batches};
 use crate::{Invalid, Upstream};
 
 /// A model's shape and weights, not yet built: what `init_from` crops and checks before use.
@@ -84,6 +85,7 @@ pub struct Model {
     pub tokenizer: Option<Tokenizer>,
     pub description: String,
     pub dir: PathBuf,
+    pub device: Device,
 }
 
 /// What `spec` may be, for error messages.
@@ -137,7 +139,8 @@ pub fn source(spec: &str, root: &Path, device: &Device) -> anyhow::Result<Source
 }
 
 /// Builds the model `spec` names, with dropout off.
-pub fn load(spec: &str, root: &Path, device: &Device) -> anyhow::Result<Model> {
+pub fn load(spec: &str, root: &Path, device: &str) -> anyhow::Result<Model> {
+    let device = &crate::gpt::device::by_name(device)?;
     let Source { config, tensors, tokenizer, description, dir } = source(spec, root, device)?;
     let varmap = VarMap::new();
     {
@@ -148,10 +151,84 @@ pub fn load(spec: &str, root: &Path, device: &Device) -> anyhow::Result<Model> {
     }
     let gpt = Gpt::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, device))
         .with_context(|| format!("{description} does not hold the GPT its config describes"))?;
-    Ok(Model { gpt, varmap, tokenizer, description, dir })
+    Ok(Model { gpt, varmap, tokenizer, description, dir, device: device.clone() })
 }
 
 impl Model {
+    pub fn config(&self) -> &GptConfig {
+        &self.gpt.config
+    }
+
+    /// Writes the model in the Hugging Face GPT-2 layout (see `Gpt::save_hf`).
+    pub fn save_hf(&self, dir: &Path) -> anyhow::Result<()> {
+        self.gpt.save_hf(&self.varmap, dir)
+    }
+
+    /// `prompt` continued (see `Gpt::generate_with`): the prompt and the new tokens.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        sampling: &Sampling,
+        rng: &mut Rng,
+        on_tokens: &mut dyn FnMut(&[u32]) -> candle_core::Result<()>,
+    ) -> anyhow::Result<Vec<u32>> {
+        let idx = Tensor::new(prompt, &self.device)?.unsqueeze(0)?; // (1, T)
+        Ok(self.gpt.generate_with(&idx, sampling, rng, on_tokens)?.squeeze(0)?.to_vec1::<u32>()?)
+    }
+
+    /// The mean loss over `iters` batches of `data` drawn from `rng` (see `batches::mean_loss`).
+    pub fn mean_loss(
+        &self,
+        data: &TokenSplit,
+        rng: &mut Rng,
+        iters: usize,
+        batch_size: usize,
+        block_size: usize,
+        on_batch: &mut dyn FnMut(),
+    ) -> anyhow::Result<f64> {
+        batches::mean_loss(&self.gpt, data, rng, iters, batch_size, block_size, &self.device, on_batch)
+    }
+
+    /// (total, mean) cross-entropy of each ending's tokens after `context`, in one batch (as
+    /// build-nanogpt's hellaswag.py scores them): rows padded to the longest, only ending tokens
+    /// counted, and a row longer than the model's context keeping its last tokens.
+    pub fn ending_losses(&self, context: &[u32], endings: &[Vec<u32>]) -> anyhow::Result<Vec<(f64, f64)>> {
+        let mut rows = Vec::new();
+        for ending in endings {
+            anyhow::ensure!(!ending.is_empty(), "an ending encodes to no tokens");
+            let mut tokens = context.to_vec();
+            tokens.extend(ending);
+            let mut mask = vec![0u8; context.len()];
+            mask.extend(std::iter::repeat_n(1, ending.len()));
+            let keep = self.gpt.config.block_size + 1;
+            if tokens.len() > keep {
+                tokens.drain(..tokens.len() - keep);
+                mask.drain(..mask.len() - keep);
+            }
+            rows.push((tokens, mask));
+        }
+        let t = rows.iter().map(|(tokens, _)| tokens.len()).max().unwrap_or(0);
+        let n = rows.len();
+        let (mut x, mut y, mut m): (Vec<u32>, Vec<u32>, Vec<f32>) = (Vec::new(), Vec::new(), Vec::new());
+        for (tokens, mask) in &rows {
+            let pad = t - tokens.len();
+            let padded: Vec<u32> = tokens.iter().copied().chain(std::iter::repeat_n(0, pad)).collect();
+            x.extend(&padded[..t - 1]);
+            y.extend(&padded[1..]);
+            m.extend(mask[1..].iter().map(|&v| v as f32).chain(std::iter::repeat_n(0.0, pad)));
+        }
+        let device = &self.device;
+        let x = Tensor::from_vec(x, (n, t - 1), device)?;
+        let y = Tensor::from_vec(y, (n, t - 1, 1), device)?;
+        let logits = self.gpt.forward(&x, false)?; // (N, T-1, V)
+        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let losses = log_probs.gather(&y, 2)?.squeeze(2)?.neg()?; // (N, T-1)
+        let mask = Tensor::from_vec(m, (n, t - 1), device)?;
+        let sums = (losses * &mask)?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let counts = mask.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        Ok(sums.into_iter().zip(counts).map(|(sum, count)| (sum, sum / count)).collect())
+    }
+
     /// The tokenizer, or an error saying why a model without one cannot be used here.
     pub fn tokenizer(&self) -> anyhow::Result<&Tokenizer> {
         self.tokenizer.as_ref().with_context(|| {
