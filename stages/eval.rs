@@ -136,17 +136,14 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     for (i, spec) in config.models.iter().enumerate() {
         let model = source::load(spec, &ctx.root, &config.device).with_context(|| format!("`models[{i}]`"))?;
         eprintln!("evaluating {}", model.description);
-        let mut row =
-            Row { model: spec_name(spec), params: model.config().num_params(true) as i64, ..Row::default() };
+        let mut row = Row { model: spec_name(spec), params: model.config().num_params(true) as i64, ..Row::default() };
         if let Some(data) = &data {
-            let [train, val] =
-                data.losses(&model, config).with_context(|| format!("`models[{i}]` on `data`"))?;
+            let [train, val] = data.losses(&model, config).with_context(|| format!("`models[{i}]` on `data`"))?;
             eprintln!("  train loss {train:.4}, val loss {val:.4}");
             (row.train_loss, row.val_loss) = (Some(train), Some(val));
         }
         if let Some(examples) = &hellaswag {
-            let score =
-                score_hellaswag(&model, examples).with_context(|| format!("`models[{i}]` on HellaSwag"))?;
+            let score = score_hellaswag(&model, examples).with_context(|| format!("`models[{i}]` on HellaSwag"))?;
             eprintln!("  hellaswag acc {:.4}, acc_norm {:.4} ({} examples)", score.acc, score.acc_norm, score.examples);
             row.hellaswag_acc = Some(score.acc);
             row.hellaswag_acc_norm = Some(score.acc_norm);
@@ -324,8 +321,11 @@ fn score_hellaswag(model: &Model, examples: &[Example]) -> anyhow::Result<Score>
 /// hellaswag.py: the ending is encoded with a leading space (see `Model::ending_losses`).
 pub fn ending_losses(model: &Model, tokenizer: &Tokenizer, example: &Example) -> anyhow::Result<Vec<(f64, f64)>> {
     let context = tokenizer.encode(&example.ctx)?;
-    let endings =
-        example.endings.iter().map(|ending| tokenizer.encode(&format!(" {ending}"))).collect::<anyhow::Result<Vec<_>>>()?;
+    let endings = example
+        .endings
+        .iter()
+        .map(|ending| tokenizer.encode(&format!(" {ending}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     model.ending_losses(&context, &endings)
 }
 

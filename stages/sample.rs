@@ -117,11 +117,7 @@ pub fn generate(config: &Config, root: &Path, on_event: &mut dyn FnMut(Event)) -
     };
     let ids = tokenizer.encode(&prompt).context("`start`: the prompt cannot be encoded")?;
     ensure!(!ids.is_empty(), "`start` is empty: the model needs at least one token to continue");
-    eprintln!(
-        "sampling from {} ({:.2}M parameters)",
-        model.description,
-        model.config().num_params(true) as f64 / 1e6
-    );
+    eprintln!("sampling from {} ({:.2}M parameters)", model.description, model.config().num_params(true) as f64 / 1e6);
 
     let sampling = Sampling {
         max_new_tokens: config.max_new_tokens,

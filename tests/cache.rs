@@ -19,7 +19,16 @@ fn second_run_runs_nothing() {
     assert_eq!(test.runs(), ["a", "b", "c", "side"]);
     let output = test.expect(&["run", "all"], 0);
     assert_eq!(test.runs(), Vec::<String>::new());
-    assert!(output.stderr.contains("ran 0, cached 4"), "{}", output.stderr);
+    assert_eq!(
+        test.redact(&output.stderr),
+        "\
+[1/4] a     cached   artifacts/a/[KEY]/out
+[2/4] b     cached   artifacts/b/[KEY]/out
+[3/4] c     cached   artifacts/c/[KEY]/out
+[4/4] side  cached   artifacts/side/[KEY]/out
+ran 0, cached 4 in [TIME]
+"
+    );
     assert_eq!(test.read("artifacts/c/current/c.txt"), "one\n");
 }
 
@@ -31,7 +40,18 @@ fn param_change_reruns_that_stage_and_its_dependents_only() {
     test.write("pipeline.yaml", &chain().replace("echo one", "echo two"));
     let output = test.expect(&["run", "all"], 0);
     assert_eq!(test.runs(), ["a", "b", "c"]);
-    assert!(output.stderr.contains("param `run` changed"), "{}", output.stderr);
+    assert_eq!(
+        test.redact(&output.stderr),
+        r#"[1/4] a     running  (param `run` changed: "echo a >> runs.log\necho one > $OUT/a.… -> "echo a >> runs.log\necho two > $OUT/a.…)
+[1/4] a     done     [TIME]  artifacts/a/[KEY]/out
+[2/4] b     running  (input `a` changed)
+[2/4] b     done     [TIME]  artifacts/b/[KEY]/out
+[3/4] c     running  (input `b` changed)
+[3/4] c     done     [TIME]  artifacts/c/[KEY]/out
+[4/4] side  cached   artifacts/side/[KEY]/out
+ran 3, cached 1 in [TIME]
+"#
+    );
     assert_eq!(test.read("artifacts/c/current/c.txt"), "two\n");
 }
 
@@ -60,10 +80,26 @@ fn reverting_a_param_restores_from_the_store_without_running() {
     test.runs();
     test.write("pipeline.yaml", &chain());
     let status = test.expect(&["status"], 0);
-    assert!(status.stdout.contains("restores without running"), "{}", status.stdout);
+    assert_eq!(
+        status.stdout,
+        r#"a     stale    param `run` changed: "echo a >> runs.log\necho two > $OUT/a.… -> "echo a >> runs.log\necho one > $OUT/a.… (stored: restores without running)
+b     stale    input `a` changed (stored: restores without running)
+c     stale    input `b` changed (stored: restores without running)
+side  fresh
+"#
+    );
     let output = test.expect(&["run", "all"], 0);
     assert_eq!(test.runs(), Vec::<String>::new());
-    assert!(output.stderr.contains("restored"), "{}", output.stderr);
+    assert_eq!(
+        test.redact(&output.stderr),
+        "\
+[1/4] a     restored artifacts/a/[KEY]/out
+[2/4] b     restored artifacts/b/[KEY]/out
+[3/4] c     restored artifacts/c/[KEY]/out
+[4/4] side  cached   artifacts/side/[KEY]/out
+ran 0, cached 4 in [TIME]
+"
+    );
     assert_eq!(test.read("artifacts/c/current/c.txt"), "one\n");
 }
 

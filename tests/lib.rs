@@ -109,6 +109,43 @@ impl Test {
         entries
     }
 
+    /// `text` as a test can compare it whole: the test's folder as `[ROOT]`, store keys (16 hex
+    /// digits after a `/` or `-`) as `[KEY]`, durations (`0.0s`, `12ms`) as `[TIME]`.
+    pub fn redact(&self, text: &str) -> String {
+        let text = text.replace(&self.dir.path().display().to_string(), "[ROOT]");
+        let bytes = text.as_bytes();
+        let mut out = String::with_capacity(text.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            let boundary = i == 0 || !bytes[i - 1].is_ascii_alphanumeric() && bytes[i - 1] != b'.';
+            let hex = bytes[i..].iter().take_while(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()).count();
+            if i > 0
+                && matches!(bytes[i - 1], b'/' | b'-')
+                && hex == 16
+                && bytes.get(i + 16).is_none_or(|b| !b.is_ascii_alphanumeric())
+            {
+                out.push_str("[KEY]");
+                i += 16;
+                continue;
+            }
+            let number = bytes[i..].iter().take_while(|b| b.is_ascii_digit() || **b == b'.').count();
+            if boundary && number > 0 && bytes[i].is_ascii_digit() {
+                let unit = [&b"ms"[..], b"s"].into_iter().find(|unit| bytes[i + number..].starts_with(unit));
+                if let Some(unit) = unit
+                    && bytes.get(i + number + unit.len()).is_none_or(|b| !b.is_ascii_alphanumeric())
+                {
+                    out.push_str("[TIME]");
+                    i += number + unit.len();
+                    continue;
+                }
+            }
+            let len = text[i..].chars().next().map_or(1, char::len_utf8);
+            out.push_str(&text[i..i + len]);
+            i += len;
+        }
+        out
+    }
+
     pub fn wait_for_file(&self, relative: &str) -> String {
         let path = self.path(relative);
         wait_until(|| path.exists() && !fs_err::read_to_string(&path).unwrap_or_default().is_empty());

@@ -3,7 +3,7 @@
 //!
 //!     cargo bench -p nanoflow-stages --bench bpe [-- PATH [MEGABYTES]]
 //!
-//! The text is tiny Shakespeare (`/work/shared/data/tinyshakespeare/input.txt`, or PATH)
+//! The text is tiny Shakespeare (`data/tinyshakespeare/input.txt` in the repo, or PATH)
 //! repeated to about 20 MB, else generated text. Both sides encode the same chunks (cut where
 //! tokenization may break, so both give the whole text's tokens); the token counts must agree.
 
@@ -14,7 +14,10 @@ use rayon::prelude::*;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|arg| !arg.starts_with("--")).collect();
-    let path = args.first().cloned().unwrap_or("/work/shared/data/tinyshakespeare/input.txt".into());
+    let path = args
+        .first()
+        .cloned()
+        .unwrap_or(concat!(env!("CARGO_MANIFEST_DIR"), "/../data/tinyshakespeare/input.txt").into());
     let megabytes: usize = args.get(1).and_then(|mb| mb.parse().ok()).unwrap_or(20);
     let seed = match fs_err::read_to_string(&path) {
         Ok(text) => {

@@ -3,8 +3,8 @@
 //! (`metrics.parquet`, `loss.png`).
 
 pub mod bpe;
-pub mod meta;
+pub(crate) mod meta;
 pub mod metrics;
-pub mod shard;
-pub mod table;
-pub mod tokenizer;
+pub(crate) mod shard;
+pub(crate) mod table;
+pub(crate) mod tokenizer;

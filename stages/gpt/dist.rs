@@ -126,7 +126,6 @@ pub fn first_host(list: &str) -> anyhow::Result<String> {
 /// Averages tensors over the ranks of a world. Every rank calls it with tensors of the same
 /// shapes in the same order; all get the same result.
 pub trait Collective {
-    fn world(&self) -> &World;
     /// The elementwise mean over ranks of a flat f32 tensor.
     fn all_reduce_mean(&mut self, flat: &Tensor) -> anyhow::Result<Tensor>;
 }
@@ -250,7 +249,9 @@ impl Rendezvous {
         Ok(Rendezvous { world: world.clone(), peers })
     }
 
-    /// Rank 0's `bytes` on every rank (the others pass a buffer of the same length to fill).
+    /// Rank 0's `bytes` on every rank (the others pass a buffer of the same length to fill):
+    /// NCCL's unique id.
+    #[cfg(feature = "nccl")]
     pub fn broadcast(&mut self, bytes: &mut [u8]) -> anyhow::Result<()> {
         if self.world.rank == 0 {
             for (i, peer) in self.peers.iter_mut().enumerate() {
@@ -295,10 +296,6 @@ impl TcpCollective {
 }
 
 impl Collective for TcpCollective {
-    fn world(&self) -> &World {
-        &self.rendezvous.world
-    }
-
     fn all_reduce_mean(&mut self, flat: &Tensor) -> anyhow::Result<Tensor> {
         let world = self.rendezvous.world.clone();
         if world.size == 1 {
@@ -400,10 +397,6 @@ mod nccl {
     }
 
     impl Collective for NcclCollective {
-        fn world(&self) -> &World {
-            &self.rendezvous.world
-        }
-
         fn all_reduce_mean(&mut self, flat: &Tensor) -> anyhow::Result<Tensor> {
             Ok(flat.contiguous()?.apply_op1_no_bwd(&AllReduce { comm: self.comm.clone() })?)
         }

@@ -13,18 +13,18 @@
 //!   `ranks`: their processes on this machine;
 //! - `bench`: nanoGPT's bench.py.
 
-pub mod batches;
+pub(crate) mod batches;
 pub mod bench;
-pub mod checkpoint;
-pub mod device;
-pub mod dist;
-pub mod model;
-pub mod ops;
+pub(crate) mod checkpoint;
+pub(crate) mod device;
+pub(crate) mod dist;
+pub(crate) mod model;
+pub(crate) mod ops;
 pub mod optim;
-pub mod ranks;
-pub mod rng;
-pub mod source;
-pub mod trainer;
+pub(crate) mod ranks;
+pub(crate) mod rng;
+pub(crate) mod source;
+pub(crate) mod trainer;
 
 pub use model::{Gpt, GptConfig, Sampling, cross_entropy};
 pub use rng::Rng;

@@ -19,9 +19,9 @@ use candle_core::{D, DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 
 use crate::fetch::hub::{self, Hub};
+use crate::formats::shard::TokenSplit;
 use crate::formats::tokenizer::Tokenizer;
 use crate::gpt::checkpoint;
-use crate::formats::shard::TokenSplit;
 use crate::gpt::{Gpt, GptConfig, Rng, Sampling, batches};
 use crate::{Invalid, Upstream};
 

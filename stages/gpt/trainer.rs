@@ -242,11 +242,6 @@ impl Trainer {
         Ok(skipped)
     }
 
-    /// Steps whose losses have not been read.
-    pub fn unread(&self) -> usize {
-        self.pending.len()
-    }
-
     /// The losses of the steps since the last read, in order, in one read from the device.
     pub fn read_losses(&mut self) -> anyhow::Result<Vec<f64>> {
         let losses =
