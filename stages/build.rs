@@ -1,4 +1,4 @@
-//! With `--features cuda`: compiles gpt/kernels/ops.cu to PTX with nvcc (`$CUDA_ROOT/bin/nvcc`, else
+//! With `--features cuda`: compiles gpt/ops/kernels.cu to PTX with nvcc (`$CUDA_ROOT/bin/nvcc`, else
 //! the one on PATH) for `CUDA_COMPUTE_CAP` (default 80), which ops.rs embeds. Without the
 //! feature there is nothing to build.
 
@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn main() {
-    println!("cargo::rerun-if-changed=gpt/kernels/ops.cu");
+    println!("cargo::rerun-if-changed=gpt/ops/kernels.cu");
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo::rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -24,11 +24,11 @@ fn main() {
             "-O3",
             "--use_fast_math",
             &format!("--gpu-architecture=compute_{cap}"),
-            "gpt/kernels/ops.cu",
+            "gpt/ops/kernels.cu",
             "-o",
         ])
         .arg(&out)
         .status()
-        .unwrap_or_else(|error| panic!("could not run `{}` to build gpt/kernels/ops.cu: {error}", nvcc.display()));
-    assert!(status.success(), "`{}` failed on gpt/kernels/ops.cu ({status})", nvcc.display());
+        .unwrap_or_else(|error| panic!("could not run `{}` to build gpt/ops/kernels.cu: {error}", nvcc.display()));
+    assert!(status.success(), "`{}` failed on gpt/ops/kernels.cu ({status})", nvcc.display());
 }

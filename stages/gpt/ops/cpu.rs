@@ -1,83 +1,17 @@
-//! Fused CPU kernels for the GPT's elementwise spots, each with its backward: GELU, LayerNorm's
-//! normalization and the attention's causal softmax. Built from candle's plain ops, each of these
-//! is a chain of 5 to 12 passes over memory and as many allocations, forward and backward, and on
-//! the CPU recipe they cost more than the matmuls (`cargo bench -p nanoflow-stages --bench model`:
-//! GELU's `tanh` and `powf` alone were a fifth of a step). Here each is one pass each way.
-//!
-//! On other devices, and for dtypes other than f32, the same functions run the plain-op versions
-//! (`plain::*`), which are also what the tests check the fused ones against.
+//! The fused kernels' CPU halves (f32, contiguous, rayon over rows), as candle `CustomOp`s whose
+//! `cuda_fwd` launches the CUDA halves (`cuda.rs`).
 
 #[cfg(feature = "cuda")]
 use candle_core::CudaStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
 use rayon::prelude::*;
+
+#[cfg(feature = "cuda")]
+use super::cuda;
 
 /// √(2/π), GPT-2's GELU (the tanh approximation, HF's `gelu_new`).
 const GELU_K: f32 = 0.797_884_6;
 const GELU_C: f32 = 0.044_715;
-
-/// GELU, tanh approximation.
-pub fn gelu(x: &Tensor) -> Result<Tensor> {
-    match fused(x) {
-        true => x.contiguous()?.apply_op1(Gelu),
-        false => plain::gelu(x),
-    }
-}
-
-/// (x - mean) / sqrt(var + eps) over the last dimension (biased variance, as PyTorch's
-/// LayerNorm); the affine part stays with the caller.
-pub fn normalize(x: &Tensor, eps: f32) -> Result<Tensor> {
-    match fused(x) {
-        true => x.contiguous()?.apply_op1(Normalize { eps }),
-        false => plain::normalize(x, eps),
-    }
-}
-
-/// Attention probabilities from raw scores `att` (B, nh, T, past + T): softmax over the last
-/// dimension of `att * scale`, where query i (position past + i) sees keys 0..=past + i only.
-pub fn causal_softmax(att: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
-    match fused(att) {
-        true => att.contiguous()?.apply_op1(CausalSoftmax { scale: scale as f32, past }),
-        false => plain::causal_softmax(att, scale, past),
-    }
-}
-
-/// Causal self-attention from the packed projections `qkv` (B, T, 3C) (queries, keys, values
-/// side by side, `n_head` heads of C / n_head each) to the heads' outputs side by side (B, T, C):
-/// softmax(q kᵀ / √hs, causal) v per head. Training without dropout and without a cache; the
-/// fused kernel skips the head split and merge copies and the T×T score tensors.
-pub fn causal_attention(qkv: &Tensor, n_head: usize, dtype: DType) -> Result<Tensor> {
-    match qkv.device().is_cpu() && qkv.dtype() == DType::F32 && dtype == DType::F32 {
-        true => qkv.contiguous()?.apply_op1(CausalAttention { n_head }),
-        // Heads by matmuls (in `dtype`) around the causal softmax, fused where it can be.
-        false => attention_by_matmuls(qkv, n_head, dtype, causal_softmax),
-    }
-}
-
-/// The mean cross-entropy of logits (N, V) against targets (N) u32. Fused, it never builds the
-/// (N, V) log-softmax: the forward keeps one loss per row, the backward recomputes each row's
-/// softmax as it writes the gradient (for GPT-2's 50304-wide vocabulary that (N, V) tensor is
-/// the largest of the step).
-pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    match fused(logits) && targets.dtype() == DType::U32 {
-        true => logits.contiguous()?.apply_op2(&targets.contiguous()?, CrossEntropy)?.mean_all(),
-        false => candle_nn::loss::cross_entropy(logits, targets),
-    }
-}
-
-/// `a · b` with the multiplication in `dtype` and the product in float32: mixed precision's
-/// matmul (bfloat16 or float16 inputs, float32 accumulation in cuBLAS), or a plain float32 one.
-pub fn matmul_as(a: &Tensor, b: &Tensor, dtype: DType) -> Result<Tensor> {
-    if a.dtype() == dtype && b.dtype() == dtype {
-        return a.matmul(b);
-    }
-    a.to_dtype(dtype)?.matmul(&b.to_dtype(dtype)?)?.to_dtype(DType::F32)
-}
-
-/// Whether the fused kernel runs: f32 on the CPU, or on CUDA with `--features cuda`.
-fn fused(x: &Tensor) -> bool {
-    x.dtype() == DType::F32 && (x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda()))
-}
 
 /// The contiguous f32 data of a CPU tensor.
 fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -126,7 +60,7 @@ fn softmax_in_place(row: &mut [f32]) {
 /// e^x, within ~2e-7 relative for |x| < 87, in plain arithmetic the compiler vectorizes (libm's
 /// `expf`/`tanhf` are calls, one element at a time).
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -146,11 +80,11 @@ fn exp(x: f32) -> f32 {
 
 /// tanh(u) = 1 - 2 / (e^2u + 1), within ~2e-7 absolute.
 #[inline(always)]
-fn tanh(u: f32) -> f32 {
+pub(super) fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u.clamp(-9.0, 9.0)) + 1.0)
 }
 
-struct Gelu;
+pub(super) struct Gelu;
 
 impl CustomOp1 for Gelu {
     fn name(&self) -> &'static str {
@@ -179,7 +113,7 @@ impl CustomOp1 for Gelu {
 }
 
 /// (x, dL/dy) -> dL/dx of GELU.
-struct GeluBackward;
+pub(super) struct GeluBackward;
 
 impl CustomOp2 for GeluBackward {
     fn name(&self) -> &'static str {
@@ -215,8 +149,8 @@ fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     (mean, 1.0 / (var + eps).sqrt())
 }
 
-struct Normalize {
-    eps: f32,
+pub(super) struct Normalize {
+    pub(super) eps: f32,
 }
 
 impl CustomOp1 for Normalize {
@@ -247,7 +181,7 @@ impl CustomOp1 for Normalize {
 }
 
 /// (x, dL/dx̂) -> dL/dx = rstd · (g - mean(g) - x̂ · mean(g · x̂)), per row.
-struct NormalizeBackward {
+pub(super) struct NormalizeBackward {
     eps: f32,
 }
 
@@ -277,14 +211,14 @@ impl CustomOp2 for NormalizeBackward {
     }
 }
 
-struct CausalSoftmax {
-    scale: f32,
-    past: usize,
+pub(super) struct CausalSoftmax {
+    pub(super) scale: f32,
+    pub(super) past: usize,
 }
 
 impl CausalSoftmax {
     /// (T, keys): the query count and key count of `shape` (…, T, past + T).
-    fn dims(&self, shape: &Shape) -> Result<(usize, usize)> {
+    pub(super) fn dims(&self, shape: &Shape) -> Result<(usize, usize)> {
         let dims = shape.dims();
         let (t, keys) = match dims {
             [.., t, keys] => (*t, *keys),
@@ -330,7 +264,7 @@ impl CustomOp1 for CausalSoftmax {
 }
 
 /// (p, dL/dp) -> dL/dscores = scale · p · (g - Σ g·p), per row (masked entries have p = 0).
-struct SoftmaxBackward {
+pub(super) struct SoftmaxBackward {
     scale: f32,
 }
 
@@ -358,7 +292,7 @@ impl CustomOp2 for SoftmaxBackward {
 }
 
 /// (logits (N, V), targets (N) u32) -> the loss of each row (N).
-struct CrossEntropy;
+pub(super) struct CrossEntropy;
 
 /// logsumexp of a row, as (max, Σ e^(x - max)).
 #[inline]
@@ -423,7 +357,7 @@ impl CustomOp2 for CrossEntropy {
 }
 
 /// (logits (N, V), targets (N), dL/dloss (N)) -> dL/dlogits = (softmax - one_hot) · dL/dloss.
-struct CrossEntropyBackward;
+pub(super) struct CrossEntropyBackward;
 
 impl CustomOp3 for CrossEntropyBackward {
     fn name(&self) -> &'static str {
@@ -482,124 +416,6 @@ impl CustomOp3 for CrossEntropyBackward {
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
-    //! Launching kernels/ops.cu's kernels on candle's CUDA storage.
-
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
-
-    /// A scalar kernel argument after the buffers.
-    pub enum Arg {
-        U32(u32),
-        U64(u64),
-        F32(f32),
-    }
-    use candle_core::{CudaStorage, Layout, Result, Shape, bail};
-
-    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/ops.ptx"));
-    /// Threads per row of the row-wise kernels (ROW_THREADS in ops.cu).
-    const ROW_THREADS: u32 = 256;
-
-    fn view<'a, T: candle_core::cuda_backend::CudaDType>(
-        storage: &'a CudaStorage,
-        layout: &Layout,
-    ) -> Result<CudaView<'a, T>> {
-        match layout.contiguous_offsets() {
-            Some((start, end)) => Ok(storage.as_cuda_slice::<T>()?.slice(start..end)),
-            None => bail!("fused kernel: the input must be contiguous"),
-        }
-    }
-
-    /// f(inputs..., out, n) over every element, in a grid-stride loop.
-    pub fn elementwise(
-        name: &str,
-        inputs: &[(&CudaStorage, &Layout)],
-        layout: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        let n = layout.shape().elem_count();
-        let blocks = (n as u32).div_ceil(256).clamp(1, 65_535);
-        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch(name, inputs, layout, &[Arg::U64(n as u64)], config)
-    }
-
-    /// f(inputs..., out, extra args...) with one block per row of `layout`'s last dimension.
-    pub fn rows(
-        name: &str,
-        inputs: &[(&CudaStorage, &Layout)],
-        layout: &Layout,
-        extra: &[Arg],
-    ) -> Result<(CudaStorage, Shape)> {
-        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let rows = (layout.shape().elem_count() / width) as u32;
-        launch(name, inputs, layout, extra, row_config(rows))
-    }
-
-    /// f(inputs..., out, extra...) into a new f32 buffer of `layout`'s shape.
-    fn launch(
-        name: &str,
-        inputs: &[(&CudaStorage, &Layout)],
-        layout: &Layout,
-        extra: &[Arg],
-        config: LaunchConfig,
-    ) -> Result<(CudaStorage, Shape)> {
-        let device = inputs[0].0.device().clone();
-        let views = inputs.iter().map(|(s, l)| view::<f32>(s, l)).collect::<Result<Vec<_>>>()?;
-        let out = unsafe { device.alloc::<f32>(layout.shape().elem_count())? };
-        let func = device.get_or_load_custom_func(name, "nanoflow_ops", PTX)?;
-        let mut builder = func.builder();
-        for view in &views {
-            builder.arg(view);
-        }
-        builder.arg(&out);
-        for arg in extra {
-            match arg {
-                Arg::U32(value) => builder.arg(value),
-                Arg::U64(value) => builder.arg(value),
-                Arg::F32(value) => builder.arg(value),
-            };
-        }
-        if config.grid_dim.0 > 0 {
-            unsafe { builder.launch(config) }.w()?;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, device), layout.shape().clone()))
-    }
-
-    /// The cross-entropy kernels: f(logits, targets, [grad,] out, vocab), a block per row.
-    pub fn cross_entropy(
-        name: &str,
-        logits: (&CudaStorage, &Layout),
-        targets: (&CudaStorage, &Layout),
-        grad: Option<(&CudaStorage, &Layout)>,
-        rows: usize,
-        out_len: usize,
-        vocab: u32,
-    ) -> Result<(CudaStorage, Shape)> {
-        let device = logits.0.device().clone();
-        let logits = view::<f32>(logits.0, logits.1)?;
-        let targets = view::<u32>(targets.0, targets.1)?;
-        let grad = grad.map(|(s, l)| view::<f32>(s, l)).transpose()?;
-        let out = unsafe { device.alloc::<f32>(out_len)? };
-        let func = device.get_or_load_custom_func(name, "nanoflow_ops", PTX)?;
-        let mut builder = func.builder();
-        builder.arg(&logits).arg(&targets);
-        if let Some(grad) = &grad {
-            builder.arg(grad);
-        }
-        builder.arg(&out).arg(&vocab);
-        if rows > 0 {
-            unsafe { builder.launch(row_config(rows as u32)) }.w()?;
-        }
-        Ok((CudaStorage::wrap_cuda_slice(out, device), Shape::from(rows)))
-    }
-
-    /// One block of ROW_THREADS per row.
-    fn row_config(rows: u32) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 }
-    }
-}
-
 /// a · b, in 8 lanes so that it vectorizes.
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -622,13 +438,13 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-struct CausalAttention {
-    n_head: usize,
+pub(super) struct CausalAttention {
+    pub(super) n_head: usize,
 }
 
 impl CausalAttention {
     /// (T, C) of `qkv` (B, T, 3C).
-    fn dims(&self, shape: &Shape) -> Result<(usize, usize)> {
+    pub(super) fn dims(&self, shape: &Shape) -> Result<(usize, usize)> {
         match shape.dims() {
             &[_, t, three_c] if three_c % 3 == 0 && (three_c / 3) % self.n_head == 0 => Ok((t, three_c / 3)),
             dims => {
@@ -640,7 +456,7 @@ impl CausalAttention {
 
 /// One head of one sequence, its queries, keys and values gathered out of the packed rows into
 /// contiguous (T, hs) blocks, so that the inner loops run over plain slices.
-struct Head {
+pub(super) struct Head {
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -717,7 +533,7 @@ impl CustomOp1 for CausalAttention {
 
 /// (qkv, dL/dy) -> dL/dqkv, per sequence and head, with P recomputed:
 /// dV = Pᵀ dY, dP = dY Vᵀ, dS = P ⊙ (dP - rowsum(P ⊙ dP)), dQ = dS K / √hs, dK = dSᵀ Q / √hs.
-struct CausalAttentionBackward {
+pub(super) struct CausalAttentionBackward {
     n_head: usize,
 }
 
@@ -769,204 +585,5 @@ impl CustomOp2 for CausalAttentionBackward {
             }
         });
         Ok((CpuStorage::F32(dqkv), l1.shape().clone()))
-    }
-}
-
-/// The same functions from candle's differentiable ops: what other devices run, and the
-/// reference the fused kernels are tested against.
-/// Causal self-attention from packed (B, T, 3C) qkv with the heads as batched matmuls in
-/// `dtype` and `softmax` (scores, scale, past) between them.
-fn attention_by_matmuls(
-    qkv: &Tensor,
-    n_head: usize,
-    dtype: DType,
-    softmax: fn(&Tensor, f64, usize) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let (t, c) = CausalAttention { n_head }.dims(qkv.shape())?;
-    let b = qkv.dim(0)?;
-    let hs = c / n_head;
-    // (B, nh, T, hs): the heads move next to the batch.
-    let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, n_head, hs))?.transpose(1, 2)?.contiguous();
-    let (q, k, v) = (head(0)?, head(1)?, head(2)?);
-    let att = softmax(&matmul_as(&q, &k.t()?, dtype)?, 1.0 / (hs as f64).sqrt(), 0)?;
-    matmul_as(&att, &v, dtype)?.transpose(1, 2)?.reshape((b, t, c)) // the heads side by side again
-}
-
-pub mod plain {
-    use super::*;
-
-    pub fn gelu(x: &Tensor) -> Result<Tensor> {
-        // candle's `gelu` is the tanh approximation.
-        x.gelu()
-    }
-
-    pub fn normalize(x: &Tensor, eps: f32) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?; // (B, T, 1)
-        let x = x.broadcast_sub(&mean)?; // (B, T, C)
-        let variance = x.sqr()?.mean_keepdim(D::Minus1)?; // (B, T, 1), biased as PyTorch's
-        x.broadcast_div(&(variance + eps as f64)?.sqrt()?)
-    }
-
-    #[cfg(test)]
-    pub fn causal_attention(qkv: &Tensor, n_head: usize, dtype: DType) -> Result<Tensor> {
-        attention_by_matmuls(qkv, n_head, dtype, causal_softmax)
-    }
-
-    pub fn causal_softmax(att: &Tensor, scale: f64, past: usize) -> Result<Tensor> {
-        let (t, keys) = CausalSoftmax { scale: scale as f32, past }.dims(att.shape())?;
-        let att = (att * scale)?;
-        let att = if t > 1 {
-            let mask: Vec<u8> = (0..t).flat_map(|i| (0..keys).map(move |j| u8::from(j > past + i))).collect();
-            let future = Tensor::from_vec(mask, (t, keys), att.device())?.broadcast_as(att.shape())?;
-            let minus_infinity = Tensor::new(f32::NEG_INFINITY, att.device())?.to_dtype(att.dtype())?;
-            future.where_cond(&minus_infinity.broadcast_as(att.shape())?, &att)?
-        } else {
-            att // one new position sees every cached one
-        };
-        candle_nn::ops::softmax(&att, D::Minus1)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        a.sub(b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
-    }
-
-    #[test]
-    fn exp_and_tanh_are_libms_to_float_precision() {
-        for i in -8700..=8700 {
-            let x = i as f32 / 100.0;
-            let relative = (exp(x) - x.exp()).abs() / x.exp();
-            assert!(relative < 4e-7, "exp({x}): {} vs {}", exp(x), x.exp());
-        }
-        for i in -2000..=2000 {
-            let u = i as f32 / 100.0;
-            assert!((tanh(u) - u.tanh()).abs() < 3e-7, "tanh({u}): {} vs {}", tanh(u), u.tanh());
-        }
-    }
-
-    /// Each fused op against its plain version on random inputs: the values, and the gradient of
-    /// a random linear function of the output.
-    fn check(
-        shape: &[usize],
-        fused: impl Fn(&Tensor) -> Result<Tensor>,
-        plain: impl Fn(&Tensor) -> Result<Tensor>,
-        tolerance: f32,
-    ) -> Result<()> {
-        check_on(&Device::Cpu, shape, fused, plain, tolerance)
-    }
-
-    /// The fused op on `device` against the plain ops on the CPU, values and gradients, for the
-    /// same random input.
-    fn check_on(
-        device: &Device,
-        shape: &[usize],
-        fused: impl Fn(&Tensor) -> Result<Tensor>,
-        plain: impl Fn(&Tensor) -> Result<Tensor>,
-        tolerance: f32,
-    ) -> Result<()> {
-        let x = (Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * 3.0)?;
-        let (x_fused, x_plain) = (Var::from_tensor(&x.to_device(device)?)?, Var::from_tensor(&x)?);
-        let (y_fused, y_plain) = (fused(x_fused.as_tensor())?.to_device(&Device::Cpu)?, plain(x_plain.as_tensor())?);
-        let weights = Tensor::randn(0f32, 1.0, y_plain.shape(), &Device::Cpu)?;
-        assert!(max_abs_diff(&y_fused, &y_plain) < tolerance, "values differ by {}", max_abs_diff(&y_fused, &y_plain));
-        let grad = |x: &Var, y: &Tensor| -> Result<Tensor> {
-            let grads = (y * &weights.to_device(y.device())?)?.sum_all()?.backward()?;
-            grads.get(x.as_tensor()).expect("a gradient").to_device(&Device::Cpu)
-        };
-        let y_fused = fused(x_fused.as_tensor())?;
-        let (g_fused, g_plain) = (grad(&x_fused, &y_fused)?, grad(&x_plain, &y_plain)?);
-        let scale = g_plain.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
-        let diff = max_abs_diff(&g_fused, &g_plain) / scale;
-        assert!(diff < tolerance, "gradients differ by {diff} (relative to {scale})");
-        Ok(())
-    }
-
-    fn targets(rows: usize, vocab: usize, device: &Device) -> Tensor {
-        let mut rng = crate::gpt::Rng::new(7);
-        let targets: Vec<u32> = (0..rows).map(|_| (rng.uniform() * vocab as f64) as u32).collect();
-        Tensor::from_vec(targets, rows, device).unwrap()
-    }
-
-    #[test]
-    fn fused_cross_entropy_matches_candles() -> Result<()> {
-        let (rows, vocab) = (37, 101);
-        let fused = |x: &Tensor| cross_entropy(x, &targets(rows, vocab, x.device()));
-        let plain = |x: &Tensor| candle_nn::loss::cross_entropy(x, &targets(rows, vocab, x.device()));
-        check(&[rows, vocab], fused, plain, 1e-5)?;
-        let outside = Tensor::new(&[0u32, 101], &Device::Cpu)?;
-        let error = cross_entropy(&Tensor::zeros((2, 101), DType::F32, &Device::Cpu)?, &outside).unwrap_err();
-        assert!(error.to_string().contains("target 101 is outside the vocabulary of 101"), "{error}");
-        Ok(())
-    }
-
-    /// The CUDA kernels against the plain ops: opt-in (`--include-ignored`, as `.ci/gpu-check`
-    /// runs it) on a machine with a GPU and `--features cuda`, where no GPU is a failure.
-    #[cfg(feature = "cuda")]
-    #[test]
-    #[ignore = "needs a CUDA GPU: run with --include-ignored there"]
-    fn cuda_kernels_match_the_plain_ops() -> Result<()> {
-        let device = Device::new_cuda(0).expect("a CUDA device (this test is for GPU machines)");
-        check_on(&device, &[3, 7, 50], gelu, plain::gelu, 1e-4)?;
-        check_on(&device, &[2, 5, 768], |x| normalize(x, 1e-5), |x| plain::normalize(x, 1e-5), 1e-4)?;
-        for (t, past) in [(9, 0), (5, 3), (1, 6), (300, 0)] {
-            check_on(
-                &device,
-                &[2, 3, t, past + t],
-                |x| causal_softmax(x, 0.125, past),
-                |x| plain::causal_softmax(x, 0.125, past),
-                1e-4,
-            )?;
-        }
-        let (rows, vocab) = (64, 50304);
-        let fused = |x: &Tensor| cross_entropy(x, &targets(rows, vocab, x.device()));
-        let plain = |x: &Tensor| candle_nn::loss::cross_entropy(x, &targets(rows, vocab, x.device()));
-        check_on(&device, &[rows, vocab], fused, plain, 1e-4)
-    }
-
-    #[test]
-    fn fused_gelu_matches_candles() -> Result<()> {
-        check(&[3, 7, 50], gelu, plain::gelu, 1e-5)
-    }
-
-    #[test]
-    fn fused_normalize_matches_the_plain_ops() -> Result<()> {
-        check(&[2, 5, 48], |x| normalize(x, 1e-5), |x| plain::normalize(x, 1e-5), 1e-5)
-    }
-
-    #[test]
-    fn fused_attention_matches_heads_matmuls_and_softmax() -> Result<()> {
-        check(
-            &[3, 7, 3 * 24],
-            |x| causal_attention(x, 4, DType::F32),
-            |x| plain::causal_attention(x, 4, DType::F32),
-            1e-5,
-        )?;
-        check(
-            &[2, 1, 3 * 8],
-            |x| causal_attention(x, 2, DType::F32),
-            |x| plain::causal_attention(x, 2, DType::F32),
-            1e-5,
-        )
-    }
-
-    #[test]
-    fn fused_causal_softmax_matches_mask_and_softmax() -> Result<()> {
-        // Training (no cache), a prompt after cached positions, and one new position.
-        for (t, past) in [(9, 0), (5, 3), (1, 6)] {
-            check(
-                &[2, 3, t, past + t],
-                |x| causal_softmax(x, 0.35, past),
-                |x| plain::causal_softmax(x, 0.35, past),
-                1e-5,
-            )?;
-        }
-        let p = causal_softmax(&Tensor::ones((1, 1, 3, 3), DType::F32, &Device::Cpu)?, 1.0, 0)?;
-        assert_eq!(p.flatten_all()?.to_vec1::<f32>()?, [1.0, 0.0, 0.0, 0.5, 0.5, 0.0, 1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0]);
-        Ok(())
     }
 }
