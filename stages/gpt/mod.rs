@@ -2,8 +2,8 @@
 //! The stage kinds above this folder say *what* to train, sample, evaluate or export; this folder
 //! says how, on a CPU or a GPU.
 //!
-//! - `model`: nanoGPT's model.py (the layers, GPT-2 init, the loss, sampling, the Hugging Face
-//!   GPT-2 layout); `ops`: its fused kernels, CPU and CUDA (`kernels/ops.cu`);
+//! - `model`: nanoGPT's model.py (the layers, GPT-2 init, the loss, sampling); `hf`: the Hugging
+//!   Face GPT-2 layout; `ops`: the fused kernels, CPU and CUDA;
 //! - `source`: where a model's weights come from (a Hub name, a train stage, an HF folder);
 //! - `optim`: AdamW, the learning-rate schedule, clipping; `checkpoint`: what a run saves and
 //!   resumes from; `rng`: the one seeded generator;
@@ -18,6 +18,7 @@ pub mod bench;
 pub(crate) mod checkpoint;
 pub(crate) mod device;
 pub(crate) mod dist;
+pub(crate) mod hf;
 pub(crate) mod model;
 pub(crate) mod ops;
 pub mod optim;

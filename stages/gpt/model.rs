@@ -6,19 +6,15 @@
 //!
 //! Variable names are the Hugging Face GPT-2 keys without the `transformer.` prefix (`wte.weight`,
 //! `h.3.attn.c_attn.weight`, `ln_f.bias`), in candle's orientation: a linear weight is
-//! (out, in). The Hugging Face files store those weights as Conv1D, (in, out); `load_hf` and
-//! `save_hf` transpose them, and `is_conv1d` is the one place that knows which.
+//! (out, in). Reading and writing the Hugging Face files is `hf.rs`'s.
 //!
 //! Every op here has a backward. candle 0.11's `candle_nn::LayerNorm` and `softmax_last_dim` take
 //! fused kernels without one and would silently stop the gradient, so LayerNorm, GELU and the
 //! causal softmax come from `ops.rs`: fused CPU kernels with their backward, plain candle ops
 //! elsewhere.
 
-use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use anyhow::{Context as _, bail, ensure};
 use candle_core::{DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Embedding, Init, VarBuilder, VarMap};
@@ -27,11 +23,9 @@ use serde::{Deserialize, Serialize};
 use crate::gpt::Rng;
 
 /// GPT-2's init: weights ~ N(0, 0.02) (model.py's `_init_weights`).
-const INIT_STD: f64 = 0.02;
+pub(crate) const INIT_STD: f64 = 0.02;
 /// GPT-2's LayerNorm epsilon (HF `layer_norm_epsilon`; PyTorch's default too).
-const LAYER_NORM_EPS: f64 = 1e-5;
-/// `save_pretrained` writes GPT2LMHeadModel's keys under its base model, `transformer.`.
-const HF_PREFIX: &str = "transformer.";
+pub(crate) const LAYER_NORM_EPS: f64 = 1e-5;
 
 /// The model's shape. Names follow nanoGPT's `GPTConfig`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,7 +90,7 @@ impl GptConfig {
         6.0 * self.num_params(true) as f64 + 12.0 * (l * h * q * t) as f64
     }
 
-    fn check(&self) -> Result<()> {
+    pub(crate) fn check(&self) -> Result<()> {
         let sizes = [self.block_size, self.vocab_size, self.n_layer, self.n_head, self.n_embd];
         if sizes.contains(&0) || !self.n_embd.is_multiple_of(self.n_head) || !(0.0..1.0).contains(&self.dropout) {
             candle_core::bail!(
@@ -324,7 +318,7 @@ impl Block {
 /// Its variables live in the `VarMap` (or files) its `VarBuilder` came from.
 pub struct Gpt {
     pub config: GptConfig,
-    wte: Embedding,
+    pub(crate) wte: Embedding,
     wpe: Embedding,
     h: Vec<Block>,
     ln_f: LayerNorm,
@@ -501,111 +495,6 @@ impl Gpt {
         }
         Ok(idx)
     }
-
-    /// Loads a Hugging Face GPT-2 (a folder with model.safetensors and config.json, or the
-    /// .safetensors file with config.json beside it) into `varmap`. Keys may carry the
-    /// `transformer.` prefix (`save_pretrained`) or not (the Hub's openai-community/gpt2);
-    /// `lm_head.weight`, if present, must equal `wte.weight`, and the attention mask buffers are
-    /// skipped. Dropout starts at 0; set `config.dropout` to train with it.
-    pub fn load_hf(dir_or_file: &Path, varmap: &VarMap, device: &Device) -> anyhow::Result<Gpt> {
-        let (weights, config_path) = if dir_or_file.is_dir() {
-            (dir_or_file.join("model.safetensors"), dir_or_file.join("config.json"))
-        } else {
-            (dir_or_file.to_path_buf(), dir_or_file.with_file_name("config.json"))
-        };
-        let config = read_hf_config(&config_path)?;
-        let tensors = candle_core::safetensors::load(&weights, device)
-            .with_context(|| format!("could not read `{}`", weights.display()))?;
-        let mut vars = HashMap::new();
-        let mut lm_head = None;
-        for (key, tensor) in tensors {
-            let name = key.strip_prefix(HF_PREFIX).unwrap_or(&key);
-            let tensor = tensor.to_dtype(DType::F32)?;
-            if name == "lm_head.weight" {
-                lm_head = Some(tensor);
-            } else if !(name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")) {
-                let tensor = if is_conv1d(name) { tensor.t()?.contiguous()? } else { tensor };
-                vars.insert(name.to_string(), Var::from_tensor(&tensor)?);
-            }
-        }
-        let tensors = vars.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
-        let gpt = Gpt::new(&config, VarBuilder::from_tensors(tensors, DType::F32, device))
-            .with_context(|| format!("`{}` does not hold the GPT-2 its config.json describes", weights.display()))?;
-        let count: usize = vars.values().map(|var| var.elem_count()).sum();
-        ensure!(
-            count == config.num_params(false),
-            "`{}` holds {count} parameters, its config.json describes {}",
-            weights.display(),
-            config.num_params(false)
-        );
-        if let Some(lm_head) = lm_head {
-            let tied = lm_head.shape() == gpt.wte.embeddings().shape()
-                && lm_head.sub(gpt.wte.embeddings())?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0;
-            ensure!(tied, "`{}` has an `lm_head.weight` that differs from `wte.weight`", weights.display());
-        }
-        lock(varmap.data()).extend(vars);
-        Ok(gpt)
-    }
-
-    /// Writes `varmap` as a Hugging Face GPT-2 into `dir`: model.safetensors with
-    /// `save_pretrained`'s keys (`transformer.` prefix, Conv1D orientation, no `lm_head.weight`)
-    /// and config.json, so that `GPT2LMHeadModel.from_pretrained(dir)` loads it. A model without
-    /// biases gets zero ones, which computes the same: HF's GPT-2 always has them.
-    pub fn save_hf(&self, varmap: &VarMap, dir: &Path) -> anyhow::Result<()> {
-        let vars: HashMap<String, Tensor> =
-            lock(varmap.data()).iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect();
-        let mut tensors = HashMap::new();
-        for (name, tensor) in &vars {
-            let tensor = tensor.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-            let biasless = name
-                .strip_suffix(".weight")
-                .filter(|layer| !matches!(*layer, "wte" | "wpe") && !vars.contains_key(&format!("{layer}.bias")));
-            if let Some(layer) = biasless {
-                tensors.insert(
-                    format!("{HF_PREFIX}{layer}.bias"),
-                    Tensor::zeros(tensor.dim(0)?, DType::F32, &Device::Cpu)?,
-                );
-            }
-            let tensor = if is_conv1d(name) { tensor.t()?.contiguous()? } else { tensor };
-            tensors.insert(format!("{HF_PREFIX}{name}"), tensor);
-        }
-        fs_err::create_dir_all(dir)?;
-        let weights = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &weights)
-            .with_context(|| format!("could not write `{}`", weights.display()))?;
-        // safetensors creates the file readable by its owner only; an export is for everyone.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs_err::set_permissions(&weights, std::fs::Permissions::from_mode(0o644))?;
-        }
-        let config = &self.config;
-        let mut hf = serde_json::json!({
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": config.vocab_size,
-            "n_positions": config.block_size,
-            "n_ctx": config.block_size,
-            "n_embd": config.n_embd,
-            "n_layer": config.n_layer,
-            "n_head": config.n_head,
-            "n_inner": null,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": LAYER_NORM_EPS,
-            "resid_pdrop": config.dropout,
-            "embd_pdrop": config.dropout,
-            "attn_pdrop": config.dropout,
-            "initializer_range": INIT_STD,
-            "tie_word_embeddings": true,
-        });
-        // GPT-2's `<|endoftext|>` where the vocabulary has it; none otherwise (transformers
-        // would assume 50256).
-        let end_of_text = if config.vocab_size > 50256 { serde_json::json!(50256) } else { serde_json::Value::Null };
-        hf["bos_token_id"] = end_of_text.clone();
-        hf["eos_token_id"] = end_of_text;
-        fs_err::write(dir.join("config.json"), serde_json::to_string_pretty(&hf)? + "\n")?;
-        Ok(())
-    }
 }
 
 /// How `generate_with` draws tokens.
@@ -649,66 +538,7 @@ fn sample(logits: &[f64], temperature: f64, top_k: Option<usize>, rng: &mut Rng)
     argmax(logits) as u32 // rounding left `u` past the last weight; the largest is the best guess
 }
 
-/// Hugging Face's GPT-2 implements its linear layers as Conv1D, whose weight is (in, out).
-fn is_conv1d(name: &str) -> bool {
-    [".c_attn.weight", ".c_proj.weight", ".c_fc.weight"].iter().any(|suffix| name.ends_with(suffix))
-}
-
-/// The config.json fields a GPT-2 needs; the rest (tokenizer ids, task heads) are ignored.
-#[derive(Deserialize)]
-struct HfConfig {
-    model_type: Option<String>,
-    vocab_size: usize,
-    n_positions: Option<usize>,
-    n_ctx: Option<usize>,
-    n_embd: usize,
-    n_layer: usize,
-    n_head: usize,
-    n_inner: Option<usize>,
-    activation_function: Option<String>,
-    layer_norm_epsilon: Option<f64>,
-    #[serde(default)]
-    scale_attn_by_inverse_layer_idx: bool,
-}
-
-/// A GPT-2 config.json as a `GptConfig`, refusing variants this model does not compute.
-fn read_hf_config(path: &Path) -> anyhow::Result<GptConfig> {
-    let text = fs_err::read_to_string(path)?;
-    let hf: HfConfig = serde_json::from_str(&text).with_context(|| format!("could not parse `{}`", path.display()))?;
-    let unsupported = |what: String| -> anyhow::Result<GptConfig> {
-        bail!("`{}` describes a model nanoflow's GPT does not implement: {what}", path.display())
-    };
-    if let Some(model_type) = hf.model_type.filter(|model_type| model_type != "gpt2") {
-        return unsupported(format!("`model_type` is `{model_type}`, not `gpt2`"));
-    }
-    if let Some(activation) = hf.activation_function.filter(|a| a != "gelu_new" && a != "gelu_pytorch_tanh") {
-        return unsupported(format!("`activation_function` is `{activation}`, not `gelu_new`"));
-    }
-    if let Some(eps) = hf.layer_norm_epsilon.filter(|eps| (eps - LAYER_NORM_EPS).abs() > 1e-12) {
-        return unsupported(format!("`layer_norm_epsilon` is {eps}, not {LAYER_NORM_EPS}"));
-    }
-    if let Some(n_inner) = hf.n_inner.filter(|n_inner| *n_inner != 4 * hf.n_embd) {
-        return unsupported(format!("`n_inner` is {n_inner}, not 4 * `n_embd`"));
-    }
-    if hf.scale_attn_by_inverse_layer_idx {
-        return unsupported("`scale_attn_by_inverse_layer_idx` is true".to_string());
-    }
-    let block_size =
-        hf.n_positions.or(hf.n_ctx).with_context(|| format!("`{}` has no `n_positions`", path.display()))?;
-    let config = GptConfig {
-        block_size,
-        vocab_size: hf.vocab_size,
-        n_layer: hf.n_layer,
-        n_head: hf.n_head,
-        n_embd: hf.n_embd,
-        dropout: 0.0,
-        bias: true,
-    };
-    config.check().with_context(|| format!("`{}`", path.display()))?;
-    Ok(config)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -751,6 +581,9 @@ mod tests {
     use candle_nn::Optimizer;
 
     use super::*;
+    use crate::gpt::hf::{HF_PREFIX, is_conv1d};
+    use std::collections::HashMap;
+    use std::path::Path;
 
     /// tests/fixtures, or `NANOFLOW_FIXTURES` for a test binary carried to another machine.
     fn fixture(name: &str) -> PathBuf {
