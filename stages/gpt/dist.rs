@@ -362,18 +362,17 @@ mod nccl {
     //! rank then joins the communicator on its device's stream. Gradients are averaged in
     //! place of a copy on the GPU (`ncclAvg`), never leaving it.
 
-    use std::sync::Arc;
-
     use anyhow::Context as _;
     use candle_core::backend::BackendStorage;
     use candle_core::{CpuStorage, CudaStorage, CustomOp1, Device, Layout, Shape, Tensor};
     use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
-    use super::{Collective, Rendezvous, World};
+    use super::{Collective, Rendezvous};
 
     pub struct NcclCollective {
-        rendezvous: Rendezvous,
-        comm: Arc<Comm>,
+        /// Held open for the life of the run: the sockets to rank 0 are how a lost rank shows.
+        _rendezvous: Rendezvous,
+        comm: Comm,
     }
 
     impl NcclCollective {
@@ -392,21 +391,21 @@ mod nccl {
             let comm = Comm::from_rank(cuda.cuda_stream(), world.rank, world.size, id).map_err(|error| {
                 anyhow::anyhow!("ncclCommInitRank (rank {} of {}): {error:?}", world.rank, world.size)
             })?;
-            Ok(NcclCollective { rendezvous, comm: Arc::new(comm) })
+            Ok(NcclCollective { _rendezvous: rendezvous, comm })
         }
     }
 
     impl Collective for NcclCollective {
         fn all_reduce_mean(&mut self, flat: &Tensor) -> anyhow::Result<Tensor> {
-            Ok(flat.contiguous()?.apply_op1_no_bwd(&AllReduce { comm: self.comm.clone() })?)
+            Ok(flat.contiguous()?.apply_op1_no_bwd(&AllReduce { comm: &self.comm })?)
         }
     }
 
-    struct AllReduce {
-        comm: Arc<Comm>,
+    struct AllReduce<'a> {
+        comm: &'a Comm,
     }
 
-    impl CustomOp1 for AllReduce {
+    impl CustomOp1 for AllReduce<'_> {
         fn name(&self) -> &'static str {
             "nccl-all-reduce-mean"
         }
