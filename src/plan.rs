@@ -120,16 +120,10 @@ impl Plan {
         Ok(self.order.iter().copied().filter(|index| wanted.contains(index)).collect())
     }
 
-    /// The params that enter the key: the resolved config less the kind's non-semantic keys.
+    /// The params that enter the key: the resolved config less what the kind keeps out of it.
     pub fn key_params(&self, index: usize) -> serde_json::Value {
         let stage = &self.stages[index];
-        let mut params = stage.params.clone();
-        if let Some(map) = params.as_object_mut() {
-            for key in stage.kind.non_semantic() {
-                map.remove(*key);
-            }
-        }
-        params
+        stage.kind.key_params(&stage.params)
     }
 }
 

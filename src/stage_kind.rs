@@ -117,6 +117,21 @@ impl StageKind {
     pub fn parse(name: &str) -> Option<StageKind> {
         StageKind::ALL.iter().copied().find(|kind| kind.name() == name)
     }
+
+    /// The params of this (validated) config that enter the key: all but the kind's
+    /// non-semantic ones, and for a pinned download not its sources (`download::key`).
+    pub fn key_params(self, params: &serde_json::Value) -> serde_json::Value {
+        if self == StageKind::Download {
+            return download::key(&config(params));
+        }
+        let mut params = params.clone();
+        if let Some(map) = params.as_object_mut() {
+            for key in self.non_semantic() {
+                map.remove(*key);
+            }
+        }
+        params
+    }
 }
 
 /// The params as written over the kind's defaults (a `finetune` is a `train` with other

@@ -61,6 +61,11 @@ pub struct Config {
     /// the blake3 to pin). For a `url` or a `path` file; the Hub checks its own files.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Other sources of the same file, tried in order after `url` or `path` fails: URLs, or
+    /// files relative to pipeline.yaml (a copy kept in the repo makes a pipeline work with no
+    /// network). Needs `digest`: the pin is what makes them the same file.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<String>,
     /// Attempts after a failed one (connection refused or broken, 5xx, 429) before giving up; an
     /// attempt that receives bytes resets the count. 5 rides out a minute-long outage.
     pub retries: u32,
@@ -73,7 +78,16 @@ pub struct Config {
 // does not change the key of every existing download stage.
 impl Default for Config {
     fn default() -> Config {
-        Config { url: None, hf: None, path: None, filename: None, digest: None, retries: 5, backoff_ms: 1000 }
+        Config {
+            url: None,
+            hf: None,
+            path: None,
+            filename: None,
+            digest: None,
+            mirrors: Vec::new(),
+            retries: 5,
+            backoff_ms: 1000,
+        }
     }
 }
 
@@ -103,6 +117,17 @@ pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
     if let Some(filename) = &config.filename {
         check_file_name(filename).map_err(|message| Invalid::new("filename", message))?;
     }
+    if !config.mirrors.is_empty() {
+        ensure(config.digest.is_some(), "mirrors", || {
+            "needs `digest`: without a pin nothing says the mirrors hold the same file".to_string()
+        })?;
+    }
+    for (i, mirror) in config.mirrors.iter().enumerate() {
+        let url = mirror.starts_with("http://") || mirror.starts_with("https://");
+        ensure(url || (!mirror.is_empty() && !mirror.contains("://")), &format!("mirrors[{i}]"), || {
+            format!("must be an http(s) URL or a file relative to pipeline.yaml, not `{mirror}`")
+        })?;
+    }
     if let Some(hub) = &config.hf {
         if config.filename.is_some() || config.digest.is_some() {
             let key = if config.filename.is_some() { "filename" } else { "digest" };
@@ -123,8 +148,31 @@ pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
 }
 
 /// The local files and folders whose content the engine hashes into the key: the `path`.
+/// A pinned `path` is not: its bytes are the digest's, wherever they come from.
 pub fn local_inputs(config: &Config) -> Vec<String> {
-    config.path.iter().cloned().collect()
+    match config.digest {
+        Some(_) => Vec::new(),
+        None => config.path.iter().cloned().collect(),
+    }
+}
+
+/// What of this config enters the key, beyond dropping `NON_SEMANTIC`: with a `digest`, the file
+/// is defined by its bytes and its name, so where it comes from (`url`, `path`, `mirrors`) is a
+/// source, not part of the key, and the name it would take from the URL is written out. Changing
+/// a mirror, or the URL of a pinned file, re-runs nothing.
+pub fn key(config: &Config) -> serde_json::Value {
+    let mut keyed = config.clone();
+    if keyed.digest.is_some() && keyed.hf.is_none() {
+        keyed.filename = file_name(config).ok();
+        (keyed.url, keyed.path, keyed.mirrors) = (None, None, Vec::new());
+    }
+    let mut key = serde_json::to_value(keyed).expect("a Config serializes");
+    if let Some(map) = key.as_object_mut() {
+        for name in NON_SEMANTIC {
+            map.remove(*name);
+        }
+    }
+    key
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
@@ -141,15 +189,60 @@ pub(crate) fn run_with(
     check(config, &Upstream::none())?;
     fs_err::create_dir_all(&ctx.out)?;
     let retry = Retry { retries: config.retries, backoff: Duration::from_millis(config.backoff_ms) };
-    if let Some(url) = &config.url {
-        download_url(url, config, retry, ctx)
-    } else if let Some(hub) = &config.hf {
+    if let Some(hub) = &config.hf {
         let (files, bytes, summary) = hub::download(hub, retry, &hub_env()?, &ctx.stage, &ctx.out)?;
-        Ok(report(summary, bytes, files, None))
-    } else if let Some(path) = &config.path {
-        copy_path(path, config, ctx)
-    } else {
-        unreachable!("check made sure that one source is set")
+        return Ok(report(summary, bytes, files, None));
+    }
+    let primary = config.url.iter().chain(&config.path).next().expect("check made sure that one source is set");
+    let sources: Vec<&String> = std::iter::once(primary).chain(&config.mirrors).collect();
+    let mut failed = Vec::new();
+    for (i, source) in sources.iter().enumerate() {
+        let result = match is_url(source) {
+            true => download_url(source, config, retry, ctx),
+            false => copy_path(source, config, ctx),
+        };
+        match result {
+            Ok(report) if i > 0 => {
+                eprintln!("got it from `{source}`");
+                return Ok(report);
+            }
+            Ok(report) => return Ok(report),
+            Err(error) if i + 1 < sources.len() => {
+                eprintln!("{error:#}; trying `{}`", sources[i + 1]);
+                failed.push(error);
+            }
+            Err(error) if failed.is_empty() => return Err(error),
+            Err(error) => {
+                failed.push(error);
+                let reasons: Vec<String> = failed.iter().map(|error| format!("\n  {error:#}")).collect();
+                bail!(
+                    "stage `{}` could not get its file from any of its {} sources:{}",
+                    ctx.stage,
+                    sources.len(),
+                    reasons.concat()
+                );
+            }
+        }
+    }
+    unreachable!("the loop returns at the last source")
+}
+
+fn is_url(source: &str) -> bool {
+    source.starts_with("http://") || source.starts_with("https://")
+}
+
+/// The file's name in `$OUT`: `filename`, else the primary source's last segment (a mirror's own
+/// name does not matter: it holds the same bytes).
+fn file_name(config: &Config) -> anyhow::Result<String> {
+    if let Some(filename) = &config.filename {
+        return Ok(filename.clone());
+    }
+    match (&config.url, &config.path) {
+        (Some(url), _) => url_file_name(url).context("set `filename`"),
+        (None, Some(path)) => {
+            Ok(Path::new(path).file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default())
+        }
+        (None, None) => bail!("no source"),
     }
 }
 
@@ -157,10 +250,7 @@ pub(crate) fn run_with(
 
 fn download_url(url: &str, config: &Config, retry: Retry, ctx: &Context) -> anyhow::Result<Report> {
     let stage = &ctx.stage;
-    let filename = match &config.filename {
-        Some(filename) => filename.clone(),
-        None => url_file_name(url).with_context(|| format!("set `filename` for `{url}` in stage `{stage}`"))?,
-    };
+    let filename = file_name(config).with_context(|| format!("stage `{stage}`: `{url}`"))?;
     let target = ctx.out.join(&filename);
     let part = ctx.out.join(format!("{filename}.part"));
     let pin = config.pin()?;
@@ -261,7 +351,7 @@ impl std::fmt::Display for Digest {
 fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     let stage = &ctx.stage;
     let source = ctx.root.join(path);
-    let metadata = fs_err::metadata(&source).with_context(|| format!("stage `{stage}` cannot read its `path`"))?;
+    let metadata = fs_err::metadata(&source).with_context(|| format!("stage `{stage}` cannot read `{path}`"))?;
     if metadata.is_dir() {
         if config.filename.is_some() || config.digest.is_some() {
             bail!("stage `{stage}`: `filename` and `digest` apply to a file, and `{path}` is a folder");
@@ -270,10 +360,7 @@ fn copy_path(path: &str, config: &Config, ctx: &Context) -> anyhow::Result<Repor
             copy_dir(&source, &ctx.out).with_context(|| format!("could not copy `{path}` for stage `{stage}`"))?;
         return Ok(report(format!("{files} files, {}", format_bytes(bytes as f64)), bytes, files, None));
     }
-    let filename = match &config.filename {
-        Some(filename) => filename.clone(),
-        None => source.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default(),
-    };
+    let filename = file_name(config)?;
     let pin = config.pin()?;
     let actual = Digest::of_file(pin.as_ref(), &source)
         .with_context(|| format!("could not hash `{path}` for stage `{stage}`"))?;
@@ -451,19 +538,90 @@ mod tests {
         assert!(listing(&ctx.out).is_empty());
     }
 
-    #[test]
-    fn a_refused_connection_is_retried_then_fails() {
-        let dir = tempfile::tempdir().unwrap();
-        let ctx = context(dir.path());
+    /// A closed port on this machine: a URL whose connection is refused.
+    fn refused_url() -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/input.txt", listener.local_addr().unwrap());
         drop(listener);
-        let config = Config { retries: 2, ..url_config(url.clone()) };
+        url
+    }
+
+    #[test]
+    fn a_refused_connection_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let url = refused_url();
+        let config = Config { retries: 5, backoff_ms: 60_000, ..url_config(url.clone()) };
+        let started = std::time::Instant::now();
         let error = format!("{:#}", run(&config, &ctx).unwrap_err());
-        let prefix = format!("could not download `{url}` for stage `text`: gave up after 2 retries: ");
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "no backoff for an absent host");
+        let prefix = format!("could not download `{url}` for stage `text`: the host refused the connection");
         assert!(error.starts_with(&prefix), "{error}");
-        assert!(error.contains("Connection Failed"), "{error}");
         assert!(listing(&ctx.out).is_empty());
+    }
+
+    #[test]
+    fn mirrors_are_tried_in_order_and_must_hold_the_pinned_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start();
+        server.route("/wrong.txt", Route::new(b"not the file".to_vec()));
+        server.route("/right.txt", Route::new(body()));
+        fs_err::write(dir.path().join("copy.txt"), body()).unwrap();
+        let pin = format!("blake3:{}", blake3::hash(&body()).to_hex());
+        let pinned = |mirrors: Vec<String>| Config {
+            digest: Some(pin.clone()),
+            mirrors,
+            backoff_ms: 60_000,
+            ..url_config(refused_url())
+        };
+
+        // The URL's host is absent, the first mirror serves other bytes, the second the file.
+        let ctx = context(dir.path());
+        let mirrors = vec![format!("{}/wrong.txt", server.url), format!("{}/right.txt", server.url)];
+        run(&pinned(mirrors), &ctx).unwrap();
+        assert_eq!(listing(&ctx.out), ["input.txt"], "named after the URL, not the mirror");
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+
+        // A file in the repo serves as a mirror.
+        let ctx = Context::for_test(&dir.path().join("second"), "text");
+        let ctx = Context { root: dir.path().to_path_buf(), ..ctx };
+        run(&pinned(vec!["copy.txt".into()]), &ctx).unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("input.txt")).unwrap(), body());
+
+        // None holds it: every source's failure, in order.
+        let ctx = Context::for_test(&dir.path().join("third"), "text");
+        let config = pinned(vec![format!("{}/wrong.txt", server.url), "absent.txt".into()]);
+        let error = format!("{:#}", run(&config, &ctx).unwrap_err());
+        let lines: Vec<&str> = error.lines().collect();
+        assert_eq!(lines[0], "stage `text` could not get its file from any of its 3 sources:");
+        assert!(lines[1].contains("the host refused the connection"), "{error}");
+        assert!(lines[2].contains("wrong.txt` for stage `text` has digest `blake3:"), "{error}");
+        assert!(lines[3].contains("cannot read `absent.txt`"), "{error}");
+        assert!(listing(&ctx.out).is_empty());
+    }
+
+    #[test]
+    fn a_pinned_download_is_keyed_by_its_digest_not_its_sources() {
+        let pinned = Config { digest: Some(format!("blake3:{}", "a".repeat(64))), ..url_config("https://a/b".into()) };
+        let digest = pinned.digest.clone().unwrap();
+        assert_eq!(key(&pinned), serde_json::json!({"filename": "b", "digest": digest}));
+        let moved =
+            Config { url: Some("https://mirror/x/b".into()), mirrors: vec!["copy.txt".into()], ..pinned.clone() };
+        assert_eq!(key(&moved), key(&pinned), "another source of the same file");
+        let renamed = Config { url: Some("https://a/c".into()), ..pinned.clone() };
+        assert_ne!(key(&renamed), key(&pinned), "the name it takes is part of what it is");
+        assert!(local_inputs(&Config { url: None, path: Some("data/x.txt".into()), ..pinned.clone() }).is_empty());
+        assert_eq!(key(&url_config("https://a/b".into())), serde_json::json!({"url": "https://a/b"}));
+        let unpinned = Config { mirrors: vec!["copy.txt".into()], ..url_config("https://a/b".into()) };
+        assert_eq!(
+            check(&unpinned, &Upstream::none()).unwrap_err().to_string(),
+            "`mirrors` needs `digest`: without a pin nothing says the mirrors hold the same file"
+        );
+        let bad = Config { mirrors: vec!["ftp://a/b".into()], ..pinned };
+        assert_eq!(
+            check(&bad, &Upstream::none()).unwrap_err().to_string(),
+            "`mirrors[0]` must be an http(s) URL or a file relative to pipeline.yaml, not `ftp://a/b`"
+        );
     }
 
     #[test]
@@ -588,6 +746,6 @@ mod tests {
         assert!(error.starts_with("`input.txt` for stage `text` has digest `sha256:"), "{error}");
 
         let error = run(&Config { path: Some("missing".into()), ..Config::default() }, &ctx).unwrap_err();
-        assert!(format!("{error:#}").starts_with("stage `text` cannot read its `path`: "), "{error:#}");
+        assert!(format!("{error:#}").starts_with("stage `text` cannot read `missing`: "), "{error:#}");
     }
 }

@@ -132,3 +132,63 @@ fn char_tokenization_matches_nanogpt_prepare_py() {
     assert_eq!(serde_json::json!(train[..64]), fixture["train_head"]);
     assert_eq!(serde_json::json!(val[..64]), fixture["val_head"]);
 }
+
+/// A URL on this machine whose connection is refused: a source that is not there.
+fn refused_url() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/input.txt", listener.local_addr().unwrap());
+    drop(listener);
+    url
+}
+
+#[test]
+fn a_pinned_download_is_its_bytes_wherever_they_come_from() {
+    let digest = blake3::hash(TEXT.as_bytes()).to_hex();
+    let pipeline = |source: &str| {
+        format!(
+            "stages:\n  text:\n    kind: download\n    url: {source}\n    digest: blake3:{digest}\n    mirrors: [copy.txt]\n  \
+             chars:\n    kind: tokenize\n    input: ${{text}}\n    tokenizer: char\n"
+        )
+    };
+    let test = Test::with_pipeline(&pipeline(&serve(TEXT)));
+    test.write("copy.txt", TEXT);
+    test.expect(&["run", "chars"], 0);
+
+    // Another URL (here one that is not even there) is another source of the same file.
+    test.write("pipeline.yaml", &pipeline(&refused_url().replace("input.txt", "corpus.txt")));
+    assert_eq!(test.expect(&["status"], 0).stdout, "text   fresh\nchars  fresh\n");
+    let output = test.expect(&["run", "chars"], 0);
+    assert_eq!(
+        test.redact(&output.stderr),
+        "[1/2] text   cached   artifacts/text/[KEY]/out\n[2/2] chars  cached   artifacts/chars/[KEY]/out\nran 0, cached 2 in [TIME]\n"
+    );
+
+    // Run again, it comes from the mirror at once, and nothing downstream runs (same bytes).
+    let output = test.expect(&["run", "chars", "--force", "text"], 0);
+    let stderr = test.redact(&output.stderr);
+    assert!(stderr.contains("the host refused the connection ("), "{stderr}");
+    assert!(stderr.contains("[text] got it from `copy.txt`\n"), "{stderr}");
+    assert!(
+        stderr.ends_with("[2/2] chars  cached   artifacts/chars/[KEY]/out\nran 1, cached 1 in [TIME]\n"),
+        "{stderr}"
+    );
+}
+
+/// The main job's download, from a fresh copy of the repo's pipeline, with its URL unreachable:
+/// tiny Shakespeare comes from the repo (the rest of the job needs nothing from outside).
+#[test]
+fn the_main_job_needs_no_network() {
+    let test = Test::new();
+    let repo = env!("CARGO_MANIFEST_DIR");
+    test.write("pipeline.yaml", &fs_err::read_to_string(format!("{repo}/pipeline.yaml")).unwrap());
+    let configs = fs_err::read_dir(format!("{repo}/configs")).unwrap();
+    let configs = configs.map(|entry| format!("configs/{}", entry.unwrap().file_name().to_string_lossy()));
+    let data = ["data/tinyshakespeare/input.txt", "data/ci/corpus.txt", "data/ci/hellaswag.jsonl"];
+    for file in configs.chain(data.map(String::from)) {
+        test.write(&file, &fs_err::read_to_string(format!("{repo}/{file}")).unwrap());
+    }
+    let set = format!("shakespeare-text.url={}", refused_url());
+    test.expect(&["run", "shakespeare-text", "--set", &set], 0);
+    let text = test.read("artifacts/shakespeare-text/current/input.txt");
+    assert_eq!(text, fs_err::read_to_string(format!("{repo}/data/tinyshakespeare/input.txt")).unwrap());
+}

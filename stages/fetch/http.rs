@@ -125,6 +125,16 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress)
             let transient = code == 408 || code == 429 || code >= 500;
             return Err(if transient { Attempt::Retry(error) } else { Attempt::Fatal(error) });
         }
+        // A host that does not resolve or refuses the connection is not there: no retry helps
+        // (a stage with mirrors goes on to the next at once). A timeout or a reset may pass.
+        Err(ureq::Error::Transport(transport)) if unreachable(&transport) => {
+            let what = match transport.kind() {
+                ureq::ErrorKind::Dns => "the host name does not resolve",
+                _ => "the host refused the connection",
+            };
+            let cause = std::error::Error::source(&transport).map(|cause| format!(" ({cause})")).unwrap_or_default();
+            return Err(Attempt::Fatal(anyhow!("{what}{cause}")));
+        }
         Err(ureq::Error::Transport(transport)) => return Err(Attempt::Retry(anyhow!(transport))),
     };
 
@@ -183,6 +193,14 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress)
         }
         _ => Ok(()),
     }
+}
+
+/// DNS failed, or the connection was refused.
+fn unreachable(transport: &ureq::Transport) -> bool {
+    let refused = std::error::Error::source(transport)
+        .and_then(|source| source.downcast_ref::<std::io::Error>())
+        .is_some_and(|error| error.kind() == std::io::ErrorKind::ConnectionRefused);
+    transport.kind() == ureq::ErrorKind::Dns || (transport.kind() == ureq::ErrorKind::ConnectionFailed && refused)
 }
 
 /// `Content-Range: bytes 100-199/1000` -> `(100, Some(1000))`; `bytes */1000` -> `(0, Some(1000))`.
