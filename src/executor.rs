@@ -17,7 +17,7 @@ use nanoflow_stages::Report;
 use crate::cache_key::KeyMaterial;
 use crate::error::Error;
 use crate::freshness::{self, Freshness};
-use crate::manifest::{LOG, Manifest, OUT, hash_outputs, output_digest};
+use crate::manifest::{LOG, Manifest, OUT, check_outputs, hash_outputs, output_digest};
 use crate::plan::Plan;
 use crate::printer::{Printer, Style, show_path};
 use crate::reference;
@@ -327,6 +327,9 @@ impl<'a> Executor<'a> {
             fs_err::read(&report_path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default();
         let _ = fs_err::remove_file(&report_path);
 
+        if let Err(message) = check_outputs(&out) {
+            return Ok(Outcome::Failed { message, tail, log: log_path });
+        }
         let outputs = hash_outputs(&out)?;
         let digest = output_digest(&outputs);
         let manifest = Manifest {

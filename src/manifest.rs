@@ -120,6 +120,41 @@ pub fn list_outputs(dir: &Path) -> io::Result<Vec<String>> {
     Ok(files_under(dir)?.into_iter().map(|path| path.to_string_lossy().into_owned()).collect())
 }
 
+/// Outputs are regular files in folders. A symbolic link would publish what it points to (and
+/// make it read-only, wherever on the machine it is); a named pipe or a device would hang the
+/// hashing. Either is refused before anything is read, naming it.
+pub fn check_outputs(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut stack = vec![std::path::PathBuf::new()];
+    while let Some(relative) = stack.pop() {
+        let entries = fs_err::read_dir(dir.join(&relative)).map_err(|error| error.to_string())?;
+        for entry in entries {
+            let entry = entry.map_err(|error| error.to_string())?;
+            let path = relative.join(entry.file_name());
+            let kind = entry.file_type().map_err(|error| error.to_string())?;
+            let what = if kind.is_dir() {
+                stack.push(path);
+                continue;
+            } else if kind.is_file() {
+                continue;
+            } else if kind.is_symlink() {
+                "a symbolic link"
+            } else if kind.is_fifo() {
+                "a named pipe"
+            } else if kind.is_socket() {
+                "a socket"
+            } else {
+                "a device"
+            };
+            return Err(format!(
+                "`$OUT/{}` is {what}: outputs must be regular files and folders (copy what a link points to)",
+                path.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Hashes every output in `dir`.
 pub fn hash_outputs(dir: &Path) -> io::Result<BTreeMap<String, OutputFile>> {
     list_outputs(dir)?

@@ -211,6 +211,9 @@ impl Default for Config {
 pub(crate) struct Hooks {
     /// Fail once this many steps are done in this process.
     pub stop_after: Option<usize>,
+    /// Fail at this iteration's evaluation after `last` is written and before `ckpt` is, as a
+    /// kill between the two would.
+    pub stop_before_best: Option<usize>,
     /// Keep the losses on the device between log lines on the CPU too, as on a GPU.
     pub defer_loss_reads: bool,
 }
@@ -433,11 +436,20 @@ fn run_rank(
     let mut rng = Rng::new(config.seed);
     let mut rows: Vec<Row> = Vec::new();
     let mut resumed_from = None;
+    // The iteration the best checkpoint holds, as the run recorded it.
+    let mut best_iter = None;
+    if writes {
+        checkpoint::remove_temporaries(&ctx.out)?;
+    }
     if let Some((name, state)) = latest_checkpoint(&ctx.out)? {
         check_same_run(config, &state, &ctx.out)?;
         trainer.resume(&ctx.out, name, state.loss_scale)?;
+        if writes {
+            repair_best(&trainer, &ctx.out, &state)?;
+        }
         iter = state.iter;
         best_val_loss = state.best_val_loss;
+        best_iter = state.ckpt_iter;
         rng = Rng::from_state(state.rng);
         let metrics_path = ctx.out.join("metrics.parquet");
         if metrics_path.exists() {
@@ -473,8 +485,10 @@ fn run_rank(
             row(&mut rows, iter).train_loss = Some(losses[0]);
             row(&mut rows, iter).val_loss = Some(losses[1]);
             let improved = losses[1] < best_val_loss;
-            if improved || config.always_save_checkpoint {
+            let save_best = improved || config.always_save_checkpoint;
+            if save_best {
                 best_val_loss = best_val_loss.min(losses[1]);
+                best_iter = Some(iter);
             }
             let state = State {
                 format: checkpoint::FORMAT.into(),
@@ -487,11 +501,16 @@ fn run_rank(
                 rng: rng.state(),
                 files: Default::default(),
                 loss_scale: trainer.loss_scale(),
+                ckpt_iter: best_iter,
             };
-            // The record first: a checkpoint may be older than the record, never newer.
+            // The record first: a checkpoint may be older than the record, never newer. Then
+            // `last`, then `ckpt`: a resume from `last` repairs a `ckpt` that did not follow.
             metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
             trainer.save(&ctx.out, "last", state.clone())?;
-            if improved || config.always_save_checkpoint {
+            if hooks.stop_before_best == Some(iter) {
+                bail!("stopped between `last` and `ckpt` at iter {iter} (test hook)");
+            }
+            if save_best {
                 log!("saving checkpoint to {}", ctx.out.display());
                 trainer.save(&ctx.out, "ckpt", state)?;
             }
@@ -561,6 +580,13 @@ fn run_rank(
     if !writes {
         return Ok(Report::default());
     }
+    // Published only with the best checkpoint whole and the one the run recorded.
+    let best = checkpoint::load_state(&ctx.out, "ckpt")?
+        .with_context(|| format!("the best checkpoint in `{}` does not verify", ctx.out.display()))?;
+    if let Some(at) = best_iter {
+        ensure!(best.iter == at, "the best checkpoint holds iter {}, the run recorded iter {at}", best.iter);
+    }
+    checkpoint::remove_temporaries(&ctx.out)?;
     metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
     metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
     let last = rows.iter().rev().find_map(|row| Some((row.train_loss?, row.val_loss?)));
@@ -677,6 +703,25 @@ fn latest_checkpoint(dir: &Path) -> anyhow::Result<Option<(&'static str, State)>
         }
     }
     Ok(latest)
+}
+
+/// Makes `ckpt` what `state` (just loaded into `trainer`) says it is. An interruption after `last`
+/// was written and before `ckpt` was leaves `ckpt` older than it should be, or half replaced
+/// (new weights under an old JSON, which reads as incomplete); when `state` is the one `ckpt`
+/// should hold, it is written again from the weights just loaded.
+fn repair_best(trainer: &Trainer, out: &Path, state: &State) -> anyhow::Result<()> {
+    let Some(at) = state.ckpt_iter else { return Ok(()) };
+    let best = checkpoint::load_state(out, "ckpt")?;
+    if best.as_ref().is_some_and(|best| best.iter == at) {
+        return Ok(());
+    }
+    ensure!(
+        at == state.iter,
+        "the best checkpoint in `{}` (iter {at}) is missing or damaged\nhint: run the stage again with `--force` to start it over",
+        out.display()
+    );
+    eprintln!("writing the best checkpoint (iter {at}) that an interrupted run did not finish");
+    trainer.save(out, "ckpt", state.clone())
 }
 
 /// A checkpoint in the output directory must come from the same run: the engine keeps it only
@@ -862,6 +907,65 @@ pub(crate) mod tests {
                 assert!((a.unwrap_or(0.0) - b.unwrap_or(0.0)).abs() < 1e-6, "{expected:?}\n{found:?}");
             }
         }
+        Ok(())
+    }
+
+    /// Killed after the final evaluation wrote `last` and before it wrote `ckpt` (issue F1): the
+    /// next run repairs `ckpt` from `last` and publishes the best model the run recorded, the
+    /// same bytes as an uninterrupted run's; no temporary file of an interrupted write survives.
+    #[test]
+    fn an_interruption_between_last_and_ckpt_is_repaired() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        // A falling val loss: every evaluation is a new best, so `ckpt` follows `last` each time.
+        let config = Config { always_save_checkpoint: false, ..tiny(char_data(dir.path())) };
+        let whole = context(dir.path(), "whole");
+        train(&config, &whole, &Hooks::default())?;
+        let expected = checkpoint::load_state(&whole.out, "ckpt")?.unwrap();
+        assert_eq!((expected.iter, expected.ckpt_iter), (8, Some(8)));
+
+        for half_written in [false, true] {
+            let out = context(dir.path(), &format!("interrupted-{half_written}"));
+            let hooks = Hooks { stop_before_best: Some(8), ..Hooks::default() };
+            let error = train(&config, &out, &hooks).unwrap_err();
+            assert!(error.to_string().contains("test hook"), "{error}");
+            assert_eq!(checkpoint::load_state(&out.out, "ckpt")?.unwrap().iter, 6, "the previous best");
+            if half_written {
+                // The new weights renamed into place, the JSON not: `ckpt` reads as incomplete.
+                fs_err::copy(out.out.join("last.safetensors"), out.out.join("ckpt.safetensors"))?;
+                assert!(checkpoint::load_state(&out.out, "ckpt")?.is_none());
+            }
+            // What killed writes leave behind.
+            fs_err::write(out.out.join(".tmpAbC123"), "partial safetensors")?;
+            fs_err::write(out.out.join(".ckpt.json.tmp"), "{")?;
+
+            train(&config, &out, &Hooks::default())?;
+            let repaired = checkpoint::load_state(&out.out, "ckpt")?.unwrap();
+            assert_eq!((repaired.iter, repaired.ckpt_iter), (8, Some(8)));
+            assert_eq!(repaired.files, expected.files, "the same weights as the uninterrupted run's");
+            let names: Vec<String> = fs_err::read_dir(&out.out)?
+                .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with('.'))
+                .collect();
+            assert!(names.is_empty(), "{names:?}");
+        }
+        Ok(())
+    }
+
+    /// A best checkpoint lost otherwise (not the one `last` holds) is an error, not a publish.
+    #[test]
+    fn a_damaged_older_best_checkpoint_is_not_published() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = Config { always_save_checkpoint: false, ..tiny(char_data(dir.path())) };
+        let out = context(dir.path(), "out");
+        train(&config, &out, &Hooks { stop_after: Some(7), ..Hooks::default() }).unwrap_err();
+        let state = checkpoint::load_state(&out.out, "last")?.unwrap();
+        assert_eq!((state.iter, state.ckpt_iter), (6, Some(6)));
+        // As if `last` (iter 6) had recorded an older best (iter 4), since lost.
+        let json = fs_err::read_to_string(checkpoint::state_path(&out.out, "last"))?;
+        fs_err::write(checkpoint::state_path(&out.out, "last"), json.replace("\"ckpt_iter\": 6", "\"ckpt_iter\": 4"))?;
+        let error = train(&config, &out, &Hooks::default()).unwrap_err().to_string();
+        assert!(error.starts_with("the best checkpoint in `"), "{error}");
+        assert!(error.contains("(iter 4) is missing or damaged"), "{error}");
         Ok(())
     }
 

@@ -106,3 +106,39 @@ fn show_prints_the_current_path_and_manifest() {
     assert_eq!(manifest["stage"], "a");
     test.expect(&["show", "nope"], 2);
 }
+
+/// A link in `$OUT` is refused, not followed: its target keeps its mode, nothing is published
+/// (issue F2).
+#[test]
+fn a_symbolic_link_in_out_is_refused_and_its_target_left_alone() {
+    let test = Test::with_pipeline(&format!("stages:\n{}", stage("linky", "ln -s \"$PWD/target.txt\" $OUT/x.txt")));
+    test.write("target.txt", "mine\n");
+    let output = test.expect(&["run", "linky"], 1);
+    assert_eq!(
+        test.redact(&output.stderr),
+        "\
+[1/1] linky  running  (never run)
+[1/1] linky  failed   `$OUT/x.txt` is a symbolic link: outputs must be regular files and folders (copy what a link points to)
+      log: artifacts/linky/.partial-[KEY]/log.txt
+error: 1 stage failed: `linky`
+ran 0, cached 0 in [TIME]
+"
+    );
+    let mode = fs_err::metadata(test.path("target.txt")).unwrap().permissions().mode();
+    assert_ne!(mode & 0o200, 0, "the target is still writable");
+    assert!(test.entries("linky").is_empty());
+}
+
+/// A named pipe in `$OUT` fails the stage at once instead of hanging the publisher (issue F3).
+#[test]
+fn a_named_pipe_in_out_fails_the_stage_instead_of_hanging() {
+    let test = Test::with_pipeline(&format!("stages:\n{}", stage("piped", "mkdir $OUT/sub; mkfifo $OUT/sub/progress")));
+    let child = test.spawn(&["run", "piped"]);
+    let started = std::time::Instant::now();
+    let output = child.wait_with_output().unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("failed   `$OUT/sub/progress` is a named pipe: outputs must be regular files"), "{stderr}");
+    assert!(test.entries("piped").is_empty());
+}

@@ -52,6 +52,11 @@ pub struct State {
     /// float16 training's loss scale (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scale: Option<crate::gpt::optim::LossScale>,
+    /// The iteration whose state the best checkpoint (`ckpt`) holds as of this one: this one's
+    /// own when it is saved as `ckpt` too. A resume checks `ckpt` against it and repairs what an
+    /// interruption between writing `last` and `ckpt` left behind. (Absent in older checkpoints.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ckpt_iter: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +91,20 @@ pub fn save(dir: &Path, name: &str, varmap: &VarMap, optimizer: &AdamW, mut stat
     state.files.insert(file_name(&optim), digest);
     let json = serde_json::to_string_pretty(&state)? + "\n";
     write_atomically(&state_path(dir, name), |path| Ok(fs_err::write(path, &json)?))?;
+    Ok(())
+}
+
+/// Removes what interrupted checkpoint writes leave behind: `.NAME.tmp` files of
+/// `write_atomically` and safetensors' own `.tmpXXXXXX` siblings. Neither is ever an output.
+pub fn remove_temporaries(dir: &Path) -> anyhow::Result<()> {
+    for entry in fs_err::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let temporary = name.starts_with(".tmp") || (name.starts_with('.') && name.ends_with(".tmp"));
+        if temporary && entry.file_type()?.is_file() {
+            fs_err::remove_file(entry.path())?;
+        }
+    }
     Ok(())
 }
 
@@ -196,6 +215,7 @@ mod tests {
             rng: u64::MAX - 7,
             files: BTreeMap::new(),
             loss_scale: None,
+            ckpt_iter: None,
         }
     }
 
