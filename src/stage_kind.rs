@@ -151,7 +151,7 @@ fn resolve<C: DeserializeOwned + Serialize + Default>(
         let message = error.inner().to_string();
         match (key, missing_field(&message)) {
             (None, Some(field)) => ParamError::Missing { key: field },
-            (key, _) => ParamError::Invalid { key: key.unwrap_or_default(), message: strip_position(&message) },
+            (key, _) => ParamError::Invalid { key: key.unwrap_or_default(), message: plain_message(&message) },
         }
     })?;
     Ok(serde_json::to_value(&config).expect("a Config always serializes to JSON"))
@@ -168,12 +168,17 @@ fn missing_field(message: &str) -> Option<String> {
     Some(rest[..rest.find('`')?].to_string())
 }
 
-/// serde_yaml appends ` at line N column M` to some messages; the engine shows its own position.
-fn strip_position(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(index) => message[..index].to_string(),
-        None => message.to_string(),
-    }
+/// serde_yaml's message in a person's words: without the ` at line N column M` it appends (the
+/// engine shows its own position) and without its internal names.
+pub fn plain_message(message: &str) -> String {
+    let message = match message.find(" at line ") {
+        Some(index) => &message[..index],
+        None => message,
+    };
+    message
+        .replace("unit value", "an empty value")
+        .replace("expected a Value::Tagged enum", "expected a name")
+        .replace(" as u128, expected any YAML value", ", which is too large")
 }
 
 /// The field names a `Deserialize` struct accepts, read from what it passes to
@@ -238,6 +243,22 @@ mod tests {
         let train = StageKind::Train.validate(yaml("data: d\ninit_from: m\nmax_iters: 7")).unwrap();
         assert_eq!((finetune["learning_rate"].as_f64(), train["learning_rate"].as_f64()), (Some(3e-5), Some(6e-4)));
         assert_eq!((finetune["max_iters"].as_u64(), train["max_iters"].as_u64()), (Some(7), Some(7)));
+    }
+
+    #[test]
+    fn messages_name_no_internals() {
+        let message = |text: &str| match StageKind::Tokenize.validate(yaml(text)) {
+            Err(ParamError::Invalid { message, .. }) => message,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(message("input: x\ntokenizer: [char]"), "invalid type: sequence, expected a name");
+        assert_eq!(message("input:\n"), "invalid type: an empty value, expected a string");
+        assert_eq!(
+            plain_message(
+                "stages.t.shard_tokens: invalid type: integer `99999999999999999999` as u128, expected any YAML value at line 5 column 19"
+            ),
+            "stages.t.shard_tokens: invalid type: integer `99999999999999999999`, which is too large"
+        );
     }
 
     #[test]

@@ -136,12 +136,14 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
     };
 
     let mut train = ShardWriter::new(&ctx.out, "train", config.shard_tokens)?;
-    pool.install(|| encode_files(&train_files, &config.field, &tokenizer, &mut train, "tokenize train"))?;
+    let text = pool.install(|| encode_files(&train_files, &config.field, &tokenizer, &mut train, "tokenize train"))?;
     let (train_paths, mut train_tokens) = train.finish()?;
-    ensure!(train_tokens > 0, "`input` holds no text to tokenize");
+    // Not merely end-of-text tokens: a `gpt2` tokenization of empty documents is not data.
+    ensure!(text > 0 && train_tokens > 0, "`input` holds no text to tokenize");
     let mut val = ShardWriter::new(&ctx.out, "val", config.shard_tokens)?;
     if !val_files.is_empty() {
-        pool.install(|| encode_files(&val_files, &config.field, &tokenizer, &mut val, "tokenize val"))?;
+        let text = pool.install(|| encode_files(&val_files, &config.field, &tokenizer, &mut val, "tokenize val"))?;
+        ensure!(text > 0, "`val_input` holds no text to tokenize");
     } else if val_fraction > 0.0 {
         let keep = (train_tokens as f64 * (1.0 - val_fraction)).floor() as u64;
         shard::split_off_tail(&train_paths, train_tokens, train_tokens - keep, &mut val)?;
@@ -383,18 +385,19 @@ fn char_vocab<'a>(files: impl Iterator<Item = &'a SourceFile>, field: &str) -> a
     CharVocab::new((0..0x110000u32).filter(|&code| seen[code as usize]).filter_map(char::from_u32).collect())
 }
 
-/// Encodes every document of `files` into `writer`. A reader thread cuts the documents into
-/// batches of about `BATCH_BYTES` while the previous batch encodes: the batch's documents (and
-/// the chunks of long ones) encode in parallel and are written in order. At most two batches
-/// exist at once, so memory does not grow with the input.
+/// Encodes every document of `files` into `writer`; returns the bytes of text read. A reader
+/// thread cuts the documents into batches of about `BATCH_BYTES` while the previous batch
+/// encodes: the batch's documents (and the chunks of long ones) encode in parallel and are
+/// written in order. At most two batches exist at once, so memory does not grow with the input.
 fn encode_files(
     files: &[SourceFile],
     field: &str,
     tokenizer: &Tokenizer,
     writer: &mut ShardWriter,
     label: &str,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let mut progress = Progress::new(label, Unit::Bytes, None);
+    let mut text = 0;
     std::thread::scope(|scope| {
         let (sender, receiver) = std::sync::mpsc::sync_channel::<Vec<(String, bool)>>(1);
         let reader = scope.spawn(move || -> anyhow::Result<()> {
@@ -421,14 +424,16 @@ fn encode_files(
             if encoded.is_err() {
                 break;
             }
-            progress.inc(batch.iter().map(|(text, _)| text.len() as u64).sum());
+            let bytes: u64 = batch.iter().map(|(text, _)| text.len() as u64).sum();
+            text += bytes;
+            progress.inc(bytes);
         }
         drop(receiver);
         let read = reader.join().expect("the reader thread does not panic");
         encoded.and(read)
     })?;
     progress.finish();
-    Ok(())
+    Ok(text)
 }
 
 fn encode_batch(batch: &[(String, bool)], tokenizer: &Tokenizer, writer: &mut ShardWriter) -> anyhow::Result<()> {
@@ -649,6 +654,13 @@ mod tests {
         assert!(error.contains("cannot tell the format of"), "{error}");
         let config = Config { val_fraction: Some(0.1), val_input: Some("v.txt".into()), ..char_config("notes.md") };
         assert!(run(&config, &ctx).unwrap_err().to_string().contains("set one"));
+        // An empty file is no data with either tokenizer (gpt2 would have made one `<|endoftext|>`).
+        fs_err::write(dir.path().join("empty.txt"), "").unwrap();
+        for tokenizer in [TokenizerName::Char, TokenizerName::Gpt2] {
+            let config = Config { tokenizer, ..char_config("empty.txt") };
+            let error = run(&config, &context(dir.path())).unwrap_err().to_string();
+            assert_eq!(error, "`input` holds no text to tokenize");
+        }
         let error = check(&Config { shard_tokens: 0, ..char_config("notes.md") }, &Upstream::none()).unwrap_err();
         assert_eq!(error.to_string(), "`shard_tokens` must be at least 1, not 0");
         let unknown = serde_json::from_str::<Config>(r#"{"input": "x", "tokeniser": "char"}"#).unwrap_err().to_string();

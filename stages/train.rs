@@ -467,7 +467,7 @@ fn run_rank(
     // Steps whose losses are still on the device: (iter, lr); `window` times them.
     let mut pending: Vec<(usize, f64)> = Vec::new();
     let mut window = Instant::now();
-    let mut running_mfu = -1.0;
+    let mut running_mfu: Option<f64> = None;
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
     loop {
         let lr = schedule.lr(iter);
@@ -556,13 +556,15 @@ fn run_rank(
                 step_seconds += dt;
                 step_tokens += tokens_per_iter;
                 steps_here += 1;
-                if steps_here >= 5 {
+                if let Some(peak_flops) = peak_flops.filter(|_| steps_here >= 5) {
                     // let the training loop settle a bit
                     let mfu = estimate_mfu(&model_config, config.batch_size * local_steps, dt, peak_flops);
-                    running_mfu = if running_mfu == -1.0 { mfu } else { 0.9 * running_mfu + 0.1 * mfu };
+                    running_mfu = Some(running_mfu.map_or(mfu, |running| 0.9 * running + 0.1 * mfu));
                 }
                 if at % config.log_interval == 0 {
-                    log!("iter {at}: loss {lossf:.4}, time {:.2}ms, mfu {:.2}%", dt * 1000.0, running_mfu * 100.0);
+                    // nanoGPT's line; MFU only once measured, and only on a device with a known peak.
+                    let mfu = running_mfu.map(|mfu| format!(", mfu {:.2}%", mfu * 100.0)).unwrap_or_default();
+                    log!("iter {at}: loss {lossf:.4}, time {:.2}ms{mfu}", dt * 1000.0);
                 }
                 let record = row(&mut rows, at);
                 record.lr = Some(lr);

@@ -129,9 +129,13 @@ impl Trainer {
         self.dtype.as_str()
     }
 
-    /// The device's bfloat16 peak, for MFU: nanoGPT's A100 where the device is not known.
-    pub fn peak_flops(&self) -> f64 {
-        device::peak_bf16_flops(&self.device_name()).unwrap_or(device::A100_BF16_FLOPS)
+    /// The device's bfloat16 peak, for MFU: a GPU's own, nanoGPT's A100 for a GPU nanoflow does
+    /// not know, none on the CPU (a fraction of an A100 says nothing about a CPU).
+    pub fn peak_flops(&self) -> Option<f64> {
+        match self.device.is_cpu() {
+            true => None,
+            false => Some(device::peak_bf16_flops(&self.device_name()).unwrap_or(device::A100_BF16_FLOPS)),
+        }
     }
 
     /// (tensors, parameters) with weight decay and without (nanoGPT's optimizer groups).
