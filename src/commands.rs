@@ -379,15 +379,21 @@ pub fn verify(printer: &Printer, file: Option<&Path>, names: &[String]) -> Resul
     for index in selected {
         let name = &plan.stages[index].name;
         let Some(dir) = store.current(name) else {
-            printer.data(&row(&plan, name, "missing", "no output yet"));
+            if store.current_is_not_a_link(name) {
+                printer.data(&row(&plan, name, "damaged", "`current` is a copy, not a link"));
+                damaged.insert(name.clone());
+            } else {
+                printer.data(&row(&plan, name, "missing", "no output yet"));
+            }
             continue;
         };
-        let manifest = Manifest::read(&dir).map_err(store_error(&store))?;
+        let manifest = Manifest::read_checked(&dir).map_err(store_error(&store))?;
         let damage = match &manifest {
-            Some(manifest) => {
+            Ok(Some(manifest)) => {
                 manifest.verify(&dir).map_err(store_error(&store))?.iter().map(ToString::to_string).collect()
             }
-            None => vec!["`manifest.json` is missing".to_string()],
+            Ok(None) => vec!["`manifest.json` is missing".to_string()],
+            Err(why) => vec![why.clone()],
         };
         if damage.is_empty() {
             printer.data(&row(&plan, name, "ok", &show_path(&dir.join(OUT)).display().to_string()));

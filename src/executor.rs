@@ -280,8 +280,10 @@ impl<'a> Executor<'a> {
             }
         }
 
+        // A resumable kind continues from an interrupted run's partial output, unless forced:
+        // `--force` starts over (also from a partial output too damaged to resume from).
         let partial = self.store.partial_dir(&stage.name, key);
-        if !stage.kind.resumable() {
+        if !stage.kind.resumable() || self.options.force.contains(&stage.name) {
             store::remove_dir_all(&partial)?;
         }
         let out = partial.join(OUT);

@@ -49,9 +49,15 @@ pub fn assess(
     }
     let material = material(plan, cache, index, upstream)?;
     let key = material.key();
-    let current = match store.current(&stage.name) {
-        Some(dir) => Manifest::read(&dir)?.map(|manifest| (dir, manifest)),
-        None => None,
+    let (current, damaged) = match store.current(&stage.name) {
+        Some(dir) => match Manifest::read_checked(&dir)? {
+            Ok(manifest) => (manifest.map(|manifest| (dir, manifest)), None),
+            Err(why) => (None, Some(format!("output damaged: {why}"))),
+        },
+        None if store.current_is_not_a_link(&stage.name) => {
+            (None, Some("output damaged: `current` is a copy, not a link".to_string()))
+        }
+        None => (None, None),
     };
     if let Some((dir, manifest)) = &current
         && manifest.key == key
@@ -63,9 +69,10 @@ pub fn assess(
         let reasons = damage.iter().map(|damage| format!("output {damage}")).collect();
         return Ok(Freshness::Stale { key, material, reasons });
     }
-    let reasons = match &current {
-        Some((_, manifest)) => differences(&manifest.material, &material),
-        None => vec!["never run".to_string()],
+    let reasons = match (&current, damaged) {
+        (Some((_, manifest)), _) => differences(&manifest.material, &material),
+        (None, Some(damaged)) => vec![damaged],
+        (None, None) => vec!["never run".to_string()],
     };
     if let Some(manifest) = store.lookup(&stage.name, &key)? {
         let dir = store.entry_dir(&stage.name, &key);

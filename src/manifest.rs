@@ -76,11 +76,27 @@ impl Manifest {
         }
     }
 
+    /// `read`, with a manifest that does not parse (a damaged store) told apart from trouble
+    /// reading it: `Err(why)` inside, so that callers treat the entry as damaged and go on.
+    pub fn read_checked(dir: &Path) -> io::Result<Result<Option<Manifest>, String>> {
+        match Manifest::read(dir) {
+            Ok(manifest) => Ok(Ok(manifest)),
+            Err(error) if error.kind() == io::ErrorKind::InvalidData => Ok(Err(format!("`{MANIFEST}` does not parse"))),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Whether the outputs of the entry `dir` are still what was published, looking at each
-    /// file's `stat` first and reading only files that changed. Cheap enough for every `status`.
+    /// file's `stat` first and reading only files that changed, and at the listing for files
+    /// that were added (what `verify` reports, `run` repairs). Cheap enough for every `status`.
     pub fn check(&self, dir: &Path, cache: &mut StatCache) -> io::Result<Vec<Damage>> {
         let dir = dir.join(OUT);
         let mut damage = Vec::new();
+        for relative in list_outputs(&dir)? {
+            if !self.outputs.contains_key(&relative) {
+                damage.push(Damage::Unexpected(relative));
+            }
+        }
         for (relative, recorded) in &self.outputs {
             let path = dir.join(relative);
             match fs_err::metadata(&path) {

@@ -64,7 +64,16 @@ impl Store {
 
     /// The manifest of the entry stored under `key`, if there is one and it is that key's.
     pub fn lookup(&self, stage: &str, key: &str) -> io::Result<Option<Manifest>> {
-        Ok(Manifest::read(&self.entry_dir(stage, key))?.filter(|manifest| manifest.key == key))
+        // An entry whose manifest does not parse is damaged: not a hit, and a run replaces it.
+        let manifest = Manifest::read_checked(&self.entry_dir(stage, key))?.unwrap_or(None);
+        Ok(manifest.filter(|manifest| manifest.key == key))
+    }
+
+    /// Whether `current` is there but not a link: a copy made by a tool that follows links
+    /// (`cp -rL`, `rsync -L`, a sync to storage without them). Damage that `set_current` repairs.
+    pub fn current_is_not_a_link(&self, stage: &str) -> bool {
+        let link = self.stage_dir(stage).join("current");
+        fs_err::symlink_metadata(&link).is_ok_and(|metadata| !metadata.file_type().is_symlink())
     }
 
     /// Points `current` at the entry for `key`, atomically (a new link renamed over the old).
@@ -75,9 +84,16 @@ impl Store {
         if fs_err::read_link(&link).is_ok_and(|current| current == target) {
             return Ok(());
         }
+        if self.current_is_not_a_link(stage) {
+            let trash = dir.join(unique(".trash"));
+            fs_err::rename(&link, &trash)?;
+            remove_dir_all(&trash)?;
+        }
         let temporary = dir.join(unique(".current"));
         std::os::unix::fs::symlink(&target, &temporary)?;
-        fs_err::rename(&temporary, &link)
+        fs_err::rename(&temporary, &link).inspect_err(|_| {
+            let _ = fs_err::remove_file(&temporary);
+        })
     }
 
     /// Makes a finished partial directory the entry for `key`: the manifest is written last,

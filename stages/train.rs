@@ -953,6 +953,24 @@ pub(crate) mod tests {
         Ok(())
     }
 
+    /// A `last.json` that does not parse is an incomplete checkpoint, not a stage that fails
+    /// forever (issue F7): the run resumes from `ckpt` and ends with the uninterrupted weights.
+    #[test]
+    fn an_unparsable_last_json_is_not_resumed_from() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = tiny(char_data(dir.path()));
+        let whole = context(dir.path(), "whole");
+        train(&config, &whole, &Hooks::default())?;
+        let out = context(dir.path(), "out");
+        train(&config, &out, &Hooks { stop_after: Some(7), ..Hooks::default() }).unwrap_err();
+        fs_err::write(checkpoint::state_path(&out.out, "last"), "{ damaged")?;
+        let report = train(&config, &out, &Hooks::default())?;
+        assert_eq!(report.metrics["resumed_from_iter"], 6);
+        let files = |dir: &Path| checkpoint::load_state(dir, "last").unwrap().unwrap().files;
+        assert_eq!(files(&out.out), files(&whole.out));
+        Ok(())
+    }
+
     /// A best checkpoint lost otherwise (not the one `last` holds) is an error, not a publish.
     #[test]
     fn a_damaged_older_best_checkpoint_is_not_published() -> anyhow::Result<()> {

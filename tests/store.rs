@@ -142,3 +142,74 @@ fn a_named_pipe_in_out_fails_the_stage_instead_of_hanging() {
     assert!(stderr.contains("failed   `$OUT/sub/progress` is a named pipe: outputs must be regular files"), "{stderr}");
     assert!(test.entries("piped").is_empty());
 }
+
+/// A manifest that does not parse is a damaged output, like a missing one: `status` says so,
+/// `verify` reports it and every other stage, `run` repairs it (issue F6).
+#[test]
+fn a_corrupt_manifest_is_damage_that_run_repairs() {
+    let test = pipeline();
+    test.expect(&["run", "b"], 0);
+    test.runs();
+    tamper(&test, "artifacts/a/current/../manifest.json", "{ not json");
+    assert_eq!(
+        test.expect(&["status"], 0).stdout,
+        "a  stale    output damaged: `manifest.json` does not parse\nb  waiting  on `a`\n"
+    );
+    let output = test.expect(&["verify"], 1);
+    assert_eq!(
+        test.redact(&output.stdout),
+        "a  damaged  `manifest.json` does not parse\nb  ok       artifacts/b/[KEY]/out\n"
+    );
+    test.expect(&["run", "b"], 0);
+    assert_eq!(test.runs(), ["a"]);
+    test.expect(&["verify"], 0);
+}
+
+/// `current` copied into a real folder (`cp -rL`, `rsync -L`) is damage: `status` and `verify`
+/// say so and `run` puts the link back, leaving nothing behind (issue F8).
+#[test]
+fn a_current_that_is_a_folder_is_damage_that_run_repairs() {
+    let test = pipeline();
+    test.expect(&["run", "a"], 0);
+    test.runs();
+    let current = test.path("artifacts/a/current");
+    let copy = test.path("copy");
+    std::process::Command::new("cp").arg("-rL").arg(&current).arg(&copy).status().unwrap();
+    fs_err::remove_file(&current).unwrap();
+    fs_err::rename(&copy, &current).unwrap();
+    assert_eq!(
+        test.expect(&["status", "a"], 0).stdout,
+        "a  stale    output damaged: `current` is a copy, not a link (stored: restores without running)\n"
+    );
+    assert_eq!(test.expect(&["verify", "a"], 1).stdout, "a  damaged  `current` is a copy, not a link\n");
+    test.expect(&["run", "a"], 0);
+    assert_eq!(test.runs(), Vec::<String>::new(), "restored from the store, not run");
+    assert!(fs_err::symlink_metadata(&current).unwrap().file_type().is_symlink());
+    let leftovers: Vec<String> = fs_err::read_dir(test.path("artifacts/a"))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with(".current") || name.starts_with(".trash"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    test.expect(&["verify", "a"], 0);
+}
+
+/// A file added to a published output is damage to `status` and `run` as it is to `verify`:
+/// the two agree, and `run` repairs it (issue F9).
+#[test]
+fn a_stray_file_in_an_output_is_repaired_by_run() {
+    let test = pipeline();
+    test.expect(&["run", "a"], 0);
+    test.runs();
+    let out = test.path("artifacts/a/current");
+    let mut permissions = fs_err::metadata(&out).unwrap().permissions();
+    permissions.set_mode(0o755);
+    fs_err::set_permissions(&out, permissions).unwrap();
+    test.write("artifacts/a/current/stray.txt", "hi\n");
+    assert_eq!(test.expect(&["verify", "a"], 1).stdout, "a  damaged  `stray.txt` is not in the manifest\n");
+    assert_eq!(test.expect(&["status", "a"], 0).stdout, "a  stale    output `stray.txt` is not in the manifest\n");
+    test.expect(&["run", "a"], 0);
+    assert_eq!(test.runs(), ["a"]);
+    assert!(!test.path("artifacts/a/current/stray.txt").exists());
+    test.expect(&["verify", "a"], 0);
+}

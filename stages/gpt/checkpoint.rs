@@ -116,8 +116,12 @@ pub fn load_state(dir: &Path, name: &str) -> anyhow::Result<Option<State>> {
         return Ok(None);
     }
     let text = fs_err::read_to_string(&path)?;
-    let state: State =
-        serde_json::from_str(&text).with_context(|| format!("`{}` is not a checkpoint state", path.display()))?;
+    let Ok(state) = serde_json::from_str::<State>(&text) else {
+        // Damaged like a half-written checkpoint (the JSON is renamed into place whole, so only
+        // outside hands make this): not resumed from.
+        eprintln!("checkpoint `{}` does not parse, ignoring it", path.display());
+        return Ok(None);
+    };
     if state.format != FORMAT || state.version != FORMAT_VERSION {
         bail!(
             "`{}` is a `{}` version {} checkpoint, this nanoflow reads `{FORMAT}` version {FORMAT_VERSION}\nhint: re-run the stage that wrote it",
