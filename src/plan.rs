@@ -4,7 +4,7 @@
 //! pipeline can be wrong any more; what remains is deciding what is stale and running it.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use nanoflow_stages::{Invalid, Upstream};
 use serde_yaml::Value;
@@ -238,6 +238,16 @@ fn resolve_stage(
 
     let mut deps = Vec::new();
     for (path, origin) in &raw.deps {
+        // A dep is part of the project: its content enters the key, so it must travel with it.
+        let inside = Path::new(path).components().all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
+        if !inside {
+            return Err(Error::InvalidParam {
+                stage: raw.name.clone(),
+                key: "deps".to_string(),
+                origin: origin.clone(),
+                message: format!("`{path}` is outside the pipeline's folder; deps are files of the project"),
+            });
+        }
         check_exists("`deps` path", raw, path, origin, root)?;
         deps.push(path.clone());
     }

@@ -287,3 +287,18 @@ fn nanoflow_sample_checks_its_arguments() {
     );
     assert_eq!(test.runs(), Vec::<String>::new());
 }
+
+#[test]
+fn deps_stay_inside_the_project() {
+    for dep in ["/etc/hostname", "../../../etc/passwd"] {
+        let test =
+            Test::with_pipeline(&format!("stages:\n  a:\n    kind: command\n    run: 'true'\n    deps: ['{dep}']\n"));
+        assert_eq!(
+            test.expect(&["run", "a"], 2).stderr,
+            format!(
+                "error: invalid `deps` in stage `a` at pipeline.yaml:5:12: `{dep}` is outside the pipeline's folder; deps \
+                 are files of the project\n"
+            )
+        );
+    }
+}

@@ -257,9 +257,10 @@ impl TokenSplit {
                     let tokens = check_header(&path, &head)?;
                     let expected = HEADER_BYTES as u64 + 2 * tokens;
                     ensure!(
-                        bytes >= expected,
-                        "`{}` is truncated: its header says {tokens} tokens ({expected} bytes) but it has {bytes} bytes\nhint: re-run the `tokenize` stage that produced it",
-                        path.display()
+                        bytes == expected,
+                        "`{}` {}: its header says {tokens} tokens ({expected} bytes) but it has {bytes} bytes\nhint: re-run the `tokenize` stage that produced it",
+                        path.display(),
+                        if bytes < expected { "is truncated" } else { "has bytes past its tokens" }
                     );
                     (HEADER_BYTES, tokens)
                 }
@@ -306,6 +307,12 @@ impl TokenSplit {
 
     /// Copies `out.len()` tokens starting at stream position `offset` into `out`, across shard
     /// boundaries.
+    /// The file holding token `offset` of the split, for messages.
+    pub fn file_of(&self, offset: u64) -> &Path {
+        let index = self.starts.partition_point(|&start| start <= offset).saturating_sub(1);
+        &self.shards[index].path
+    }
+
     pub fn read(&self, offset: u64, out: &mut [u16]) -> anyhow::Result<()> {
         let end = offset.checked_add(out.len() as u64).filter(|&end| end <= self.len);
         ensure!(
@@ -366,6 +373,17 @@ mod tests {
             writer.write(chunk).unwrap();
         }
         writer.finish().unwrap()
+    }
+
+    #[test]
+    fn a_shard_with_bytes_past_its_tokens_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (paths, _) = write_split(dir.path(), "train", &[1, 2, 3], 100);
+        let mut bytes = fs_err::read(&paths[0]).unwrap();
+        bytes.push(7);
+        fs_err::write(&paths[0], bytes).unwrap();
+        let error = TokenSplit::open(dir.path(), "train").err().unwrap().to_string();
+        assert!(error.ends_with("has bytes past its tokens: its header says 3 tokens (1030 bytes) but it has 1031 bytes\nhint: re-run the `tokenize` stage that produced it"), "{error}");
     }
 
     #[test]

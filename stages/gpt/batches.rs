@@ -11,12 +11,11 @@ use crate::gpt::{Gpt, Rng, cross_entropy};
 pub fn get_batch(
     data: &TokenSplit,
     rng: &mut Rng,
-    batch_size: usize,
-    block_size: usize,
+    (batch_size, block_size, vocab_size): (usize, usize, usize),
     device: &Device,
 ) -> anyhow::Result<(Tensor, Tensor)> {
     let offsets = batch_offsets(data, rng, batch_size, block_size);
-    read_batch(data, &offsets, block_size, device)
+    read_batch(data, &offsets, (block_size, vocab_size), device)
 }
 
 /// Where a batch's windows start: every rank draws every batch's, to stay on the shared stream.
@@ -24,11 +23,12 @@ pub fn batch_offsets(data: &TokenSplit, rng: &mut Rng, batch_size: usize, block_
     (0..batch_size).map(|_| rng.below(data.len() - block_size as u64)).collect()
 }
 
-/// The windows at `offsets`: x (B, T) and y, x shifted by one.
+/// The windows at `offsets`: x (B, T) and y, x shifted by one. A token the model's vocabulary
+/// does not have is an error naming its file (it would be an index past the embedding table).
 pub fn read_batch(
     data: &TokenSplit,
     offsets: &[u64],
-    block_size: usize,
+    (block_size, vocab_size): (usize, usize),
     device: &Device,
 ) -> anyhow::Result<(Tensor, Tensor)> {
     let mut window = vec![0u16; block_size + 1];
@@ -36,6 +36,15 @@ pub fn read_batch(
     let mut y = Vec::with_capacity(offsets.len() * block_size);
     for &offset in offsets {
         data.read(offset, &mut window)?;
+        if let Some(at) = window.iter().position(|&token| token as usize >= vocab_size) {
+            let offset = offset + at as u64;
+            anyhow::bail!(
+                "token {} at position {offset} of `{}` is past the model's vocabulary ({vocab_size} tokens)\nhint: \
+                 the data was tokenized for another model; re-run its `tokenize` stage or set `vocab_size`",
+                window[at],
+                data.file_of(offset).display()
+            );
+        }
         x.extend(window[..block_size].iter().map(|&token| token as u32));
         y.extend(window[1..].iter().map(|&token| token as u32));
     }
@@ -59,7 +68,7 @@ pub fn mean_loss(
 ) -> anyhow::Result<f64> {
     let mut sum = 0.0;
     for _ in 0..iters {
-        let (x, y) = get_batch(data, rng, batch_size, block_size, device)?;
+        let (x, y) = get_batch(data, rng, (batch_size, block_size, model.config.vocab_size), device)?;
         let logits = model.forward(&x, false)?; // (B, T, vocab_size)
         sum += cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         on_batch();
@@ -79,7 +88,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let data = char_data(dir.path());
         let split = TokenSplit::open(Path::new(&data), "train")?;
-        let draw = |seed| get_batch(&split, &mut Rng::new(seed), 4, 16, &Device::Cpu).unwrap();
+        let draw = |seed| get_batch(&split, &mut Rng::new(seed), (4, 16, 65), &Device::Cpu).unwrap();
         let (x, y) = draw(1337);
         let (x2, y2) = draw(1337);
         assert_eq!(x.to_vec2::<u32>()?, x2.to_vec2::<u32>()?);
@@ -89,5 +98,16 @@ mod tests {
             assert_eq!(x[1..], y[..15], "y is x shifted by one");
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_token_past_the_vocabulary_names_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = char_data(dir.path());
+        let split = TokenSplit::open(Path::new(&data), "train").unwrap();
+        // The characters are ids up to 64; a model of 10 tokens cannot read them.
+        let error = get_batch(&split, &mut Rng::new(1), (4, 16, 10), &Device::Cpu).unwrap_err().to_string();
+        assert!(error.contains("is past the model's vocabulary (10 tokens)"), "{error}");
+        assert!(error.contains("train_000000.bin`"), "{error}");
     }
 }

@@ -194,7 +194,8 @@ impl Trainer {
             if micro_step % self.world.size != self.world.rank {
                 continue;
             }
-            let (x, y) = batches::read_batch(data, offsets, block_size, &self.device)?;
+            let vocab_size = self.model.config.vocab_size;
+            let (x, y) = batches::read_batch(data, offsets, (block_size, vocab_size), &self.device)?;
             let step = first_micro_step + micro_step as u64;
             self.model.seed_dropout(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
             let logits = self.model.forward(&x, true)?; // (B, T, vocab_size)
