@@ -348,7 +348,9 @@ fn run_rank(
     macro_rules! log {
         ($($arg:tt)*) => { if main { eprintln!($($arg)*) } };
     }
-    log!("config: {}", serde_json::to_string(config)?);
+    if main {
+        eprint!("{}", config_lines(config)?);
+    }
 
     // -----------------------------------------------------------------------------
     // data: random windows of the token stream, like nanoGPT's memmapped get_batch
@@ -692,6 +694,19 @@ fn check_world(config: &Config, ranks: usize) -> anyhow::Result<()> {
         config.gradient_accumulation_steps
     );
     Ok(())
+}
+
+/// The config as YAML lines in name order, only the params that differ from `train`'s defaults
+/// (the whole config is in the manifest): what this run is, at a glance.
+fn config_lines(config: &Config) -> anyhow::Result<String> {
+    let (ours, defaults) = (serde_json::to_value(config)?, serde_json::to_value(Config::default())?);
+    let mut text = String::from("config (what differs from train's defaults):\n");
+    for (key, value) in ours.as_object().into_iter().flatten() {
+        if defaults.get(key) != Some(value) {
+            text.push_str(&format!("  {key}: {value}\n"));
+        }
+    }
+    Ok(text)
 }
 
 /// The most advanced complete checkpoint in `dir`, if any.
@@ -1145,6 +1160,15 @@ pub(crate) mod tests {
         // The kept checkpoint reads back.
         assert!(checkpoint::load_state(&ctx.out, "last")?.is_some());
         Ok(())
+    }
+
+    #[test]
+    fn the_config_prints_what_differs_from_the_defaults() {
+        let config = Config { data: "d".into(), n_layer: Some(4), dropout: 0.2, ..Config::default() };
+        assert_eq!(
+            config_lines(&config).unwrap(),
+            "config (what differs from train's defaults):\n  data: \"d\"\n  dropout: 0.2\n  n_layer: 4\n"
+        );
     }
 
     #[test]
