@@ -110,6 +110,14 @@ pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[
             Freshness::Restorable { reasons, .. } => {
                 ("stale", format!("{} (stored: restores without running)", reasons.join("; ")))
             }
+            Freshness::Stale { key, .. } if store.key_is_running(name, key) => {
+                ("running", "in another nanoflow process".to_string())
+            }
+            Freshness::Stale { key, reasons, .. }
+                if plan.stages[index].kind.resumable() && store.has_partial(name, key) =>
+            {
+                ("stale", format!("{}; an interrupted run's partial output: the next run resumes", reasons.join("; ")))
+            }
             Freshness::Stale { reasons, .. } => ("stale", reasons.join("; ")),
             Freshness::Waiting { upstream } => ("waiting", format!("on `{}`", upstream.join("`, `"))),
         };

@@ -205,7 +205,14 @@ impl<'a> Executor<'a> {
         match self.prepare(index, upstream) {
             Ok(Prepared::Cached(outcome)) => outcome,
             Ok(Prepared::Run { key, material, reasons }) => {
-                self.line(position, total, &stage.name, Style::Cyan, "running", &format!("({})", reasons.join("; ")));
+                let resuming = stage.kind.resumable()
+                    && !self.options.force.contains(&stage.name)
+                    && self.store.has_partial(&stage.name, &key);
+                let why = match resuming {
+                    true => "resuming an interrupted run".to_string(),
+                    false => reasons.join("; "),
+                };
+                self.line(position, total, &stage.name, Style::Cyan, "running", &format!("({why})"));
                 self.printer.verbose(&format!("      key {key}"));
                 match self.execute(index, &key, material, upstream) {
                     Ok(outcome) => outcome,

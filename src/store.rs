@@ -137,6 +137,21 @@ impl Store {
     }
 
     /// The lock that makes one process at a time run a given key. `None` when another holds it.
+    /// Whether another process holds the lock of `key` now: it is running that stage. (A free
+    /// lock is taken and released at once; a lock file that does not exist yet is not made.)
+    pub fn key_is_running(&self, stage: &str, key: &str) -> bool {
+        let path = self.meta().join("locks").join(format!("{stage}-{}.lock", &key[..SHORT_KEY]));
+        match fs_err::OpenOptions::new().write(true).open(&path) {
+            Ok(file) => matches!(file.file().try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            Err(_) => false,
+        }
+    }
+
+    /// An interrupted run of `key` left a partial output that a resumable kind continues from.
+    pub fn has_partial(&self, stage: &str, key: &str) -> bool {
+        fs_err::read_dir(self.partial_dir(stage, key).join(OUT)).is_ok_and(|mut entries| entries.next().is_some())
+    }
+
     pub fn try_lock_key(&self, stage: &str, key: &str) -> io::Result<Option<Lock>> {
         let path = self.meta().join("locks").join(format!("{stage}-{}.lock", &key[..SHORT_KEY]));
         fs_err::create_dir_all(path.parent().expect("lock files live in a folder"))?;

@@ -397,7 +397,10 @@ fn run_rank(
         Options { device: &config.device, dtype: &config.dtype, world, local_ranks, adamw, seed: config.seed };
     let mut trainer = Trainer::new(init, &options)?;
     log!("device: {}, matmuls in {}", trainer.device_name(), trainer.matmul_dtype());
-    log!("initializing {}", trainer.description);
+    let latest = latest_checkpoint(&ctx.out)?;
+    if latest.is_none() {
+        log!("initializing {}", trainer.description);
+    }
     let model_config = trainer.config().clone();
     let block_size = model_config.block_size;
     ensure!(
@@ -443,7 +446,7 @@ fn run_rank(
     if writes {
         checkpoint::remove_temporaries(&ctx.out)?;
     }
-    if let Some((name, state)) = latest_checkpoint(&ctx.out)? {
+    if let Some((name, state)) = latest {
         check_same_run(config, &state, &ctx.out)?;
         trainer.resume(&ctx.out, name, state.loss_scale)?;
         if writes {

@@ -49,12 +49,22 @@ fn a_killed_train_stage_resumes_from_its_last_checkpoint() {
             fs_err::read_to_string(state).is_ok_and(|json| !json.contains("\"iter\": 0,") && json.contains("\"iter\""))
         })
     });
+    // While it runs, `status` says so.
+    let status = test.expect(&["status", "model"], 0);
+    assert_eq!(status.stdout, "text   fresh\nchars  fresh\nmodel  running  in another nanoflow process\n");
     signal(child.id() as i32, libc::SIGKILL);
     child.wait().unwrap();
     assert!(test.entries("model").is_empty(), "nothing is published by a killed run");
+    // Killed, it says the next run resumes; and the next run says it resumes, not "never run".
+    assert_eq!(
+        test.expect(&["status", "model"], 0).stdout,
+        "text   fresh\nchars  fresh\nmodel  stale    never run; an interrupted run's partial output: the next run resumes\n"
+    );
 
     let output = test.expect(&["run", "model"], 0);
+    assert!(output.stderr.contains("[3/3] model  running  (resuming an interrupted run)\n"), "{}", output.stderr);
     assert!(output.stderr.contains("[model] resuming from `"), "{}", output.stderr);
+    assert!(!output.stderr.contains("[model] initializing"), "{}", output.stderr);
     assert!(!output.stderr.contains("[model] step 0:"), "{}", output.stderr);
     assert!(test.path("artifacts/model/current/ckpt.safetensors").exists());
     assert!(test.path("artifacts/model/current/metrics.parquet").exists());
