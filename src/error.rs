@@ -149,6 +149,19 @@ impl Error {
     }
 }
 
+/// serde_yaml's message in a person's words: without the ` at line N column M` it appends (the
+/// engine shows its own position) and without its internal names.
+pub fn plain_message(message: &str) -> String {
+    let message = match message.find(" at line ") {
+        Some(index) => &message[..index],
+        None => message,
+    };
+    message
+        .replace("unit value", "an empty value")
+        .replace("expected a Value::Tagged enum", "expected a name")
+        .replace(" as u128, expected any YAML value", ", which is too large")
+}
+
 /// The closest of `candidates` to `name`, if it is close enough to be what was meant: a typo or
 /// two (edit distance) or a shared stem (Jaro-Winkler), as cargo and just judge it.
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {

@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::cache_key::KeyMaterial;
-use crate::stat_cache::{StatCache, files_under, hash_file};
+use crate::stat_cache::{StatCache, entries_under, files_under, hash_file};
 
 /// A store entry is `out/` (the stage's outputs and nothing else: what `${stage}` and `current`
 /// point at), the manifest and the log.
@@ -141,34 +141,18 @@ pub fn list_outputs(dir: &Path) -> io::Result<Vec<String>> {
 /// hashing. Either is refused before anything is read, naming it.
 pub fn check_outputs(dir: &Path) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
-    let mut stack = vec![std::path::PathBuf::new()];
-    while let Some(relative) = stack.pop() {
-        let entries = fs_err::read_dir(dir.join(&relative)).map_err(|error| error.to_string())?;
-        for entry in entries {
-            let entry = entry.map_err(|error| error.to_string())?;
-            let path = relative.join(entry.file_name());
-            let kind = entry.file_type().map_err(|error| error.to_string())?;
-            let what = if kind.is_dir() {
-                stack.push(path);
-                continue;
-            } else if kind.is_file() {
-                continue;
-            } else if kind.is_symlink() {
-                "a symbolic link"
-            } else if kind.is_fifo() {
-                "a named pipe"
-            } else if kind.is_socket() {
-                "a socket"
-            } else {
-                "a device"
-            };
-            return Err(format!(
-                "`$OUT/{}` is {what}: outputs must be regular files and folders (copy what a link points to)",
-                path.display()
-            ));
-        }
-    }
-    Ok(())
+    let entries = entries_under(dir).map_err(|error| error.to_string())?;
+    let Some((path, kind)) = entries.into_iter().find(|(_, kind)| !kind.is_file()) else { return Ok(()) };
+    let what = match () {
+        _ if kind.is_symlink() => "a symbolic link",
+        _ if kind.is_fifo() => "a named pipe",
+        _ if kind.is_socket() => "a socket",
+        _ => "a device",
+    };
+    Err(format!(
+        "`$OUT/{}` is {what}: outputs must be regular files and folders (copy what a link points to)",
+        path.display()
+    ))
 }
 
 /// Hashes every output in `dir`.

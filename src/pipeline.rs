@@ -78,7 +78,7 @@ pub fn read_yaml(path: &Path) -> Result<(Value, SourceMap), Error> {
             Some(at) => Location { file: label.clone(), line: at.line(), column: at.column() },
             None => map.nearest(&[]),
         },
-        message: crate::stage_kind::plain_message(&error.to_string()),
+        message: crate::error::plain_message(&error.to_string()),
     })?;
     Ok((value, map))
 }

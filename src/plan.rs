@@ -4,7 +4,7 @@
 //! pipeline can be wrong any more; what remains is deciding what is stale and running it.
 
 use std::collections::BTreeSet;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use nanoflow_stages::{Invalid, Upstream};
 use serde_yaml::Value;
@@ -239,8 +239,7 @@ fn resolve_stage(
     let mut deps = Vec::new();
     for (path, origin) in &raw.deps {
         // A dep is part of the project: its content enters the key, so it must travel with it.
-        let inside = Path::new(path).components().all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
-        if !inside {
+        if !nanoflow_stages::is_inside(path) {
             return Err(Error::InvalidParam {
                 stage: raw.name.clone(),
                 key: "deps".to_string(),

@@ -13,6 +13,8 @@ use nanoflow_stages::{
     Context, Invalid, Report, Upstream, command, download, eval, export, finetune, sample, tokenize, train,
 };
 
+use crate::error::plain_message;
+
 /// A param that does not fit the kind's `Config`.
 #[derive(Debug)]
 pub enum ParamError {
@@ -119,12 +121,12 @@ impl StageKind {
     }
 
     /// The params of this (validated) config that enter the key: all but the kind's
-    /// non-semantic ones, and for a pinned download not its sources (`download::key`).
+    /// non-semantic ones, and for a pinned download not its sources (`download::keyed`).
     pub fn key_params(self, params: &serde_json::Value) -> serde_json::Value {
-        if self == StageKind::Download {
-            return download::key(&config(params));
-        }
-        let mut params = params.clone();
+        let mut params = match self {
+            StageKind::Download => serde_json::to_value(download::keyed(&config(params))).expect("a Config serializes"),
+            _ => params.clone(),
+        };
         if let Some(map) = params.as_object_mut() {
             for key in self.non_semantic() {
                 map.remove(*key);
@@ -166,19 +168,6 @@ fn config<C: DeserializeOwned>(params: &serde_json::Value) -> C {
 fn missing_field(message: &str) -> Option<String> {
     let rest = message.strip_prefix("missing field `")?;
     Some(rest[..rest.find('`')?].to_string())
-}
-
-/// serde_yaml's message in a person's words: without the ` at line N column M` it appends (the
-/// engine shows its own position) and without its internal names.
-pub fn plain_message(message: &str) -> String {
-    let message = match message.find(" at line ") {
-        Some(index) => &message[..index],
-        None => message,
-    };
-    message
-        .replace("unit value", "an empty value")
-        .replace("expected a Value::Tagged enum", "expected a name")
-        .replace(" as u128, expected any YAML value", ", which is too large")
 }
 
 /// The field names a `Deserialize` struct accepts, read from what it passes to

@@ -136,21 +136,26 @@ pub fn hash_file(path: &Path) -> io::Result<String> {
 
 /// The files under `dir` (following no symlinks into other trees), relative, sorted.
 pub fn files_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let mut files = Vec::new();
+    Ok(entries_under(dir)?.into_iter().map(|(path, _)| path).collect())
+}
+
+/// Everything under `dir` that is not a folder (files, links, pipes, ...), relative, sorted, with
+/// its type as `lstat` sees it: links are not followed.
+pub fn entries_under(dir: &Path) -> io::Result<Vec<(PathBuf, std::fs::FileType)>> {
+    let mut entries = Vec::new();
     let mut stack = vec![PathBuf::new()];
     while let Some(relative) = stack.pop() {
         for entry in fs_err::read_dir(dir.join(&relative))? {
             let entry = entry?;
-            let path = relative.join(entry.file_name());
-            if entry.file_type()?.is_dir() {
-                stack.push(path);
-            } else {
-                files.push(path);
+            let (path, kind) = (relative.join(entry.file_name()), entry.file_type()?);
+            match kind.is_dir() {
+                true => stack.push(path),
+                false => entries.push((path, kind)),
             }
         }
     }
-    files.sort();
-    Ok(files)
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(entries)
 }
 
 #[cfg(test)]

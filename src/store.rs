@@ -140,8 +140,7 @@ impl Store {
     /// Whether another process holds the lock of `key` now: it is running that stage. (A free
     /// lock is taken and released at once; a lock file that does not exist yet is not made.)
     pub fn key_is_running(&self, stage: &str, key: &str) -> bool {
-        let path = self.meta().join("locks").join(format!("{stage}-{}.lock", &key[..SHORT_KEY]));
-        match fs_err::OpenOptions::new().write(true).open(&path) {
+        match fs_err::OpenOptions::new().write(true).open(self.key_lock_path(stage, key)) {
             Ok(file) => matches!(file.file().try_lock(), Err(std::fs::TryLockError::WouldBlock)),
             Err(_) => false,
         }
@@ -153,7 +152,7 @@ impl Store {
     }
 
     pub fn try_lock_key(&self, stage: &str, key: &str) -> io::Result<Option<Lock>> {
-        let path = self.meta().join("locks").join(format!("{stage}-{}.lock", &key[..SHORT_KEY]));
+        let path = self.key_lock_path(stage, key);
         fs_err::create_dir_all(path.parent().expect("lock files live in a folder"))?;
         let file = fs_err::File::create(&path)?;
         match file.file().try_lock() {
@@ -161,6 +160,10 @@ impl Store {
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(error)) => Err(error),
         }
+    }
+
+    fn key_lock_path(&self, stage: &str, key: &str) -> PathBuf {
+        self.meta().join("locks").join(format!("{stage}-{}.lock", &key[..SHORT_KEY]))
     }
 
     fn lock_file(&self, path: &Path) -> Result<fs_err::File, Error> {

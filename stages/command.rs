@@ -4,7 +4,6 @@
 //! it does not know why it runs (the engine decides that from the content key).
 
 use std::collections::BTreeMap;
-use std::path::Component;
 use std::process::Command;
 
 use anyhow::{Context as _, bail};
@@ -44,10 +43,7 @@ pub fn local_inputs(_config: &Config) -> Vec<String> {
 pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
     required("run", &config.run, || "the shell script to run, with `$OUT` the folder it writes into".to_string())?;
     for (i, out) in config.outs.iter().enumerate() {
-        let path = std::path::Path::new(out);
-        let inside =
-            !out.is_empty() && path.components().all(|part| matches!(part, Component::Normal(_) | Component::CurDir));
-        ensure(inside, &format!("outs[{i}]"), || format!("must be a path inside `$OUT`, not `{out}`"))?;
+        ensure(crate::is_inside(out), &format!("outs[{i}]"), || format!("must be a path inside `$OUT`, not `{out}`"))?;
     }
     Ok(())
 }

@@ -107,9 +107,7 @@ pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
         _ => return Err(Invalid::new("", "a download takes only one of `url`, `hf` and `path`")),
     }
     if let Some(url) = &config.url {
-        ensure(url.starts_with("http://") || url.starts_with("https://"), "url", || {
-            format!("must start with `http://` or `https://`, not `{url}`")
-        })?;
+        ensure(is_url(url), "url", || format!("must start with `http://` or `https://`, not `{url}`"))?;
     }
     if let Some(digest) = &config.digest {
         Digest::parse(digest).map_err(|message| Invalid::new("digest", message))?;
@@ -123,8 +121,7 @@ pub fn check(config: &Config, _upstream: &Upstream) -> Result<(), Invalid> {
         })?;
     }
     for (i, mirror) in config.mirrors.iter().enumerate() {
-        let url = mirror.starts_with("http://") || mirror.starts_with("https://");
-        ensure(url || (!mirror.is_empty() && !mirror.contains("://")), &format!("mirrors[{i}]"), || {
+        ensure(is_url(mirror) || (!mirror.is_empty() && !mirror.contains("://")), &format!("mirrors[{i}]"), || {
             format!("must be an http(s) URL or a file relative to pipeline.yaml, not `{mirror}`")
         })?;
     }
@@ -156,23 +153,17 @@ pub fn local_inputs(config: &Config) -> Vec<String> {
     }
 }
 
-/// What of this config enters the key, beyond dropping `NON_SEMANTIC`: with a `digest`, the file
+/// The config as it enters the key (before `NON_SEMANTIC` leaves it): with a `digest`, the file
 /// is defined by its bytes and its name, so where it comes from (`url`, `path`, `mirrors`) is a
 /// source, not part of the key, and the name it would take from the URL is written out. Changing
 /// a mirror, or the URL of a pinned file, re-runs nothing.
-pub fn key(config: &Config) -> serde_json::Value {
+pub fn keyed(config: &Config) -> Config {
     let mut keyed = config.clone();
     if keyed.digest.is_some() && keyed.hf.is_none() {
         keyed.filename = file_name(config).ok();
         (keyed.url, keyed.path, keyed.mirrors) = (None, None, Vec::new());
     }
-    let mut key = serde_json::to_value(keyed).expect("a Config serializes");
-    if let Some(map) = key.as_object_mut() {
-        for name in NON_SEMANTIC {
-            map.remove(*name);
-        }
-    }
-    key
+    keyed
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
@@ -202,29 +193,25 @@ pub(crate) fn run_with(
             false => copy_path(source, config, ctx),
         };
         match result {
-            Ok(report) if i > 0 => {
-                eprintln!("got it from `{source}`");
+            Ok(report) => {
+                if i > 0 {
+                    eprintln!("got it from `{source}`");
+                }
                 return Ok(report);
             }
-            Ok(report) => return Ok(report),
-            Err(error) if i + 1 < sources.len() => {
-                eprintln!("{error:#}; trying `{}`", sources[i + 1]);
-                failed.push(error);
-            }
-            Err(error) if failed.is_empty() => return Err(error),
             Err(error) => {
+                if let Some(next) = sources.get(i + 1) {
+                    eprintln!("{error:#}; trying `{next}`");
+                }
                 failed.push(error);
-                let reasons: Vec<String> = failed.iter().map(|error| format!("\n  {error:#}")).collect();
-                bail!(
-                    "stage `{}` could not get its file from any of its {} sources:{}",
-                    ctx.stage,
-                    sources.len(),
-                    reasons.concat()
-                );
             }
         }
     }
-    unreachable!("the loop returns at the last source")
+    if failed.len() == 1 {
+        return Err(failed.remove(0));
+    }
+    let reasons: Vec<String> = failed.iter().map(|error| format!("\n  {error:#}")).collect();
+    bail!("stage `{}` could not get its file from any of its {} sources:{}", ctx.stage, sources.len(), reasons.concat())
 }
 
 fn is_url(source: &str) -> bool {
@@ -603,15 +590,19 @@ mod tests {
     #[test]
     fn a_pinned_download_is_keyed_by_its_digest_not_its_sources() {
         let pinned = Config { digest: Some(format!("blake3:{}", "a".repeat(64))), ..url_config("https://a/b".into()) };
+        let key = |config: &Config| serde_json::to_value(keyed(config)).unwrap();
         let digest = pinned.digest.clone().unwrap();
-        assert_eq!(key(&pinned), serde_json::json!({"filename": "b", "digest": digest}));
+        assert_eq!(key(&pinned), serde_json::json!({"filename": "b", "digest": digest, "retries": 3, "backoff_ms": 1}));
         let moved =
             Config { url: Some("https://mirror/x/b".into()), mirrors: vec!["copy.txt".into()], ..pinned.clone() };
         assert_eq!(key(&moved), key(&pinned), "another source of the same file");
         let renamed = Config { url: Some("https://a/c".into()), ..pinned.clone() };
         assert_ne!(key(&renamed), key(&pinned), "the name it takes is part of what it is");
         assert!(local_inputs(&Config { url: None, path: Some("data/x.txt".into()), ..pinned.clone() }).is_empty());
-        assert_eq!(key(&url_config("https://a/b".into())), serde_json::json!({"url": "https://a/b"}));
+        assert_eq!(
+            key(&url_config("https://a/b".into())),
+            serde_json::json!({"url": "https://a/b", "retries": 3, "backoff_ms": 1})
+        );
         let unpinned = Config { mirrors: vec!["copy.txt".into()], ..url_config("https://a/b".into()) };
         assert_eq!(
             check(&unpinned, &Upstream::none()).unwrap_err().to_string(),

@@ -119,7 +119,7 @@ pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
     if let Some(block_size) = config.block_size {
         at_least_one("block_size", block_size)?;
     }
-    crate::gpt::device::check_name(&config.device).map_err(|message| Invalid::new("device", message))
+    crate::gpt::device::check(&config.device)
 }
 
 pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {

@@ -103,6 +103,14 @@ pub fn ensure(condition: bool, key: &str, message: impl FnOnce() -> String) -> R
     if condition { Ok(()) } else { Err(Invalid::new(key, message())) }
 }
 
+/// Whether `path` is relative and stays inside the folder it is relative to (no root, no `..`):
+/// what `outs`, `deps`, Hub file names and every other path that must not escape are checked by.
+pub fn is_inside(path: &str) -> bool {
+    use std::path::Component;
+    !path.is_empty()
+        && std::path::Path::new(path).components().all(|part| matches!(part, Component::Normal(_) | Component::CurDir))
+}
+
 /// `key` must be at least 1.
 pub fn at_least_one(key: &str, value: usize) -> Result<(), Invalid> {
     ensure(value >= 1, key, || "must be at least 1, not 0".to_string())

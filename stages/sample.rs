@@ -97,7 +97,7 @@ pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
     ensure(config.temperature.is_finite() && config.temperature >= 0.0, "temperature", || {
         format!("must be 0 (greedy) or more, not {}", config.temperature)
     })?;
-    crate::gpt::device::check_name(&config.device).map_err(|message| Invalid::new("device", message))
+    crate::gpt::device::check(&config.device)
 }
 
 /// Something to show while sampling: a piece of a sample's text, or the end of one.

@@ -593,7 +593,6 @@ fn run_rank(
     if let Some(at) = best_iter {
         ensure!(best.iter == at, "the best checkpoint holds iter {}, the run recorded iter {at}", best.iter);
     }
-    checkpoint::remove_temporaries(&ctx.out)?;
     metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
     metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
     let last = rows.iter().rev().find_map(|row| Some((row.train_loss?, row.val_loss?)));
@@ -671,10 +670,8 @@ pub fn check(config: &Config, upstream: &Upstream) -> Result<(), Invalid> {
     ] {
         ensure(value.is_finite() && value >= 0.0, key, || format!("must be 0 or more, not {value}"))?;
     }
-    crate::gpt::device::check_name(&config.device).map_err(|message| Invalid::new("device", message))?;
-    ensure(crate::gpt::device::DTYPES.contains(&config.dtype.as_str()), "dtype", || {
-        format!("is `{}`; use auto, bfloat16, float16 or float32", config.dtype)
-    })?;
+    crate::gpt::device::check(&config.device)?;
+    crate::gpt::device::check_dtype(&config.dtype)?;
     match config.gpus {
         Gpus::Count(0) => Err(Invalid::new("gpus", "must be at least 1, or `auto`")),
         Gpus::Count(ranks) => ensure(config.gradient_accumulation_steps.is_multiple_of(ranks), "gpus", || {

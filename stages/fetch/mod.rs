@@ -5,14 +5,10 @@ pub mod digest;
 pub(crate) mod http;
 pub(crate) mod hub;
 
-use std::path::{Component, Path};
-
-/// A relative path that stays inside `$OUT`.
+/// A repo path that stays inside `$OUT` when a file is placed there.
 pub(crate) fn check_relative(path: &str) -> Result<(), String> {
-    let inside =
-        !path.is_empty() && Path::new(path).components().all(|component| matches!(component, Component::Normal(_)));
-    if !inside {
-        return Err(format!("`{path}` must be a relative path inside the repo"));
+    match crate::is_inside(path) {
+        true => Ok(()),
+        false => Err(format!("`{path}` must be a relative path inside the repo")),
     }
-    Ok(())
 }

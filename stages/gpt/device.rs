@@ -5,18 +5,24 @@
 use anyhow::{Context as _, bail};
 use candle_core::{DType, Device};
 
-/// The names `device` takes: `auto`, `cpu`, `cuda`, `cuda:N`. Whether this build has CUDA, or
-/// this machine a GPU, is known only where the stage runs.
-pub fn check_name(name: &str) -> Result<(), String> {
+use crate::Invalid;
+
+/// A `device` param: `auto`, `cpu`, `cuda` or `cuda:N`. Whether this build has CUDA, or this
+/// machine a GPU, is known only where the stage runs.
+pub fn check(name: &str) -> Result<(), Invalid> {
     let ordinal = name.strip_prefix("cuda:").map(|n| n.parse::<usize>().is_ok());
     match (name, ordinal) {
         ("auto" | "cpu" | "cuda", _) | (_, Some(true)) => Ok(()),
-        _ => Err(format!("is `{name}`; use auto, cpu, cuda or cuda:N")),
+        _ => Err(Invalid::new("device", format!("is `{name}`; use auto, cpu, cuda or cuda:N"))),
     }
 }
 
-/// The dtypes `dtype` takes.
-pub const DTYPES: [&str; 4] = ["auto", "bfloat16", "float16", "float32"];
+/// A `dtype` param: `auto`, `bfloat16`, `float16` or `float32`.
+pub fn check_dtype(dtype: &str) -> Result<(), Invalid> {
+    crate::ensure(matches!(dtype, "auto" | "bfloat16" | "float16" | "float32"), "dtype", || {
+        format!("is `{dtype}`; use auto, bfloat16, float16 or float32")
+    })
+}
 
 /// The device `name` picks for a rank: `auto` is CUDA when nanoflow is built with `--features
 /// cuda` and a GPU is present, else the CPU. Ranks of a multi-GPU world take the GPU of their
