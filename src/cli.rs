@@ -80,6 +80,30 @@ pub enum Command {
         #[arg(value_name = "NAME")]
         names: Vec<String>,
     },
+    /// Write a report card of what NAME made (and everything upstream): markdown with PNG plots
+    /// and one self-contained HTML page; prints the page's path
+    Report {
+        #[arg(value_name = "NAME", required = true)]
+        names: Vec<String>,
+        /// The folder to write into [default: reports/NAME]
+        #[arg(short, long, value_name = "DIR")]
+        output: Option<PathBuf>,
+    },
+    /// Compare every stored output of a stage: the params that differ and the final metrics,
+    /// one row per key, and their loss curves in one plot
+    Metrics {
+        #[arg(value_name = "STAGE")]
+        stage: String,
+        /// Print CSV
+        #[arg(long, conflicts_with = "json")]
+        csv: bool,
+        /// Print JSON (an array of rows)
+        #[arg(long)]
+        json: bool,
+        /// Where to draw the loss curves [default: reports/STAGE-runs.png]
+        #[arg(long, value_name = "PNG")]
+        plot: Option<PathBuf>,
+    },
     /// Continue a prompt with a model, printing as it generates (nanoGPT's sample.py)
     Sample {
         /// A train/finetune/export stage of the pipeline (its current output), a model folder,

@@ -97,7 +97,35 @@ pub fn run(
         return Ok(ExitCode::FAILURE);
     }
     printer.status(&format!("ran {}, cached {} in {seconds:.1}s", summary.ran, summary.cached));
+    made(printer, &plan, &store, &summary.finished, names);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the run made that people look at (models, evaluations, samples, exports): for each, its
+/// result line, how long it took and where it is; then how to see it all.
+fn made(printer: &Printer, plan: &Plan, store: &Store, finished: &[String], names: &[String]) {
+    let products: Vec<(&str, Manifest)> = plan
+        .stages
+        .iter()
+        .filter(|stage| finished.contains(&stage.name) && stage.kind.is_product())
+        .filter_map(|stage| {
+            let manifest = Manifest::read(&store.current(&stage.name)?).ok()??;
+            Some((stage.name.as_str(), manifest))
+        })
+        .collect();
+    if products.is_empty() {
+        return;
+    }
+    let width = products.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+    printer.status("made:");
+    for (name, manifest) in &products {
+        let took = crate::report::duration(manifest.duration_s);
+        let result = if manifest.summary.is_empty() { String::new() } else { format!("{}; ", manifest.summary) };
+        printer.status(&format!("  {name:<width$}  {result}took {took}"));
+        let link = store.stage_dir(name).join("current");
+        printer.status(&format!("  {:<width$}  {}/", "", show_path(&link).display()));
+    }
+    printer.status(&format!("see it all: nanoflow report {}", names.join(" ")));
 }
 
 pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[String]) -> Result<ExitCode, Error> {
@@ -329,6 +357,27 @@ pub fn bench(
     Ok(ExitCode::SUCCESS)
 }
 
+pub fn report(
+    printer: &Printer,
+    file: Option<&Path>,
+    names: &[String],
+    output: Option<&Path>,
+) -> Result<ExitCode, Error> {
+    let (plan, store) = load(file, &[])?;
+    crate::report::write(printer, &plan, &store, names, output)
+}
+
+pub fn metrics(
+    printer: &Printer,
+    file: Option<&Path>,
+    stage: &str,
+    format: crate::metrics::Format,
+    plot: Option<&Path>,
+) -> Result<ExitCode, Error> {
+    let (plan, store) = load(file, &[])?;
+    crate::metrics::show(printer, &plan, &store, stage, format, plot)
+}
+
 pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) -> Result<ExitCode, Error> {
     let (_, store) = load(file, &[])?;
     let _lock = store.try_lock_exclusive()?;
@@ -349,6 +398,7 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = entry.path();
             let keep = name == "current"
+                || name == store::HISTORY
                 || current.as_deref().is_some_and(|entry| entry == path)
                 || (name.starts_with(".partial-") && !partial);
             if keep {

@@ -97,6 +97,16 @@ pub enum Error {
     #[error("stage `{stage}` has no output yet")]
     NoOutput { stage: String },
 
+    #[error("nothing of `{}` is built yet", names.join("`, `"))]
+    NothingBuilt { names: Vec<String> },
+
+    #[error("could not write `{}`", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A command that runs a kind's code directly (`nanoflow sample`) failed in it.
     #[error("{what} failed")]
     Failed {
@@ -111,7 +121,12 @@ impl Error {
     /// 1 for trouble while running.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Store { .. } | Error::StoreBusy { .. } | Error::NoOutput { .. } | Error::Failed { .. } => 1,
+            Error::Store { .. }
+            | Error::StoreBusy { .. }
+            | Error::NoOutput { .. }
+            | Error::NothingBuilt { .. }
+            | Error::Write { .. }
+            | Error::Failed { .. } => 1,
             _ => 2,
         }
     }
@@ -144,6 +159,7 @@ impl Error {
             Error::StoreBusy { .. } => Some("wait for it to finish, then try again".to_string()),
             Error::InvalidSet { .. } => Some("write it as `--set stage.key=value`".to_string()),
             Error::NoOutput { stage } => Some(format!("run it with `nanoflow run {stage}`")),
+            Error::NothingBuilt { names } => Some(format!("run it with `nanoflow run {}`", names.join(" "))),
             _ => None,
         }
     }

@@ -13,6 +13,7 @@ use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant, SystemTime};
 
 use nanoflow_stages::Report;
+use nanoflow_stages::progress::{self, Line, Unit};
 
 use crate::cache_key::KeyMaterial;
 use crate::error::Error;
@@ -59,6 +60,8 @@ pub struct Summary {
     pub cached: usize,
     pub failed: Vec<String>,
     pub skipped: Vec<String>,
+    /// Stages whose output is current now (ran or found), in the order they finished.
+    pub finished: Vec<String>,
     pub interrupted: bool,
 }
 
@@ -161,6 +164,7 @@ impl<'a> Executor<'a> {
                         self.line(position, total, &name, Style::Green, how, &self.show_path(&finished.out));
                         self.printer.verbose(&format!("      output digest {}", finished.digest));
                         summary.cached += 1;
+                        summary.finished.push(name.clone());
                         done.insert(name, finished);
                     }
                     Outcome::Ran { done: finished, seconds, summary: report } => {
@@ -171,6 +175,7 @@ impl<'a> Executor<'a> {
                             self.printer.status(&format!("      {report}"));
                         }
                         summary.ran += 1;
+                        summary.finished.push(name.clone());
                         done.insert(name, finished);
                     }
                     Outcome::Failed { message, tail, log } => {
@@ -258,6 +263,9 @@ impl<'a> Executor<'a> {
 
     fn cached(&self, stage: &str, manifest: &Manifest, how: &'static str) -> std::io::Result<Outcome> {
         self.store.set_current(stage, &manifest.key)?;
+        if how == "restored" {
+            self.store.record(stage, &manifest.key, how)?;
+        }
         let out = self.store.entry_dir(stage, &manifest.key).join(OUT);
         Ok(Outcome::Cached { done: Done { digest: manifest.output_digest.clone(), out }, how })
     }
@@ -362,6 +370,7 @@ impl<'a> Executor<'a> {
         }
         let out = self.store.publish(&stage.name, key, &manifest)?.join(OUT);
         self.store.set_current(&stage.name, key)?;
+        self.store.record(&stage.name, key, "ran")?;
         let mut cache = self.cache.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (relative, file) in &manifest.outputs {
             cache.remember(&out.join(relative), &file.digest)?;
@@ -391,7 +400,7 @@ impl<'a> Executor<'a> {
     fn spawn(&self, stage: &str, spec: &StageSpec, log_path: &Path) -> std::io::Result<(ExitStatus, Vec<String>)> {
         let mut command = Command::new(std::env::current_exe()?);
         command.arg("__stage").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        command.process_group(0);
+        command.process_group(0).env(progress::ENV, "1");
         // SAFETY: prctl is async-signal-safe; it asks the kernel to SIGTERM the stage if the
         // engine dies, so an engine killed with SIGKILL leaves no stage running on.
         unsafe {
@@ -425,6 +434,7 @@ impl<'a> Executor<'a> {
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             status
         });
+        self.printer.end_progress(stage);
         CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|&child| child != pid);
         Ok((status?, tail.into_inner().unwrap_or_default().into()))
     }
@@ -433,17 +443,35 @@ impl<'a> Executor<'a> {
         let mut reader = BufReader::new(from);
         let mut buffer = Vec::new();
         while reader.read_until(b'\n', &mut buffer).is_ok_and(|read| read > 0) {
-            let line = String::from_utf8_lossy(&buffer);
-            let line = line.trim_end_matches(['\n', '\r']);
+            let text = String::from_utf8_lossy(&buffer);
+            let text = text.trim_end_matches(['\n', '\r']);
+            let (line, plain) = match progress::parse(text) {
+                Line::Update(update) => {
+                    self.printer.progress(stage, &update);
+                    // The log keeps where each piece of work ended, not every update.
+                    if !update.finished || update.unit == Unit::Iters {
+                        buffer.clear();
+                        continue;
+                    }
+                    (update.plain(), false)
+                }
+                Line::Detail(line) => {
+                    self.printer.stage_detail(stage, line);
+                    (line.to_string(), false)
+                }
+                Line::Text(line) => (line.to_string(), true),
+            };
             if let Ok(mut log) = log.lock() {
                 let _ = writeln!(log, "{line}");
             }
-            self.printer.stage_line(stage, line);
+            if plain {
+                self.printer.stage_line(stage, &line);
+            }
             if let Ok(mut tail) = tail.lock() {
                 if tail.len() == TAIL {
                     tail.pop_front();
                 }
-                tail.push_back(line.to_string());
+                tail.push_back(line);
             }
             buffer.clear();
         }
@@ -467,7 +495,7 @@ enum Prepared {
     Run { key: String, material: KeyMaterial, reasons: Vec<String> },
 }
 
-fn hostname() -> String {
+pub fn hostname() -> String {
     let mut buffer = [0u8; 256];
     // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
     let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };

@@ -10,10 +10,12 @@ mod error;
 mod executor;
 mod freshness;
 mod manifest;
+mod metrics;
 mod pipeline;
 mod plan;
 mod printer;
 mod reference;
+mod report;
 mod source_map;
 mod stage_kind;
 mod stage_process;
@@ -62,6 +64,15 @@ fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
         Command::Show { stage } => commands::show(printer, file, &stage),
         Command::Gc { dry_run, partial } => commands::gc(printer, file, dry_run, partial),
         Command::Verify { names } => commands::verify(printer, file, &names),
+        Command::Report { names, output } => commands::report(printer, file, &names, output.as_deref()),
+        Command::Metrics { stage, csv, json, plot } => {
+            let format = match (csv, json) {
+                (true, _) => metrics::Format::Csv,
+                (_, true) => metrics::Format::Json,
+                _ => metrics::Format::Table,
+            };
+            commands::metrics(printer, file, &stage, format, plot.as_deref())
+        }
         Command::Sample {
             model,
             start,

@@ -55,6 +55,15 @@ macro_rules! stage_kinds {
                 }
             }
 
+            /// The kind's config with nothing set: what `validate` fills in.
+            pub fn defaults(self) -> serde_json::Value {
+                match self {
+                    $(StageKind::$variant => {
+                        serde_json::to_value($module::Config::default()).expect("a Config always serializes to JSON")
+                    }),+
+                }
+            }
+
             /// Params that cannot change results and so stay out of the key.
             pub fn non_semantic(self) -> &'static [&'static str] {
                 match self {
@@ -116,6 +125,12 @@ stage_kinds! {
 }
 
 impl StageKind {
+    /// Whether the kind's outputs are what people look at (a model, an evaluation, samples, an
+    /// export), rather than data on its way to one.
+    pub fn is_product(self) -> bool {
+        matches!(self, StageKind::Train | StageKind::Finetune | StageKind::Eval | StageKind::Sample | StageKind::Export)
+    }
+
     pub fn parse(name: &str) -> Option<StageKind> {
         StageKind::ALL.iter().copied().find(|kind| kind.name() == name)
     }

@@ -18,6 +18,8 @@ use crate::manifest::{MANIFEST, Manifest, OUT};
 
 /// Digits of the key used in directory names: 64 bits, and the manifest holds the full key.
 const SHORT_KEY: usize = 16;
+/// A stage's history: when each entry became current, and how (see `Store::record`).
+pub const HISTORY: &str = "history.jsonl";
 
 #[derive(Debug, Clone)]
 pub struct Store {
@@ -94,6 +96,39 @@ impl Store {
         fs_err::rename(&temporary, &link).inspect_err(|_| {
             let _ = fs_err::remove_file(&temporary);
         })
+    }
+
+    /// Notes in the stage's history that the entry for `key` became current by `how` (`ran` or
+    /// `restored`), for reports to say how an output came to be. One appended line each.
+    pub fn record(&self, stage: &str, key: &str, how: &str) -> io::Result<()> {
+        let time = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let line = serde_json::json!({ "time": time, "key": key, "how": how }).to_string() + "\n";
+        let mut file = fs_err::File::options().create(true).append(true).open(self.stage_dir(stage).join(HISTORY))?;
+        std::io::Write::write_all(&mut file, line.as_bytes())
+    }
+
+    /// How the entry for `key` last became current, if the history says.
+    pub fn how_made(&self, stage: &str, key: &str) -> Option<String> {
+        let text = fs_err::read_to_string(self.stage_dir(stage).join(HISTORY)).ok()?;
+        text.lines().rev().find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["key"] == key).then(|| event["how"].as_str().map(str::to_string)).flatten()
+        })
+    }
+
+    /// Every stored entry of `stage` (its key's folder, not partial or trash), by name.
+    pub fn entries(&self, stage: &str) -> io::Result<Vec<PathBuf>> {
+        let mut entries: Vec<PathBuf> = match fs_err::read_dir(self.stage_dir(stage)) {
+            Ok(entries) => entries.filter_map(Result::ok).map(|entry| entry.path()).collect(),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(error) => return Err(error),
+        };
+        entries.retain(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            !name.starts_with('.') && name != "current" && path.is_dir() && !path.is_symlink()
+        });
+        entries.sort();
+        Ok(entries)
     }
 
     /// Makes a finished partial directory the entry for `key`: the manifest is written last,

@@ -35,6 +35,7 @@ use crate::gpt::optim::{AdamWParams, Schedule};
 use crate::gpt::source::AskedShape;
 use crate::gpt::trainer::{Init, Options, Trainer};
 use crate::gpt::{GptConfig, Rng, batches};
+use crate::progress::{self, Progress, Unit, format_count};
 use crate::{Context, Invalid, Report, Upstream, at_least_one, ensure, required};
 
 /// Bumped when the same params would train a different model or write different files.
@@ -474,6 +475,10 @@ fn run_rank(
     let mut window = Instant::now();
     let mut running_mfu: Option<f64> = None;
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
+    let mut progress = Progress::new("train", Unit::Iters, Some(config.max_iters as u64));
+    if main {
+        progress.set_done(iter as u64);
+    }
     loop {
         let lr = schedule.lr(iter);
 
@@ -519,7 +524,7 @@ fn run_rank(
                 log!("saving checkpoint to {}", ctx.out.display());
                 trainer.save(&ctx.out, "ckpt", state)?;
             }
-            metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
+            metrics::plot_png(&ctx.out.join("loss.png"), &format!("{}: loss", ctx.stage), &rows)?;
             last_good = Some(iter);
         }
         if iter == config.max_iters {
@@ -566,10 +571,15 @@ fn run_rank(
                     let mfu = estimate_mfu(&model_config, config.batch_size * local_steps, dt, peak_flops);
                     running_mfu = Some(running_mfu.map_or(mfu, |running| 0.9 * running + 0.1 * mfu));
                 }
-                if at % config.log_interval == 0 {
+                if at % config.log_interval == 0 && main {
                     // nanoGPT's line; MFU only once measured, and only on a device with a known peak.
                     let mfu = running_mfu.map(|mfu| format!(", mfu {:.2}%", mfu * 100.0)).unwrap_or_default();
-                    log!("iter {at}: loss {lossf:.4}, time {:.2}ms{mfu}", dt * 1000.0);
+                    progress::detail(&format!("iter {at}: loss {lossf:.4}, time {:.2}ms{mfu}", dt * 1000.0));
+                }
+                if main {
+                    let rate = format_count(tokens_per_iter as f64 / dt);
+                    progress.set_message(format!("loss {lossf:.4}, {rate} tokens/s"));
+                    progress.set_done(at as u64 + 1);
                 }
                 let record = row(&mut rows, at);
                 record.lr = Some(lr);
@@ -584,6 +594,9 @@ fn run_rank(
         }
     }
 
+    if main {
+        progress.finish();
+    }
     if !writes {
         return Ok(Report::default());
     }
@@ -594,7 +607,7 @@ fn run_rank(
         ensure!(best.iter == at, "the best checkpoint holds iter {}, the run recorded iter {at}", best.iter);
     }
     metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
-    metrics::plot_png(&ctx.out.join("loss.png"), &rows)?;
+    metrics::plot_png(&ctx.out.join("loss.png"), &format!("{}: loss", ctx.stage), &rows)?;
     let last = rows.iter().rev().find_map(|row| Some((row.train_loss?, row.val_loss?)));
     let (train_loss, val_loss) = last.unwrap_or((f64::NAN, f64::NAN));
     let tokens_per_second = if step_seconds > 0.0 { step_tokens as f64 / step_seconds } else { 0.0 };

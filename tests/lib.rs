@@ -2,12 +2,14 @@
 //! temporary directory (just's `Test` builder). Stages append their name to `runs.log` in that
 //! directory, so a test can see exactly which stages ran.
 
+mod browser;
 mod cache;
 mod check;
 mod cli;
 mod data;
 mod models;
 mod process;
+mod report;
 mod store;
 mod train;
 mod validate;
@@ -104,7 +106,7 @@ impl Test {
                 entries.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
             })
             .unwrap_or_default();
-        entries.retain(|name| !name.starts_with('.') && name != "current");
+        entries.retain(|name| !name.starts_with('.') && name != "current" && name != "history.jsonl");
         entries.sort();
         entries
     }

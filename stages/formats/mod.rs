@@ -5,6 +5,7 @@
 pub mod bpe;
 pub(crate) mod meta;
 pub mod metrics;
+pub mod plot;
 pub(crate) mod shard;
 pub(crate) mod table;
 pub(crate) mod tokenizer;
