@@ -401,6 +401,11 @@ impl<'a> Executor<'a> {
         let mut command = Command::new(std::env::current_exe()?);
         command.arg("__stage").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         command.process_group(0).env(progress::ENV, "1");
+        // Messages, not backtraces (candle's errors carry one when RUST_BACKTRACE is set, as it
+        // is in many environments), unless asked for with `-v`.
+        if self.printer.verbosity < crate::printer::Verbosity::Verbose {
+            command.env("RUST_BACKTRACE", "0").env("RUST_LIB_BACKTRACE", "0");
+        }
         // SAFETY: prctl is async-signal-safe; it asks the kernel to SIGTERM the stage if the
         // engine dies, so an engine killed with SIGKILL leaves no stage running on.
         unsafe {

@@ -131,7 +131,7 @@ fn table(entries: &[Entry], varying: &[String]) -> PolarsResult<DataFrame> {
         let train_record = entry.out.join("metrics.parquet");
         let eval_record = entry.out.join("results.parquet");
         if train_record.exists() {
-            columns.extend(train_metrics(&train_record)?);
+            columns.extend(train_metrics(&train_record, manifest)?);
         } else if eval_record.exists() {
             columns.extend(eval_metrics(&eval_record)?);
         } else {
@@ -157,20 +157,22 @@ fn param_column(key: &str, value: &serde_json::Value) -> Column {
     }
 }
 
-/// A train record reduced to its final numbers: iterations, the last train and val loss, the
-/// best val loss, the median tokens/s.
-fn train_metrics(path: &Path) -> PolarsResult<Vec<Column>> {
+/// A train record reduced to its final numbers: iterations, tokens, the last train and val
+/// loss, the best val loss; and the speed the run measured (kept in the manifest, as the record
+/// holds no timings).
+fn train_metrics(path: &Path, manifest: &Manifest) -> PolarsResult<Vec<Column>> {
     let frame = ParquetReader::new(std::fs::File::open(path)?).finish()?;
     let floats = |name: &str| -> PolarsResult<Float64Chunked> { Ok(frame.column(name)?.f64()?.clone()) };
     let last = |values: &Float64Chunked| values.last_non_null().and_then(|at| values.get(at));
-    let (val, train, speed) = (floats("val_loss")?, floats("train_loss")?, floats("tokens_per_second")?);
-    let iters = frame.column("iter")?.i64()?.max();
+    let (val, train) = (floats("val_loss")?, floats("train_loss")?);
+    let (iters, tokens) = (frame.column("iter")?.i64()?.max(), frame.column("tokens")?.i64()?.max());
     Ok(vec![
         Column::new("iters".into(), [iters]),
+        Column::new("tokens".into(), [tokens]),
         Column::new("train_loss".into(), [last(&train)]),
         Column::new("val_loss".into(), [last(&val)]),
         Column::new("best_val_loss".into(), [val.min()]),
-        Column::new("tokens_per_s".into(), [speed.median()]),
+        Column::new("tokens_per_s".into(), [manifest.metrics.get("tokens_per_second").and_then(|v| v.as_f64())]),
     ])
 }
 

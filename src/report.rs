@@ -159,13 +159,7 @@ impl Stored {
         let record = out.join("metrics.parquet");
         if record.exists() {
             let rows = metrics::read_parquet(&record)?;
-            let per_iter =
-                rows.iter().find_map(|row| Some(row.tokens_per_second? * row.ms_per_iter? / 1000.0)).map(f64::round);
-            let mut axes = vec![(Axis::Iteration, "iteration")];
-            if let Some(per_iter) = per_iter {
-                axes.push((Axis::Tokens { per_iter }, "tokens"));
-            }
-            for (axis, against) in axes {
+            for (axis, against) in [(Axis::Iteration, "iteration"), (Axis::Tokens, "tokens")] {
                 let file = format!("{}-loss-{against}.png", self.name);
                 let chart = metrics::loss_chart(&format!("{}: loss against {against}", self.name), &rows, axis);
                 plot::write_png(&dir.join(&file), &chart)?;
@@ -304,7 +298,10 @@ fn machine() -> Vec<Vec<String>> {
         .map(|output| String::from_utf8_lossy(&output.stdout).trim().replace('\n', "; "))
         .filter(|gpus| !gpus.is_empty())
         .unwrap_or_else(|| "none found".into());
-    let system = field(&read("/etc/os-release"), "PRETTY_NAME").unwrap_or_else(|| std::env::consts::OS.into());
+    let system = read("/etc/os-release")
+        .lines()
+        .find_map(|line| Some(line.strip_prefix("PRETTY_NAME=")?.trim_matches('"').to_string()))
+        .unwrap_or_else(|| std::env::consts::OS.into());
     let host = crate::executor::hostname();
     [
         ("host", host),

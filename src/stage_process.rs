@@ -38,15 +38,13 @@ pub fn main() -> ExitCode {
     exit(run())
 }
 
-/// The error, and what caused it, on stderr for the engine to show.
+/// The error and what caused it, on one line of stderr for the engine to show: "error:
+/// `model`: the checkpoint … is incomplete", not a bare "error: `model`".
 fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error}");
-            for cause in error.chain().skip(1) {
-                eprintln!("caused by: {cause}");
-            }
+            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

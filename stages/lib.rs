@@ -51,6 +51,28 @@ pub struct Context {
 }
 
 impl Context {
+    /// `value` (a config written into an output) with paths under the project's folder made
+    /// relative to it: an output names the inputs it came from, not the machine's folders, so
+    /// the same run writes the same bytes wherever the project lives.
+    pub fn portable(&self, mut value: serde_json::Value) -> serde_json::Value {
+        fn walk(value: &mut serde_json::Value, root: &std::path::Path) {
+            // Paths inside sentences too ("the best checkpoint of `…/out`").
+            match value {
+                serde_json::Value::String(text) => {
+                    let prefix = format!("{}/", root.display());
+                    if text.contains(&prefix) {
+                        *text = text.replace(&prefix, "");
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter_mut().for_each(|item| walk(item, root)),
+                serde_json::Value::Object(map) => map.values_mut().for_each(|item| walk(item, root)),
+                _ => {}
+            }
+        }
+        walk(&mut value, &self.root);
+        value
+    }
+
     /// A context for unit tests: the stage writes into `dir/out`, relative paths resolve in `dir`.
     #[cfg(test)]
     pub(crate) fn for_test(dir: &std::path::Path, stage: &str) -> Context {

@@ -14,7 +14,7 @@ use crate::gpt::source;
 use crate::gpt::{GptConfig, Rng, Sampling};
 use crate::{Context, Invalid, Report, Upstream, at_least_one, ensure};
 
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The KV cache changes the speed, not the tokens (tested).
 pub const NON_SEMANTIC: &[&str] = &["kv_cache"];
@@ -85,6 +85,9 @@ pub struct Samples {
     /// Each sample's text, prompt included (as sample.py prints it).
     pub samples: Vec<String>,
     pub tokens_generated: usize,
+    /// How long it took: in the report (the manifest), not in samples.json, which a
+    /// deterministic run writes the same each time.
+    #[serde(skip)]
     pub seconds: f64,
 }
 
@@ -166,7 +169,10 @@ pub fn run(config: &Config, ctx: &Context) -> anyhow::Result<Report> {
         text.push('\n');
     }
     fs_err::write(ctx.out.join("samples.txt"), text)?;
-    let json = serde_json::json!({"settings": config, "result": samples});
+    let json = serde_json::json!({
+        "settings": ctx.portable(serde_json::to_value(config)?),
+        "result": ctx.portable(serde_json::to_value(&samples)?),
+    });
     fs_err::write(ctx.out.join("samples.json"), serde_json::to_string_pretty(&json)? + "\n")?;
     let rate = samples.tokens_generated as f64 / samples.seconds.max(1e-9);
     let mut report = Report {

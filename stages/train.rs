@@ -39,7 +39,7 @@ use crate::progress::{self, Progress, Unit, format_count};
 use crate::{Context, Invalid, Report, Upstream, at_least_one, ensure, required};
 
 /// Bumped when the same params would train a different model or write different files.
-pub const VERSION: u32 = 4;
+pub const VERSION: u32 = 5;
 
 /// Params that cannot change results. `log_interval` only prints; the record keeps every
 /// iteration. (`eval_interval` and `eval_iters` do not change the trajectory either, but they
@@ -492,8 +492,8 @@ fn run_rank(
                     bail!(diverged(&format!("the {split} loss estimate is {loss}"), iter, last_good));
                 }
             }
-            row(&mut rows, iter).train_loss = Some(losses[0]);
-            row(&mut rows, iter).val_loss = Some(losses[1]);
+            row(&mut rows, iter, tokens_per_iter).train_loss = Some(losses[0]);
+            row(&mut rows, iter, tokens_per_iter).val_loss = Some(losses[1]);
             let improved = losses[1] < best_val_loss;
             let save_best = improved || config.always_save_checkpoint;
             if save_best {
@@ -507,7 +507,7 @@ fn run_rank(
                 best_val_loss,
                 val_loss: losses[1],
                 model: model_config.clone(),
-                config: serde_json::to_value(config)?,
+                config: ctx.portable(serde_json::to_value(config)?),
                 rng: rng.state(),
                 files: Default::default(),
                 loss_scale: trainer.loss_scale(),
@@ -581,11 +581,9 @@ fn run_rank(
                     progress.set_message(format!("loss {lossf:.4}, {rate} tokens/s"));
                     progress.set_done(at as u64 + 1);
                 }
-                let record = row(&mut rows, at);
+                let record = row(&mut rows, at, tokens_per_iter);
                 record.lr = Some(lr);
                 record.loss = Some(lossf);
-                record.ms_per_iter = Some(dt * 1000.0);
-                record.tokens_per_second = Some(tokens_per_iter as f64 / dt);
             }
         }
         iter += 1;
@@ -785,9 +783,9 @@ fn diverged(what: &str, iter: usize, last_good: Option<usize>) -> String {
 }
 
 /// The record's row for `iter`, added when missing.
-fn row(rows: &mut Vec<Row>, iter: usize) -> &mut Row {
+fn row(rows: &mut Vec<Row>, iter: usize, tokens_per_iter: usize) -> &mut Row {
     if rows.last().is_none_or(|row| row.iter != iter as i64) {
-        rows.push(Row { iter: iter as i64, ..Row::default() });
+        rows.push(Row { iter: iter as i64, tokens: (iter * tokens_per_iter) as i64, ..Row::default() });
     }
     rows.last_mut().expect("just pushed")
 }
@@ -1044,7 +1042,8 @@ pub(crate) mod tests {
         train(&config, &deferred, &Hooks { defer_loss_reads: true, ..Hooks::default() })?;
         assert_eq!(losses(&every.out), losses(&deferred.out));
         let rows = metrics::read_parquet(&deferred.out.join("metrics.parquet"))?;
-        assert!(rows.iter().filter(|row| row.loss.is_some()).all(|row| row.ms_per_iter.is_some_and(|ms| ms > 0.0)));
+        let tokens_per_iter = (config.batch_size * config.gradient_accumulation_steps * 32) as i64;
+        assert!(rows.iter().all(|row| row.tokens == row.iter * tokens_per_iter), "{rows:?}");
         Ok(())
     }
 

@@ -147,3 +147,31 @@ fn a_hub_model_that_is_not_there_names_the_stage_the_key_and_the_url() {
     }
     assert_eq!(test.entries("tokens").len(), 1, "the stages before it are in the store");
 }
+
+#[test]
+fn a_failing_stage_says_why_in_one_line_without_a_backtrace_unless_asked() {
+    let test = Test::with_pipeline(
+        "stages:\n  samples:\n    kind: sample\n    model: broken\n    num_samples: 1\n    max_new_tokens: 4\n    device: cpu\n",
+    );
+    test.write("broken/ckpt.json", "{\"format\": \"nanoflow-checkpoint\"");
+    let mut command = test.command(&["run", "samples"]);
+    command.env("RUST_BACKTRACE", "1");
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    // The substance is on the failure line, after the param it concerns.
+    let failed = stderr.lines().find(|line| line.contains("failed   exit status 1: ")).unwrap();
+    let (_, message) = failed.split_once("exit status 1: ").unwrap();
+    assert!(message.starts_with("`model`: ") && message.len() > "`model`: ".len() + 10, "{stderr}");
+    assert!(!stderr.contains("caused by") && !stderr.contains("backtrace"), "{stderr}");
+    assert!(!stderr.lines().any(|line| line.trim_start().starts_with("0: ")), "{stderr}");
+
+    // The environment a stage sees: RUST_BACKTRACE off, unless `-v` asks for backtraces.
+    let test = Test::with_pipeline(&format!("stages:\n{}", crate::stage("bt", "echo \"$RUST_BACKTRACE\" > $OUT/bt")));
+    for (flags, seen) in [(&[][..], "0\n"), (&["-v"][..], "1\n")] {
+        let mut command = test.command(&[&["run", "bt", "--force", "bt"][..], flags].concat());
+        command.env("RUST_BACKTRACE", "1");
+        assert!(command.output().unwrap().status.success());
+        assert_eq!(test.read("artifacts/bt/current/bt"), seen, "{flags:?}");
+    }
+}

@@ -146,7 +146,7 @@ fn metrics_lists_every_stored_run_with_what_set_it_apart() {
     let header = csv.lines().next().unwrap();
     assert_eq!(
         header,
-        "key,current,finished,took_s,learning_rate,iters,train_loss,val_loss,best_val_loss,tokens_per_s"
+        "key,current,finished,took_s,learning_rate,iters,tokens,train_loss,val_loss,best_val_loss,tokens_per_s"
     );
     assert_eq!(csv.lines().count(), 3);
 

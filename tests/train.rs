@@ -119,3 +119,31 @@ fn two_cpu_ranks_fail_together_resume_and_match_one_process() {
         }
     }
 }
+
+#[test]
+fn a_forced_rerun_of_a_deterministic_train_writes_the_same_bytes_and_nothing_downstream_runs() {
+    let test = Test::with_pipeline(&format!(
+        "{}  samples: {{kind: sample, model: '${{model}}', num_samples: 1, max_new_tokens: 8, device: cpu}}\n",
+        pipeline(20)
+    ));
+    test.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+    test.expect(&["run", "samples"], 0);
+    let manifest = |stage: &str| -> serde_json::Value {
+        serde_json::from_str(&test.read(&format!("artifacts/{stage}/current/../manifest.json"))).unwrap()
+    };
+    let (model, samples) = (manifest("model"), manifest("samples"));
+    // Timings and the machine's folders stay in the manifest and the log, out of the outputs.
+    for file in ["ckpt.json", "last.json"] {
+        let json = test.read(&format!("artifacts/model/current/{file}"));
+        assert!(!json.contains(test.path("").to_str().unwrap()), "{file}: {json}");
+    }
+    let settings = test.read("artifacts/samples/current/samples.json");
+    assert!(!settings.contains("seconds") && !settings.contains(test.path("").to_str().unwrap()), "{settings}");
+
+    let output = test.expect(&["run", "samples", "--force", "model"], 0);
+    assert!(output.stderr.contains("[3/4] model    done"), "{}", output.stderr);
+    assert!(output.stderr.contains("[4/4] samples  cached"), "{}", output.stderr);
+    assert_eq!(manifest("model")["output_digest"], model["output_digest"]);
+    assert_eq!(manifest("model")["outputs"], model["outputs"]);
+    assert_eq!(manifest("samples")["key"], samples["key"]);
+}

@@ -25,14 +25,13 @@ pub struct Row {
     pub train_loss: Option<f64>,
     /// The mean loss over `eval_iters` val batches, before the step.
     pub val_loss: Option<f64>,
-    /// Wall time of the step, milliseconds.
-    pub ms_per_iter: Option<f64>,
-    /// Tokens the step trained on per second.
-    pub tokens_per_second: Option<f64>,
+    /// Tokens trained on before this iteration's step (the x axis of "loss against tokens").
+    pub tokens: i64,
 }
 
-/// The column names, in order.
-pub const COLUMNS: [&str; 7] = ["iter", "lr", "loss", "train_loss", "val_loss", "ms_per_iter", "tokens_per_second"];
+/// The column names, in order. No timings: a deterministic run writes the same record twice
+/// (the log and the manifest keep how long it took).
+pub const COLUMNS: [&str; 6] = ["iter", "lr", "loss", "train_loss", "val_loss", "tokens"];
 
 /// Writes `rows` as `path` (zstd-compressed parquet).
 pub fn write_parquet(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
@@ -44,8 +43,7 @@ pub fn write_parquet(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
         ("loss", column(|row| row.loss), true),
         ("train_loss", column(|row| row.train_loss), true),
         ("val_loss", column(|row| row.val_loss), true),
-        ("ms_per_iter", column(|row| row.ms_per_iter), true),
-        ("tokens_per_second", column(|row| row.tokens_per_second), true),
+        ("tokens", Arc::new(rows.iter().map(|row| row.tokens).collect::<Int64Array>()), false),
     ];
     crate::formats::table::write(path, columns)
 }
@@ -62,8 +60,11 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Row>> {
         let column = |name: &str| {
             batch.column_by_name(name).with_context(|| format!("`{}` has no column `{name}`", path.display()))
         };
-        let iter = column("iter")?.as_primitive_opt::<Int64Type>().context("`iter` is not int64")?.clone();
-        let floats = COLUMNS[1..]
+        let int64 = |name: &str| -> anyhow::Result<Int64Array> {
+            Ok(column(name)?.as_primitive_opt::<Int64Type>().with_context(|| format!("`{name}` is not int64"))?.clone())
+        };
+        let (iter, tokens) = (int64("iter")?, int64("tokens")?);
+        let floats = COLUMNS[1..5]
             .iter()
             .map(|name| -> anyhow::Result<Float64Array> {
                 Ok(column(name)?
@@ -80,8 +81,7 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Row>> {
                 loss: get(1),
                 train_loss: get(2),
                 val_loss: get(3),
-                ms_per_iter: get(4),
-                tokens_per_second: get(5),
+                tokens: tokens.value(i),
             });
         }
     }
@@ -92,10 +92,8 @@ pub fn read_parquet(path: &Path) -> anyhow::Result<Vec<Row>> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Axis {
     Iteration,
-    /// Tokens trained on: the iteration times tokens per iteration.
-    Tokens {
-        per_iter: f64,
-    },
+    /// Tokens trained on.
+    Tokens,
 }
 
 /// The loss curves of a record: the per-step training loss (pale), and where there are
@@ -104,7 +102,7 @@ pub enum Axis {
 pub fn loss_series(rows: &[Row], axis: Axis, prefix: &str, color: usize) -> Vec<Series> {
     let x = |row: &Row| match axis {
         Axis::Iteration => row.iter as f64,
-        Axis::Tokens { per_iter } => row.iter as f64 * per_iter,
+        Axis::Tokens => row.tokens as f64,
     };
     let points = |get: fn(&Row) -> Option<f64>| -> Vec<(f64, f64)> {
         rows.iter().filter_map(|row| get(row).map(|value| (x(row), value))).collect()
@@ -122,7 +120,7 @@ pub fn loss_series(rows: &[Row], axis: Axis, prefix: &str, color: usize) -> Vec<
 pub fn loss_chart(title: &str, rows: &[Row], axis: Axis) -> Chart {
     let x_label = match axis {
         Axis::Iteration => "iteration",
-        Axis::Tokens { .. } => "tokens",
+        Axis::Tokens => "tokens",
     };
     Chart {
         title: title.to_string(),
@@ -149,8 +147,7 @@ mod tests {
                 loss: (i < 20).then(|| 4.0 / (1.0 + i as f64)),
                 train_loss: (i % 5 == 0).then(|| 4.0 / (1.0 + i as f64)),
                 val_loss: (i % 5 == 0).then(|| 4.2 / (1.0 + i as f64)),
-                ms_per_iter: (i < 20).then_some(12.5),
-                tokens_per_second: (i < 20).then_some(1000.0),
+                tokens: 10 * i,
             })
             .collect()
     }
@@ -181,7 +178,7 @@ mod tests {
 
     #[test]
     fn loss_series_are_the_steps_and_the_evaluations() {
-        let series = loss_series(&rows(), Axis::Tokens { per_iter: 10.0 }, "a: ", 2);
+        let series = loss_series(&rows(), Axis::Tokens, "a: ", 2);
         let names: Vec<&str> = series.iter().map(|series| series.name.as_str()).collect();
         assert_eq!(names, ["a: train loss (each step)", "a: train loss", "a: val loss"]);
         assert_eq!(series[0].points.len(), 20);

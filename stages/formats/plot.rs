@@ -108,7 +108,7 @@ fn draw(chart: &Chart) -> anyhow::Result<Vec<u8>> {
             .label_style((FAMILY, 13))
             .x_label_formatter(&|x| short_number(*x))
             .y_label_formatter(&|y| format!("{y:.2}"))
-            .light_line_style(RGBColor(240, 240, 240))
+            .light_line_style(RGBColor(247, 247, 247))
             .bold_line_style(RGBColor(220, 220, 220))
             .draw()
             .map_err(|e| error(&e))?;
