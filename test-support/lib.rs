@@ -19,6 +19,9 @@ pub struct Route {
     pub break_after: usize,
     /// Answer with this status and no body (e.g. 503), this many times, before serving normally.
     pub failures: usize,
+    /// Answer `302 Found` to this `Location` (with the route's headers), as the Hub does for a
+    /// file on its CDN.
+    pub redirect: Option<String>,
 }
 
 impl Route {
@@ -101,6 +104,11 @@ impl Server {
         };
         if route.failures > 0 {
             return respond(stream, "503 Service Unavailable", &[], b"", None);
+        }
+        if let Some(location) = &route.redirect {
+            let mut headers = route.headers.clone();
+            headers.push(("Location".into(), location.clone()));
+            return respond(stream, "302 Found", &headers, b"", None);
         }
         let length = route.body.len();
         let etag = route.headers.iter().find(|(name, _)| name.eq_ignore_ascii_case("etag")).map(|(_, v)| v);

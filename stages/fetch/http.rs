@@ -47,10 +47,23 @@ pub fn validator_path(part: &Path) -> PathBuf {
 /// Downloads `url` into `part`, continuing from whatever `part` already holds. Returns the
 /// number of bytes in `part` once the server has sent them all.
 pub fn fetch(agent: &ureq::Agent, url: &str, part: &Path, retry: Retry, label: &str) -> anyhow::Result<u64> {
+    fetch_with(agent, url, None, part, retry, label)
+}
+
+/// `fetch`, sending `authorization` to `url`'s host (the agent drops it on a redirect to
+/// another host).
+pub fn fetch_with(
+    agent: &ureq::Agent,
+    url: &str,
+    authorization: Option<&str>,
+    part: &Path,
+    retry: Retry,
+    label: &str,
+) -> anyhow::Result<u64> {
     let mut progress = Progress::new(label, Unit::Bytes, None);
     retry.run(url, || {
         let before = file_len(part).map_err(Attempt::Fatal)?;
-        match attempt(agent, url, part, &mut progress) {
+        match attempt(agent, url, authorization, part, &mut progress) {
             Err(Attempt::Retry(error)) if file_len(part).map_err(Attempt::Fatal)? > before => {
                 Err(Attempt::Progressed(error))
             }
@@ -97,11 +110,20 @@ impl Retry {
     }
 }
 
-fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress) -> Result<(), Attempt> {
+fn attempt(
+    agent: &ureq::Agent,
+    url: &str,
+    authorization: Option<&str>,
+    part: &Path,
+    progress: &mut Progress,
+) -> Result<(), Attempt> {
     let start = file_len(part).map_err(Attempt::Fatal)?;
     let validator_file = validator_path(part);
     // Identity: a range of a gzip-encoded body is not a range of the file.
     let mut request = agent.get(url).set("Accept-Encoding", "identity");
+    if let Some(authorization) = authorization {
+        request = request.set("Authorization", authorization);
+    }
     if start > 0 {
         request = request.set("Range", &format!("bytes={start}-"));
         if let Ok(validator) = fs_err::read_to_string(&validator_file) {
@@ -120,22 +142,7 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress)
             truncate(part).map_err(Attempt::Fatal)?;
             return Err(Attempt::Retry(anyhow!("the server refused to resume at byte {start}; starting over")));
         }
-        Err(ureq::Error::Status(code, response)) => {
-            let error = anyhow!("the server answered {code} {}", response.status_text());
-            let transient = code == 408 || code == 429 || code >= 500;
-            return Err(if transient { Attempt::Retry(error) } else { Attempt::Fatal(error) });
-        }
-        // A host that does not resolve or refuses the connection is not there: no retry helps
-        // (a stage with mirrors goes on to the next at once). A timeout or a reset may pass.
-        Err(ureq::Error::Transport(transport)) if unreachable(&transport) => {
-            let what = match transport.kind() {
-                ureq::ErrorKind::Dns => "the host name does not resolve",
-                _ => "the host refused the connection",
-            };
-            let cause = std::error::Error::source(&transport).map(|cause| format!(" ({cause})")).unwrap_or_default();
-            return Err(Attempt::Fatal(anyhow!("{what}{cause}")));
-        }
-        Err(ureq::Error::Transport(transport)) => return Err(Attempt::Retry(anyhow!(transport))),
+        Err(error) => return Err(failed(error)),
     };
 
     // 206 continues the `.part`; 200 is the whole file (the server ignores ranges, or the file
@@ -192,6 +199,29 @@ fn attempt(agent: &ureq::Agent, url: &str, part: &Path, progress: &mut Progress)
             Err(Attempt::Retry(anyhow!("the connection closed after {received} of {total} bytes")))
         }
         _ => Ok(()),
+    }
+}
+
+/// How a request that got no usable answer failed: a 408, 429 or 5xx and a broken connection
+/// may pass on a retry, other statuses will not.
+pub fn failed(error: ureq::Error) -> Attempt {
+    match error {
+        ureq::Error::Status(code, response) => {
+            let error = anyhow!("the server answered {code} {}", response.status_text());
+            let transient = code == 408 || code == 429 || code >= 500;
+            if transient { Attempt::Retry(error) } else { Attempt::Fatal(error) }
+        }
+        // A host that does not resolve or refuses the connection is not there: no retry helps
+        // (a stage with mirrors goes on to the next at once). A timeout or a reset may pass.
+        ureq::Error::Transport(transport) if unreachable(&transport) => {
+            let what = match transport.kind() {
+                ureq::ErrorKind::Dns => "the host name does not resolve",
+                _ => "the host refused the connection",
+            };
+            let cause = std::error::Error::source(&transport).map(|cause| format!(" ({cause})")).unwrap_or_default();
+            Attempt::Fatal(anyhow!("{what}{cause}"))
+        }
+        ureq::Error::Transport(transport) => Attempt::Retry(anyhow!(transport)),
     }
 }
 

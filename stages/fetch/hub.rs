@@ -1,8 +1,13 @@
-//! The `hf:` source of `kind: download`: files of a Hugging Face Hub repository fetched through
-//! `hf-hub`'s sync client into the Hub cache (`HF_HOME`, shared with Python's `huggingface_hub`),
-//! then hard-linked into `$OUT` under their repo paths. It owns naming the files (patterns are
-//! expanded against the repo listing), retrying and placing them; `hf-hub` owns the cache layout
-//! and resuming a file from its `.part` blob.
+//! The `hf:` source of `kind: download`: files of a Hugging Face Hub repository fetched into the
+//! Hub cache (`HF_HOME`, shared with Python's `huggingface_hub`), then hard-linked into `$OUT`
+//! under their repo paths. It owns naming the files (patterns are expanded against the repo
+//! listing), retrying and placing them; `hf-hub` owns the cache layout, the repo listing and the
+//! URLs.
+//!
+//! A file's transfer is ours, not `hf-hub`'s: its metadata probe sends the token to wherever the
+//! Hub redirects (the CDN of an LFS file), and the token must not leave the Hub's host. Here the
+//! probe follows redirects within the Hub with the token and stops at the first other host; the
+//! file is then fetched from there without it (`http::fetch_with`, which resumes a `.part` blob).
 
 use std::path::{Path, PathBuf};
 
@@ -12,7 +17,6 @@ use serde::{Deserialize, Serialize};
 use crate::fetch::check_relative;
 use crate::fetch::http::{self, Attempt, Retry};
 use crate::progress::format_bytes;
-use crate::{Progress, Unit};
 
 /// Files of one Hub repository at one revision, e.g.
 /// `{repo: openai-community/gpt2, files: [config.json, model.safetensors]}` or
@@ -88,9 +92,24 @@ struct Client {
     cache: hf_hub::Cache,
     repo: hf_hub::Repo,
     api_repo: hf_hub::api::sync::ApiRepo,
+    /// `Bearer <token>`, for the Hub's host only.
+    authorization: Option<String>,
+    /// Follows no redirect by itself: `probe` decides where the token may go.
+    probing: ureq::Agent,
     what: String,
     /// ` for stage `name`` when a download stage asked, so errors name it.
     for_stage: String,
+}
+
+/// Where a file's bytes are, and what the cache calls them.
+#[derive(Debug, PartialEq)]
+struct Probe {
+    commit: String,
+    etag: String,
+    /// The Hub's URL of the file, or the other host it redirected to.
+    location: String,
+    /// Whether `location` is on the Hub's host (and gets the token).
+    on_hub: bool,
 }
 
 impl Client {
@@ -111,21 +130,117 @@ impl Client {
         };
         let repo = hf_hub::Repo::with_revision(hub.repo.clone(), repo_type, hub.revision.clone());
         let api_repo = api.repo(repo.clone());
-        Ok(Client { cache, repo, api_repo, what, for_stage })
+        let authorization = env.token.as_ref().map(|token| format!("Bearer {token}"));
+        let probing = ureq::AgentBuilder::new()
+            .redirects(0)
+            .timeout_connect(std::time::Duration::from_secs(30))
+            .timeout_read(std::time::Duration::from_secs(60))
+            .user_agent(concat!("nanoflow/", env!("CARGO_PKG_VERSION")))
+            .try_proxy_from_env(true)
+            .build();
+        Ok(Client { cache, repo, api_repo, authorization, probing, what, for_stage })
     }
 
     /// The cached file `file`, downloaded first unless the cache holds it for this revision (then
-    /// no network at all).
+    /// no network at all). The cache is laid out as `huggingface_hub` lays it out: the bytes in
+    /// `blobs/<etag>`, a link to them at `snapshots/<commit>/<file>`, the revision's commit in
+    /// `refs/<revision>`.
     fn get(&self, file: &str, retry: Retry) -> anyhow::Result<PathBuf> {
         if let Some(path) = self.cache.repo(self.repo.clone()).get(file) {
             return Ok(path);
         }
         let url = self.api_repo.url(file);
-        with_retries(retry, &url, || {
-            let progress = HubProgress(Progress::new(file, Unit::Bytes, None));
-            self.api_repo.download_with_progress(file, progress)
+        let context = || format!("could not download `{file}` of {} (`{url}`){}", self.what, self.for_stage);
+        let probe = retry.run(&url, || self.probe(&url)).with_context(context)?;
+        let folder = self.cache.path().join(self.repo.folder_name());
+        let blob = folder.join("blobs").join(&probe.etag);
+        if !blob.exists() {
+            fs_err::create_dir_all(folder.join("blobs"))?;
+            let part = folder.join("blobs").join(format!("{}.part", probe.etag));
+            let authorization = self.authorization.as_deref().filter(|_| probe.on_hub);
+            http::fetch_with(&http::agent(), &probe.location, authorization, &part, retry, file)
+                .with_context(context)?;
+            fs_err::rename(&part, &blob)?;
+            http::remove_if_present(&http::validator_path(&part))?;
+        }
+        let pointer = folder.join("snapshots").join(&probe.commit).join(file);
+        if let Some(parent) = pointer.parent() {
+            fs_err::create_dir_all(parent)?;
+        }
+        http::remove_if_present(&pointer)?;
+        // Relative, as huggingface_hub makes it: `../../blobs/<etag>`, one more `..` per folder.
+        let up = "../".repeat(file.matches('/').count() + 2);
+        std::os::unix::fs::symlink(format!("{up}blobs/{}", probe.etag), &pointer)?;
+        self.cache.repo(self.repo.clone()).create_ref(&probe.commit)?;
+        Ok(pointer)
+    }
+
+    /// Asks the Hub for `url` (one byte of it) and follows its redirects while they stay on its
+    /// host, with the token; a redirect to another host ends the probe there, and the token
+    /// never goes to it. The first answer that names the commit and the file's etag names them.
+    fn probe(&self, url: &str) -> Result<Probe, Attempt> {
+        let hub_host = host(url);
+        let (mut commit, mut etag) = (None, None);
+        let mut location = url.to_string();
+        for _ in 0..10 {
+            let mut request = self.probing.get(&location).set("Range", "bytes=0-0");
+            if let Some(authorization) = &self.authorization {
+                request = request.set("Authorization", authorization);
+            }
+            let response =
+                match request.call() {
+                    Ok(response) => response,
+                    Err(ureq::Error::Status(code @ (401 | 403), response)) => {
+                        let error = anyhow!("the server answered {code} {}", response.status_text());
+                        return Err(Attempt::Fatal(error.context(
+                            "the repo may be gated or private: accept its terms on the Hub and set `HF_TOKEN`",
+                        )));
+                    }
+                    Err(error) => return Err(http::failed(error)),
+                };
+            commit = commit.or_else(|| response.header("X-Repo-Commit").map(str::to_string));
+            let named = response.header("X-Linked-Etag").or_else(|| response.header("ETag"));
+            etag = etag.or_else(|| named.map(|etag| etag.trim_start_matches("W/").replace('"', "")));
+            if !(300..400).contains(&response.status()) {
+                break;
+            }
+            let next = response.header("Location").ok_or_else(|| {
+                Attempt::Fatal(anyhow!("the Hub answered {} without a `Location`", response.status()))
+            })?;
+            location = join(&location, next);
+            if host(&location) != hub_host {
+                break;
+            }
+        }
+        let missing = |what| Attempt::Fatal(anyhow!("the Hub's answer has no `{what}` header"));
+        Ok(Probe {
+            commit: commit.ok_or_else(|| missing("X-Repo-Commit"))?,
+            etag: etag.ok_or_else(|| missing("ETag"))?,
+            on_hub: host(&location) == hub_host,
+            location,
         })
-        .with_context(|| format!("could not download `{file}` of {} (`{url}`){}", self.what, self.for_stage))
+    }
+}
+
+/// `scheme://host:port` of a URL.
+fn host(url: &str) -> &str {
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    let end = url[after_scheme..].find('/').map_or(url.len(), |at| after_scheme + at);
+    &url[..end]
+}
+
+/// A `Location` read against the URL that sent it: absolute, host-relative (`/path`) or
+/// scheme-relative (`//host/path`).
+fn join(base: &str, location: &str) -> String {
+    if location.contains("://") {
+        location.to_string()
+    } else if let Some(rest) = location.strip_prefix("//") {
+        format!("{}//{rest}", &base[..base.find("://").map_or(0, |at| at + 1)])
+    } else if location.starts_with('/') {
+        format!("{}{location}", host(base))
+    } else {
+        let directory = &base[..base.rfind('/').map_or(base.len(), |at| at + 1)];
+        format!("{directory}{location}")
     }
 }
 
@@ -254,24 +369,6 @@ fn place(cached: &Path, target: &Path) -> anyhow::Result<u64> {
     Ok(fs_err::metadata(target)?.len())
 }
 
-/// `hf-hub`'s progress callbacks onto our progress lines.
-struct HubProgress(Progress);
-
-impl hf_hub::api::Progress for HubProgress {
-    fn init(&mut self, size: usize, _filename: &str) {
-        self.0.set_total(Some(size as u64));
-        self.0.set_done(0);
-    }
-
-    fn update(&mut self, size: usize) {
-        self.0.inc(size as u64);
-    }
-
-    fn finish(&mut self) {
-        self.0.finish();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -387,12 +484,65 @@ mod tests {
     }
 
     #[test]
+    fn the_token_goes_to_the_hub_and_its_own_redirects_never_to_another_host() {
+        let hub = FakeHub::start();
+        let cdn = Server::start();
+        // An LFS file: the Hub answers 302 to its CDN, naming the commit and the file's etag.
+        let weights = vec![7u8; 3000];
+        let etag = blake3::hash(&weights).to_hex().to_string();
+        cdn.route("/lfs/weights", Route::new(weights.clone()).header("ETag", "\"cdn\""));
+        let redirect = Route { redirect: Some(format!("{}/lfs/weights", cdn.url)), ..Route::default() };
+        let redirect = redirect.header("X-Repo-Commit", COMMIT).header("X-Linked-Etag", &format!("\"{etag}\""));
+        hub.server.route("/openai-community/gpt2/resolve/main/model.safetensors", redirect);
+        // A renamed repo: a redirect on the Hub's own host keeps the token.
+        hub.file("openai-community/gpt2-renamed", "config.json", b"{}");
+        let moved = Route {
+            redirect: Some("/openai-community/gpt2-renamed/resolve/main/config.json".into()),
+            ..Route::default()
+        };
+        hub.server.route("/openai-community/gpt2/resolve/main/config.json", moved);
+
+        let spec = Hub {
+            repo: "openai-community/gpt2".into(),
+            files: files(&["model.safetensors", "config.json"]),
+            ..Hub::default()
+        };
+        let (ctx, report) = hub.run(spec);
+        report.unwrap();
+        assert_eq!(fs_err::read(ctx.out.join("model.safetensors")).unwrap(), weights);
+        assert_eq!(fs_err::read(ctx.out.join("config.json")).unwrap(), b"{}");
+        let on_hub = hub.server.requests();
+        assert_eq!(on_hub.len(), 4, "{on_hub:?}");
+        assert!(on_hub.iter().all(|request| request.headers["authorization"] == "Bearer hf_secret"), "{on_hub:?}");
+        let on_cdn = cdn.requests();
+        assert!(!on_cdn.is_empty());
+        assert!(on_cdn.iter().all(|request| !request.headers.contains_key("authorization")), "{on_cdn:?}");
+        // The cache is huggingface_hub's: the snapshot links to the blob named by the etag.
+        let snapshot = hub.dir.path().join(format!("hf/hub/models--openai-community--gpt2/snapshots/{COMMIT}"));
+        let link = fs_err::read_link(snapshot.join("model.safetensors")).unwrap();
+        assert_eq!(link, Path::new(&format!("../../blobs/{etag}")));
+        let reference = hub.dir.path().join("hf/hub/models--openai-community--gpt2/refs/main");
+        assert_eq!(fs_err::read_to_string(reference).unwrap(), COMMIT);
+    }
+
+    #[test]
+    fn host_and_join_read_locations_as_browsers_do() {
+        assert_eq!(host("https://huggingface.co/gpt2/resolve/main/x"), "https://huggingface.co");
+        assert_eq!(host("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        let base = "https://huggingface.co/a/resolve/main/x";
+        assert_eq!(join(base, "https://cdn-lfs.hf.co/b"), "https://cdn-lfs.hf.co/b");
+        assert_eq!(join(base, "//cdn-lfs.hf.co/b"), "https://cdn-lfs.hf.co/b");
+        assert_eq!(join(base, "/c/resolve/main/x"), "https://huggingface.co/c/resolve/main/x");
+        assert_eq!(join(base, "y"), "https://huggingface.co/a/resolve/main/y");
+    }
+
+    #[test]
     fn a_broken_connection_resumes_from_the_cache_part_file() {
         let hub = FakeHub::start();
         let body: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
         let route = hub.file("openai-community/gpt2", "model.safetensors", &body);
-        // The first request (hf-hub's metadata probe, `Range: bytes=0-0`) is whole; the download
-        // breaks after 20000 bytes.
+        // The first request (the probe, `Range: bytes=0-0`) is whole; the download breaks after
+        // 20000 bytes.
         let route = Route { breaks: 2, break_after: 20_000, ..route };
         hub.server.route("/openai-community/gpt2/resolve/main/model.safetensors", route);
         let spec = Hub { repo: "openai-community/gpt2".into(), files: files(&["model.safetensors"]), ..Hub::default() };
@@ -400,7 +550,7 @@ mod tests {
         report.unwrap();
         assert_eq!(fs_err::read(ctx.out.join("model.safetensors")).unwrap(), body);
         let ranges: Vec<String> =
-            hub.server.requests().iter().map(|request| request.headers["range"].clone()).collect();
+            hub.server.requests().iter().filter_map(|request| request.headers.get("range").cloned()).collect();
         assert!(ranges.contains(&"bytes=20000-".to_string()), "{ranges:?}");
     }
 
