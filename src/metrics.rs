@@ -161,7 +161,7 @@ fn param_column(key: &str, value: &serde_json::Value) -> Column {
 /// loss, the best val loss; and the speed the run measured (kept in the manifest, as the record
 /// holds no timings).
 fn train_metrics(path: &Path, manifest: &Manifest) -> PolarsResult<Vec<Column>> {
-    let frame = ParquetReader::new(std::fs::File::open(path)?).finish()?;
+    let frame = ParquetReader::new(fs_err::File::open(path)?.into_parts().0).finish()?;
     let floats = |name: &str| -> PolarsResult<Float64Chunked> { Ok(frame.column(name)?.f64()?.clone()) };
     let last = |values: &Float64Chunked| values.last_non_null().and_then(|at| values.get(at));
     let (val, train) = (floats("val_loss")?, floats("train_loss")?);
@@ -178,7 +178,7 @@ fn train_metrics(path: &Path, manifest: &Manifest) -> PolarsResult<Vec<Column>> 
 
 /// An eval's results (one row per model) turned into one row: `<model> <metric>` columns.
 fn eval_metrics(path: &Path) -> PolarsResult<Vec<Column>> {
-    let frame = ParquetReader::new(std::fs::File::open(path)?).finish()?;
+    let frame = ParquetReader::new(fs_err::File::open(path)?.into_parts().0).finish()?;
     let models = frame.column("model")?.str()?.clone();
     let mut columns = Vec::new();
     for (row, model) in models.iter().enumerate() {
@@ -195,19 +195,14 @@ fn eval_metrics(path: &Path) -> PolarsResult<Vec<Column>> {
 }
 
 fn print(printer: &Printer, mut table: DataFrame, format: Format) -> PolarsResult<()> {
-    let mut stdout = std::io::stdout().lock();
+    let mut bytes = Vec::new();
     match format {
-        Format::Csv => CsvWriter::new(&mut stdout).finish(&mut table),
-        Format::Json => {
-            JsonWriter::new(&mut stdout).with_json_format(JsonFormat::Json).finish(&mut table)?;
-            printer.data("");
-            Ok(())
-        }
-        Format::Table => {
-            printer.data(&format!("{}", rounded(&table)?));
-            Ok(())
-        }
+        Format::Csv => CsvWriter::new(&mut bytes).finish(&mut table)?,
+        Format::Json => JsonWriter::new(&mut bytes).with_json_format(JsonFormat::Json).finish(&mut table)?,
+        Format::Table => bytes = format!("{}", rounded(&table)?).into_bytes(),
     }
+    printer.data(String::from_utf8_lossy(&bytes).trim_end());
+    Ok(())
 }
 
 /// polars' table without its shape and type rows, every row and column shown. polars reads

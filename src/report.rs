@@ -231,12 +231,20 @@ fn metric_rows(metrics: &serde_json::Map<String, serde_json::Value>) -> (Vec<Vec
     (scalars, tables)
 }
 
-/// Four significant digits, as losses are read.
+/// As people read them: losses to 4 places (`1.8933`), rates whole (`7219`), small values as
+/// written in configs (`6e-5`, `0.99`).
 fn format_float(x: f64) -> String {
     if x == 0.0 || !x.is_finite() {
         return x.to_string();
     }
-    if x.abs() >= 1e4 { format!("{x:.0}") } else { format!("{x:.4}") }
+    match x.abs() {
+        a if a >= 1e4 => format!("{x:.0}"),
+        a if a >= 1e-3 => {
+            let text = format!("{x:.4}");
+            text.trim_end_matches('0').trim_end_matches('.').to_string()
+        }
+        _ => format!("{x:e}"),
+    }
 }
 
 /// `3m 58s`, `2.1s`.
@@ -276,7 +284,7 @@ fn provenance(plan: &Plan) -> String {
 
 /// What the machine writing the report is: CPU, cores, memory, GPUs, system.
 fn machine() -> Vec<Vec<String>> {
-    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let read = |path: &str| fs_err::read_to_string(path).unwrap_or_default();
     let field = |text: &str, name: &str| {
         text.lines().find_map(|line| {
             let (key, value) = line.split_once(':')?;
@@ -358,7 +366,7 @@ pub fn html(title: &str, blocks: &[Block], dir: &Path) -> std::io::Result<String
                     let _ = writeln!(body, "<tr>{cells}</tr>");
                 }
                 for row in rows {
-                    let cells: String = row.iter().map(|cell| format!("<td>{}</td>", escape(cell))).collect();
+                    let cells: String = row.iter().map(|cell| td(cell)).collect();
                     let _ = writeln!(body, "<tr>{cells}</tr>");
                 }
                 body.push_str("</table>\n");
@@ -383,11 +391,18 @@ const STYLE: &str =
     "body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+td.long { overflow-wrap: anywhere; }
 th { background: #f4f4f4; }
 code, pre { font-family: ui-monospace, monospace; background: #f6f6f6; }
 pre { padding: 0.8em; overflow-x: auto; }
 img { max-width: 100%; }
 ";
+
+/// A cell; one holding a word too long for a line (a digest, a path) may break inside it.
+fn td(cell: &str) -> String {
+    let long = cell.split_whitespace().any(|word| word.len() > 40);
+    format!("<td{}>{}</td>", if long { " class=\"long\"" } else { "" }, escape(cell))
+}
 
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
@@ -442,6 +457,9 @@ mod tests {
         assert_eq!(scalars, [["iters", "2000"], ["val_loss", "1.8933"]]);
         assert_eq!(tables.len(), 1);
         assert_eq!(tables[0].1, ["model", "val_loss", "hellaswag_acc"]);
-        assert_eq!(tables[0].2, [["gpt2", "3.1000", ""], ["m", "", "0.2500"]]);
+        assert_eq!(tables[0].2, [["gpt2", "3.1", ""], ["m", "", "0.25"]]);
+        assert_eq!(format_float(6e-5), "6e-5");
+        assert_eq!(format_float(7218.747), "7219");
+        assert_eq!(format_float(0.99), "0.99");
     }
 }

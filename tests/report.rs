@@ -83,7 +83,7 @@ fn report_writes_markdown_plots_and_one_self_contained_page() {
         "| stage | kind | state | took | result |\n",
         "| model | train | ran | ",
         "## model (train)\n",
-        "| learning_rate | 0.0100 | 0.0006 |\n",
+        "| learning_rate | 0.01 | 0.0006 |\n",
         "| best_val_loss | ",
         "![model: train and val loss against iteration](model-loss-iteration.png)",
         "![model: train and val loss against tokens](model-loss-tokens.png)",
@@ -149,6 +149,7 @@ fn metrics_lists_every_stored_run_with_what_set_it_apart() {
         "key,current,finished,took_s,learning_rate,iters,tokens,train_loss,val_loss,best_val_loss,tokens_per_s"
     );
     assert_eq!(csv.lines().count(), 3);
+    assert!(csv.ends_with("\n"));
 
     let table = test.expect(&["metrics", "model"], 0);
     assert!(table.stdout.contains("learning_rate") && table.stdout.contains("best_val_loss"), "{}", table.stdout);
