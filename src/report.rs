@@ -238,7 +238,7 @@ fn format_float(x: f64) -> String {
         return x.to_string();
     }
     match x.abs() {
-        a if a >= 1e4 => format!("{x:.0}"),
+        a if a >= 1e3 => format!("{x:.0}"),
         a if a >= 1e-3 => {
             let text = format!("{x:.4}");
             text.trim_end_matches('0').trim_end_matches('.').to_string()

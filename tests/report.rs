@@ -83,7 +83,7 @@ fn report_writes_markdown_plots_and_one_self_contained_page() {
         "| stage | kind | state | took | result |\n",
         "| model | train | ran | ",
         "## model (train)\n",
-        "| learning_rate | 0.01 | 0.0006 |\n",
+        "| learning_rate | 0.01 | 6e-4 |\n",
         "| best_val_loss | ",
         "![model: train and val loss against iteration](model-loss-iteration.png)",
         "![model: train and val loss against tokens](model-loss-tokens.png)",
