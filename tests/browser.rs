@@ -6,8 +6,6 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::Test;
-
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser", "google-chrome"]
         .into_iter()
@@ -41,28 +39,10 @@ fn the_report_renders_in_headless_chromium_with_its_plots_and_no_console_errors(
         eprintln!("skipped: no chromium on PATH (apt-get install chromium)");
         return;
     };
-    let test = Test::with_pipeline(
-        "stages:
-  text: {kind: download, path: corpus.txt}
-  chars: {kind: tokenize, input: '${text}', tokenizer: char}
-  model:
-    kind: train
-    data: ${chars}
-    n_layer: 1
-    n_head: 2
-    n_embd: 16
-    block_size: 16
-    batch_size: 4
-    max_iters: 20
-    eval_interval: 10
-    eval_iters: 2
-    device: cpu
-",
-    );
-    test.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
-    test.expect(&["run", "model"], 0);
-    test.expect(&["report", "model"], 0);
-    let page = test.path("reports/model/report.html");
+    let test = crate::report::test();
+    test.expect(&["run", "tiny"], 0);
+    test.expect(&["report", "tiny"], 0);
+    let page = test.path("reports/tiny/report.html");
     let screenshot = test.path("screenshot.png");
     let output = Command::new(browser)
         .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1000,4000"])

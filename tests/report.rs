@@ -36,7 +36,8 @@ targets:
     .to_string()
 }
 
-fn test() -> Test {
+/// A tiny train → sample pipeline (target `tiny`) with its corpus.
+pub fn test() -> Test {
     let test = Test::with_pipeline(&pipeline());
     test.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
     test
