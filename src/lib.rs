@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::printer::{Printer, Style, Verbosity};
 
 pub fn main() -> ExitCode {
+    nanoflow_stages::gpt::one_cpu_pool();
     let cli = Cli::parse();
     match cli.command {
         Command::Stage => return stage_process::main(),

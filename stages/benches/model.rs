@@ -16,12 +16,16 @@ use nanoflow_stages::gpt::optim::{self, AdamW, AdamWParams};
 use nanoflow_stages::gpt::{self, Gpt, GptConfig, Rng, Sampling};
 
 fn main() -> anyhow::Result<()> {
+    // As nanoflow's `main` does.
+    gpt::one_cpu_pool();
     let args: Vec<String> = std::env::args().skip(1).filter(|arg| arg != "--bench").collect();
     let iters =
         args.iter().position(|arg| arg == "--iters").and_then(|i| args.get(i + 1)).map_or(Ok(30), |n| n.parse())?;
     let which: Vec<&str> = args.iter().map(String::as_str).filter(|arg| ["train", "sample"].contains(arg)).collect();
     let all = which.is_empty();
     eprintln!("candle {} CPU threads", candle_core::utils::get_num_threads());
+    // As `device::for_rank` does for every device nanoflow opens.
+    gpt::keep_freed_memory(&Device::Cpu)?;
     if all || which.contains(&"train") {
         train(iters)?;
     }

@@ -17,6 +17,7 @@ pub(crate) mod batches;
 pub mod bench;
 pub(crate) mod checkpoint;
 pub(crate) mod device;
+pub use device::{keep_freed_memory, one_cpu_pool};
 pub(crate) mod dist;
 pub(crate) mod hf;
 pub(crate) mod model;

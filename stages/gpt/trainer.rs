@@ -66,7 +66,6 @@ impl Trainer {
         if device.is_cuda() {
             // TF32 for what stays float32, as nanoGPT allows it.
             candle_core::cuda::set_gemm_reduced_precision_f32(true);
-            device::keep_freed_memory(&device)?;
         }
         // A rank started by a supervisor always has a master, even in a world of one.
         let world = options.world.clone();
