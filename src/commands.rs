@@ -228,12 +228,7 @@ pub fn ls(printer: &Printer, file: Option<&Path>) -> Result<ExitCode, Error> {
 
 pub fn show(printer: &Printer, file: Option<&Path>, stage: &str) -> Result<ExitCode, Error> {
     let (plan, store) = load(file, &[])?;
-    if plan.index(stage).is_none() {
-        return Err(Error::UnknownName {
-            name: stage.to_string(),
-            suggestion: crate::error::suggest(stage, plan.stages.iter().map(|s| s.name.as_str())),
-        });
-    }
+    plan.stage_named(stage)?;
     let Some(dir) = store.current(stage) else {
         printer.error(&format!("{} stage `{stage}` has no output yet", printer.paint(Style::Red, "error:")));
         printer.error(&format!("\n{} run it with `nanoflow run {stage}`", printer.paint(Style::Cyan, "hint:")));

@@ -43,10 +43,7 @@ pub fn show(
     format: Format,
     plot_path: Option<&Path>,
 ) -> Result<ExitCode, Error> {
-    if !plan.stages.iter().any(|candidate| candidate.name == stage) {
-        let names = plan.stages.iter().map(|stage| stage.name.as_str());
-        return Err(Error::UnknownName { name: stage.to_string(), suggestion: crate::error::suggest(stage, names) });
-    }
+    plan.stage_named(stage)?;
     if format == Format::Table {
         table_style();
     }

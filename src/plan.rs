@@ -91,6 +91,14 @@ impl Plan {
         self.stages.iter().position(|stage| stage.name == name)
     }
 
+    /// The stage a command names (`show`, `metrics`), or an error with the closest name.
+    pub fn stage_named(&self, name: &str) -> Result<usize, Error> {
+        self.index(name).ok_or_else(|| Error::UnknownName {
+            name: name.to_string(),
+            suggestion: suggest(name, self.stages.iter().map(|stage| stage.name.as_str())),
+        })
+    }
+
     /// Every stage, upstream before downstream.
     pub fn order(&self) -> &[usize] {
         &self.order

@@ -158,14 +158,10 @@ impl Progress {
 
     fn report(&mut self, now: bool) {
         let every = if to_engine() { SEND_EVERY } else { PLAIN_EVERY };
-        let due = match self.last_sent {
-            None => to_engine(),
-            Some(last) => last.elapsed() >= every,
-        };
+        // The engine gets the first update at once; a plain line waits its first two seconds.
+        let due = self.last_sent.map_or(to_engine(), |last| last.elapsed() >= every);
         if !(now || due) {
-            if self.last_sent.is_none() {
-                self.last_sent = Some(self.started);
-            }
+            self.last_sent.get_or_insert(self.started);
             return;
         }
         self.last_sent = Some(Instant::now());

@@ -25,15 +25,19 @@ pub struct Retry {
     pub backoff: Duration,
 }
 
-/// The client every plain-URL download uses: rustls, proxies from the environment, and a read
-/// timeout so that a stalled connection fails (and is resumed) instead of hanging forever.
+/// The client every download uses: rustls, proxies from the environment, and a read timeout so
+/// that a stalled connection fails (and is resumed) instead of hanging forever.
 pub fn agent() -> ureq::Agent {
+    builder().build()
+}
+
+/// `agent`'s settings, for a client that needs one more (the Hub's probe follows no redirect).
+pub fn builder() -> ureq::AgentBuilder {
     ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(30))
         .timeout_read(Duration::from_secs(60))
         .user_agent(concat!("nanoflow/", env!("CARGO_PKG_VERSION")))
         .try_proxy_from_env(true)
-        .build()
 }
 
 /// The file beside `part` remembering the server's validator (its `ETag` or `Last-Modified`),

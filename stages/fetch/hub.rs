@@ -131,13 +131,7 @@ impl Client {
         let repo = hf_hub::Repo::with_revision(hub.repo.clone(), repo_type, hub.revision.clone());
         let api_repo = api.repo(repo.clone());
         let authorization = env.token.as_ref().map(|token| format!("Bearer {token}"));
-        let probing = ureq::AgentBuilder::new()
-            .redirects(0)
-            .timeout_connect(std::time::Duration::from_secs(30))
-            .timeout_read(std::time::Duration::from_secs(60))
-            .user_agent(concat!("nanoflow/", env!("CARGO_PKG_VERSION")))
-            .try_proxy_from_env(true)
-            .build();
+        let probing = http::builder().redirects(0).build();
         Ok(Client { cache, repo, api_repo, authorization, probing, what, for_stage })
     }
 
