@@ -60,16 +60,18 @@ pub struct Chart {
 /// still gets its title and axes.
 pub fn write_png(path: &Path, chart: &Chart) -> anyhow::Result<()> {
     let pixels = draw(chart).with_context(|| format!("could not draw `{}`", path.display()))?;
-    let file = std::io::BufWriter::new(fs_err::File::create(path)?);
-    let mut encoder = png::Encoder::new(file, WIDTH, HEIGHT);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let write = || -> Result<(), png::EncodingError> {
-        let mut writer = encoder.write_header()?;
-        writer.write_image_data(&pixels)?;
-        writer.finish()
-    };
-    write().with_context(|| format!("could not write `{}`", path.display()))
+    super::replace(path, |temporary| {
+        let file = std::io::BufWriter::new(fs_err::File::create(temporary)?);
+        let mut encoder = png::Encoder::new(file, WIDTH, HEIGHT);
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        let write = || -> Result<(), png::EncodingError> {
+            let mut writer = encoder.write_header()?;
+            writer.write_image_data(&pixels)?;
+            writer.finish()
+        };
+        write().with_context(|| format!("could not write `{}`", path.display()))
+    })
 }
 
 /// The chart as RGB pixels, row by row.

@@ -13,9 +13,11 @@ pub fn write(path: &Path, columns: Vec<(&str, ArrayRef, bool)>) -> anyhow::Resul
     let properties = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::ZSTD(Default::default()))
         .build();
-    let file = fs_err::File::create(path)?;
-    let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties))?;
-    writer.write(&batch).with_context(|| format!("could not write `{}`", path.display()))?;
-    writer.close().with_context(|| format!("could not write `{}`", path.display()))?;
-    Ok(())
+    super::replace(path, |temporary| {
+        let file = fs_err::File::create(temporary)?;
+        let mut writer = ArrowWriter::try_new(file, batch.schema(), Some(properties))?;
+        writer.write(&batch).with_context(|| format!("could not write `{}`", path.display()))?;
+        writer.close().with_context(|| format!("could not write `{}`", path.display()))?;
+        Ok(())
+    })
 }

@@ -155,27 +155,10 @@ fn file_name(path: &Path) -> String {
     path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-/// Writes `path` by calling `write` on a temporary name next to it, fsyncing, and renaming;
-/// returns the size and digest of what was written.
+/// Writes `path` through `formats::replace`; returns the size and digest of what was written.
 fn write_atomically(path: &Path, write: impl FnOnce(&Path) -> anyhow::Result<()>) -> anyhow::Result<FileDigest> {
-    let temporary = path.with_file_name(format!(".{}.tmp", file_name(path)));
-    write(&temporary)?;
-    // safetensors creates files readable by their owner only; a checkpoint is an output like any.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs_err::set_permissions(&temporary, std::fs::Permissions::from_mode(0o644))?;
-    }
-    fs_err::File::open(&temporary)?.sync_all().with_context(|| format!("could not sync `{}`", temporary.display()))?;
-    let digest = digest(&temporary)?;
-    fs_err::rename(&temporary, path)?;
-    if let Some(parent) = path.parent() {
-        // The rename is durable once the directory is.
-        if let Ok(dir) = fs_err::File::open(parent) {
-            let _ = dir.sync_all();
-        }
-    }
-    Ok(digest)
+    crate::formats::replace(path, write)?;
+    digest(path)
 }
 
 fn digest(path: &Path) -> anyhow::Result<FileDigest> {
