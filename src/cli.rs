@@ -33,15 +33,19 @@ pub enum Command {
         /// Print what would run and why, and run nothing
         #[arg(short = 'n', long)]
         dry_run: bool,
-        /// Run up to N independent stages at once
-        #[arg(short = 'j', long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
-        jobs: u16,
+        /// Run up to N independent stages at once [default: 1; under Slurm, all]
+        #[arg(short = 'j', long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        jobs: Option<u16>,
         /// Override a param for this run (it enters the key): `--set train.max_iters=100`
         #[arg(long = "set", value_name = "STAGE.KEY=VALUE")]
         set: Vec<String>,
         /// Run STAGE even if its output is stored
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
+        /// Where stages run: `local` (child processes) or `slurm` (a job per stage, on a shared
+        /// store) [default: pipeline.yaml's `executor:`, else local]
+        #[arg(long, value_name = "EXECUTOR", value_parser = ["local", "slurm"])]
+        executor: Option<String>,
     },
     /// Say for each stage whether its output is fresh, and if not, why
     Status {
@@ -166,7 +170,11 @@ pub enum Command {
     },
     /// Run one stage in this process (the engine's child; not for people)
     #[command(name = "__stage", hide = true)]
-    Stage,
+    Stage {
+        /// Read the spec from this file rather than stdin (each task of a Slurm job)
+        #[arg(long, value_name = "FILE")]
+        spec: Option<std::path::PathBuf>,
+    },
     /// Run one rank of a data-parallel train stage (the stage's child; not for people)
     #[command(name = "__rank", hide = true)]
     Rank,

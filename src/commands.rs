@@ -13,6 +13,7 @@ use crate::manifest::{Manifest, OUT};
 use crate::pipeline::{self, PipelineFile};
 use crate::plan::Plan;
 use crate::printer::{Printer, Style, show_path};
+use crate::slurm::ExecutorKind;
 use crate::stat_cache::StatCache;
 use crate::store::{self, Store};
 use nanoflow_stages::progress::format_bytes;
@@ -32,15 +33,21 @@ fn store_error(store: &Store) -> impl Fn(std::io::Error) -> Error + '_ {
     |source| Error::Store { path: store.root.clone(), source }
 }
 
-pub fn run(
-    printer: &Printer,
-    file: Option<&Path>,
-    names: &[String],
-    dry_run: bool,
-    jobs: usize,
-    sets: &[String],
-    force: &[String],
-) -> Result<ExitCode, Error> {
+/// What `nanoflow run` was asked beside the names.
+#[derive(Debug, Default)]
+pub struct RunFlags {
+    pub dry_run: bool,
+    /// `-j`: independent stages at once; by default 1 here, all of them under Slurm.
+    pub jobs: Option<usize>,
+    pub sets: Vec<String>,
+    pub force: Vec<String>,
+    /// `--executor`, over pipeline.yaml's `executor:`.
+    pub executor: Option<ExecutorKind>,
+}
+
+pub fn run(printer: &Printer, file: Option<&Path>, names: &[String], flags: RunFlags) -> Result<ExitCode, Error> {
+    let RunFlags { dry_run, jobs, sets, force, executor } = flags;
+    let (sets, force) = (sets.as_slice(), force.as_slice());
     let (plan, store) = load(file, sets)?;
     if names.is_empty() {
         return Err(Error::NothingToRun { targets: plan.targets.iter().map(|target| target.name.clone()).collect() });
@@ -70,9 +77,19 @@ pub fn run(
         return Ok(ExitCode::SUCCESS);
     }
 
+    let executor = executor.unwrap_or(plan.executor);
+    if executor == ExecutorKind::Slurm {
+        crate::slurm::Slurm::check_installed()
+            .map_err(|message| Error::InvalidArgument { option: "--executor slurm".to_string(), message })?;
+    }
+    let jobs = jobs.unwrap_or(match executor {
+        ExecutorKind::Local => 1,
+        // The cluster's scheduler decides what runs when.
+        ExecutorKind::Slurm => selected.len(),
+    });
     executor::install_signal_handler();
     let clock = Instant::now();
-    let options = Options { jobs, force: force.iter().cloned().collect() };
+    let options = Options { jobs, force: force.iter().cloned().collect(), executor };
     let summary = Executor::new(&plan, &store, printer, options).run(&selected)?;
     let seconds = clock.elapsed().as_secs_f64();
     if summary.interrupted {

@@ -51,6 +51,9 @@ pub enum Error {
     #[error("invalid `{key}` in stage `{stage}` {origin}: {message}")]
     InvalidParam { stage: String, key: String, origin: Origin, message: String },
 
+    #[error("invalid `{key}` {origin}: {message}")]
+    InvalidSetting { key: String, origin: Origin, message: String },
+
     #[error("wrong type for `{key}` in stage `{stage}` {origin}: {message}")]
     WrongType { stage: String, key: String, origin: Origin, message: String },
 

@@ -22,6 +22,7 @@ use crate::manifest::{LOG, Manifest, OUT, check_outputs, hash_outputs, output_di
 use crate::plan::Plan;
 use crate::printer::{Printer, Style, show_path};
 use crate::reference;
+use crate::slurm::{ExecutorKind, JobFiles, Resources, Slurm};
 use crate::stage_process::StageSpec;
 use crate::stat_cache::StatCache;
 use crate::store::{self, Lock, Store};
@@ -52,7 +53,33 @@ fn interrupted() -> bool {
 pub struct Options {
     pub jobs: usize,
     pub force: BTreeSet<String>,
+    /// Child processes here, or a Slurm job per stage.
+    pub executor: ExecutorKind,
 }
+
+/// How a stage's process, or its job, ended.
+struct Ended {
+    success: bool,
+    /// "exit status 1", "killed by signal 9", "Slurm job 12 reached its time limit …".
+    reason: String,
+}
+
+impl From<ExitStatus> for Ended {
+    fn from(status: ExitStatus) -> Ended {
+        let reason = match status.code() {
+            Some(code) => format!("exit status {code}"),
+            None => {
+                format!("killed by signal {}", std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0))
+            }
+        };
+        Ended { success: status.success(), reason }
+    }
+}
+
+/// How often a Slurm job's state and output are read.
+const POLL: Duration = Duration::from_millis(500);
+/// A job that stopped with a checkpoint before its end is submitted again, this many times at most.
+const RESUBMITS: usize = 1000;
 
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -322,17 +349,18 @@ impl<'a> Executor<'a> {
         let started_at = SystemTime::now();
         let clock = Instant::now();
         let log_path = partial.join(LOG);
-        let (status, tail) = self.spawn(&stage.name, &spec, &log_path)?;
+        let (ended, tail) = match self.options.executor {
+            ExecutorKind::Local => {
+                let (status, tail) = self.spawn(&stage.name, &spec, &log_path)?;
+                (Ended::from(status), tail)
+            }
+            ExecutorKind::Slurm => self.submit(&stage.name, &stage.resources, &spec, &partial, &log_path)?,
+        };
         if interrupted() {
             return Ok(Outcome::Interrupted);
         }
-        if !status.success() {
-            let reason = match status.code() {
-                Some(code) => format!("exit status {code}"),
-                None => {
-                    format!("killed by signal {}", std::os::unix::process::ExitStatusExt::signal(&status).unwrap_or(0))
-                }
-            };
+        if !ended.success {
+            let reason = ended.reason;
             let error_line = tail.iter().rev().find(|line| line.starts_with("error: ")).cloned();
             let message = match error_line {
                 Some(line) => format!("{reason}: {}", line.trim_start_matches("error: ")),
@@ -448,37 +476,137 @@ impl<'a> Executor<'a> {
         let mut reader = BufReader::new(from);
         let mut buffer = Vec::new();
         while reader.read_until(b'\n', &mut buffer).is_ok_and(|read| read > 0) {
-            let text = String::from_utf8_lossy(&buffer);
-            let text = text.trim_end_matches(['\n', '\r']);
-            let (line, plain) = match progress::parse(text) {
-                Line::Update(update) => {
-                    self.printer.progress(stage, &update);
-                    // The log keeps where each piece of work ended, not every update.
-                    if !update.finished || update.unit == Unit::Iters {
-                        buffer.clear();
-                        continue;
-                    }
-                    (update.plain(), false)
-                }
-                Line::Detail(line) => {
-                    self.printer.stage_detail(stage, line);
-                    (line.to_string(), false)
-                }
-                Line::Text(line) => (line.to_string(), true),
-            };
-            if let Ok(mut log) = log.lock() {
-                let _ = writeln!(log, "{line}");
-            }
-            if plain {
-                self.printer.stage_line(stage, &line);
-            }
-            if let Ok(mut tail) = tail.lock() {
-                if tail.len() == TAIL {
-                    tail.pop_front();
-                }
-                tail.push_back(line);
-            }
+            self.handle(stage, &buffer, log, tail);
             buffer.clear();
+        }
+    }
+
+    /// One line of a stage's output: a progress update is drawn, a detail line shown where
+    /// details are, any other line printed with the stage's prefix; all but the updates go to
+    /// `log.txt` and the tail kept for the failure summary.
+    fn handle(&self, stage: &str, bytes: &[u8], log: &Mutex<fs_err::File>, tail: &Mutex<VecDeque<String>>) {
+        let text = String::from_utf8_lossy(bytes);
+        let text = text.trim_end_matches(['\n', '\r']);
+        let (line, plain) = match progress::parse(text) {
+            Line::Update(update) => {
+                self.printer.progress(stage, &update);
+                // The log keeps where each piece of work ended, not every update.
+                if !update.finished || update.unit == Unit::Iters {
+                    return;
+                }
+                (update.plain(), false)
+            }
+            Line::Detail(line) => {
+                self.printer.stage_detail(stage, line);
+                (line.to_string(), false)
+            }
+            Line::Text(line) => (line.to_string(), true),
+        };
+        if let Ok(mut log) = log.lock() {
+            let _ = writeln!(log, "{line}");
+        }
+        if plain {
+            self.printer.stage_line(stage, &line);
+        }
+        if let Ok(mut tail) = tail.lock() {
+            if tail.len() == TAIL {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    }
+
+    /// Runs the stage as a Slurm job (see `slurm`): writes its spec and batch script into the
+    /// partial directory, submits it, follows its state and its output file until it ends, and
+    /// submits it again while it stops with a checkpoint before its end (a time limit or a
+    /// preemption warning). Ctrl-C cancels the job.
+    fn submit(
+        &self,
+        stage: &str,
+        resources: &Resources,
+        spec: &StageSpec,
+        partial: &Path,
+        log_path: &Path,
+    ) -> std::io::Result<(Ended, Vec<String>)> {
+        let files = JobFiles::new(partial);
+        files.write_script(stage, resources)?;
+        crate::atomic::write_atomic(&files.spec(), &serde_json::to_vec(spec).map_err(std::io::Error::other)?)?;
+        let log = Mutex::new(fs_err::File::options().create(true).append(true).open(log_path)?);
+        let tail = Mutex::new(VecDeque::with_capacity(TAIL));
+        let tail_lines =
+            |tail: Mutex<VecDeque<String>>| -> Vec<String> { tail.into_inner().unwrap_or_default().into() };
+        let mut submissions = 0;
+        loop {
+            if interrupted() {
+                return Ok((Ended { success: false, reason: "interrupted".into() }, tail_lines(tail)));
+            }
+            let id = match Slurm::submit(&files.script()) {
+                Ok(id) => id,
+                Err(message) => return Ok((Ended { success: false, reason: message }, tail_lines(tail))),
+            };
+            submissions += 1;
+            crate::atomic::write_atomic(&files.current(), id.as_bytes())?;
+            self.printer.stage_line(stage, &format!("submitted as Slurm job {id}"));
+            let output = files.output(&id);
+            let mut follower = Follower::default();
+            let mut shown = String::new();
+            let mut cancelled = false;
+            let mut unknown = 0;
+            let state = loop {
+                if interrupted() && !cancelled {
+                    Slurm::cancel(&id);
+                    cancelled = true;
+                }
+                let state = Slurm::state(&id);
+                if let Some(state) = &state {
+                    let described = state.describe();
+                    if described != shown {
+                        self.printer.stage_line(stage, &format!("Slurm job {id}: {described}"));
+                        shown = described;
+                    }
+                }
+                follower.read(&output, |line| self.handle(stage, line, &log, &tail));
+                match state {
+                    Some(state) if state.is_final() => break Some(state),
+                    Some(_) => {}
+                    // Just submitted, or slurmctld restarting: give it a minute.
+                    None if unknown < 120 => unknown += 1,
+                    None => break None,
+                }
+                std::thread::sleep(POLL);
+            };
+            // What the job wrote last (a shared filesystem may show it a moment late).
+            std::thread::sleep(POLL);
+            follower.read(&output, |line| self.handle(stage, line, &log, &tail));
+            follower.finish(|line| self.handle(stage, line, &log, &tail));
+            self.printer.end_progress(stage);
+            let _ = fs_err::remove_file(files.current());
+            let Some(state) = state else {
+                let reason = format!("Slurm lost track of job {id} (neither `scontrol` nor `sacct` knows it)");
+                return Ok((Ended { success: false, reason }, tail_lines(tail)));
+            };
+            let checkpointed = state.exit_code == Some(i32::from(nanoflow_stages::interrupt::CHECKPOINTED));
+            let again = (checkpointed && state.state != "CANCELLED") || state.state == "PREEMPTED";
+            if again && !interrupted() && submissions <= RESUBMITS {
+                self.printer.stage_line(
+                    stage,
+                    &format!("Slurm job {id} stopped before its end with a checkpoint; submitting it again"),
+                );
+                continue;
+            }
+            let success = state.state == "COMPLETED" && state.exit_code == Some(0);
+            let reason = match state.state.as_str() {
+                "COMPLETED" | "FAILED" => format!("Slurm job {id}: exit status {}", state.exit_code.unwrap_or(-1)),
+                "CANCELLED" => format!("Slurm job {id} was cancelled (`scancel`)"),
+                "TIMEOUT" => format!("Slurm job {id} reached its time limit: raise `resources.time`"),
+                "OUT_OF_MEMORY" => format!("Slurm job {id} ran out of memory: raise `resources.mem`"),
+                "NODE_FAIL" => format!("the node of Slurm job {id} failed; run it again to resume"),
+                "BOOT_FAIL" | "DEADLINE" | "REVOKED" | "SPECIAL_EXIT" | "PREEMPTED" => {
+                    format!("Slurm job {id} ended {}", state.state)
+                }
+                other => format!("Slurm job {id} ended in state {other}"),
+            };
+            return Ok((Ended { success, reason }, tail_lines(tail)));
         }
     }
 
@@ -509,4 +637,39 @@ pub fn hostname() -> String {
     }
     let end = buffer.iter().position(|&byte| byte == 0).unwrap_or(buffer.len());
     String::from_utf8_lossy(&buffer[..end]).into_owned()
+}
+
+/// Reads a file another machine appends to, a whole line at a time.
+#[derive(Default)]
+struct Follower {
+    offset: u64,
+    pending: Vec<u8>,
+}
+
+impl Follower {
+    /// Calls `line` with each whole line written since the last call.
+    fn read(&mut self, path: &Path, mut line: impl FnMut(&[u8])) {
+        use std::io::Seek;
+        let Ok(mut file) = fs_err::File::open(path) else { return };
+        if file.seek(std::io::SeekFrom::Start(self.offset)).is_err() {
+            return;
+        }
+        let mut bytes = Vec::new();
+        if let Ok(read) = file.read_to_end(&mut bytes) {
+            self.offset += read as u64;
+        }
+        self.pending.extend_from_slice(&bytes);
+        while let Some(end) = self.pending.iter().position(|&byte| byte == b'\n') {
+            let rest = self.pending.split_off(end + 1);
+            line(&self.pending);
+            self.pending = rest;
+        }
+    }
+
+    /// The last line, when the file does not end with a newline.
+    fn finish(&mut self, mut line: impl FnMut(&[u8])) {
+        if !self.pending.is_empty() {
+            line(&std::mem::take(&mut self.pending));
+        }
+    }
 }

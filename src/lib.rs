@@ -16,6 +16,7 @@ mod plan;
 mod printer;
 mod reference;
 mod report;
+mod slurm;
 mod source_map;
 mod stage_kind;
 mod stage_process;
@@ -34,7 +35,7 @@ pub fn main() -> ExitCode {
     nanoflow_stages::gpt::one_cpu_pool();
     let cli = Cli::parse();
     match cli.command {
-        Command::Stage => return stage_process::main(),
+        Command::Stage { spec } => return stage_process::main(spec),
         Command::Rank => return stage_process::rank_main(),
         _ => {}
     }
@@ -56,8 +57,15 @@ pub fn main() -> ExitCode {
 fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
     let file = cli.file.as_deref();
     match cli.command {
-        Command::Run { names, dry_run, jobs, set, force } => {
-            commands::run(printer, file, &names, dry_run, usize::from(jobs), &set, &force)
+        Command::Run { names, dry_run, jobs, set, force, executor } => {
+            let flags = commands::RunFlags {
+                dry_run,
+                jobs: jobs.map(usize::from),
+                sets: set,
+                force,
+                executor: executor.as_deref().and_then(slurm::ExecutorKind::parse),
+            };
+            commands::run(printer, file, &names, flags)
         }
         Command::Status { names, set } => commands::status(printer, file, &names, &set),
         Command::Dag { names, dot } => commands::dag(printer, file, &names, dot),
@@ -101,7 +109,7 @@ fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
         Command::Bench { shape, batch_size, block_size, device, dtype, burn_in, iters, json } => {
             commands::bench(&shape, batch_size, block_size, device, dtype, burn_in, iters, json)
         }
-        Command::Stage | Command::Rank => unreachable!("handled before the printer exists"),
+        Command::Stage { .. } | Command::Rank => unreachable!("handled before the printer exists"),
     }
 }
 

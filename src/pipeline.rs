@@ -1,5 +1,5 @@
 //! pipeline.yaml as written: finding it, parsing it, and splitting each stage into the keys the
-//! engine owns (`kind`, `deps`, `config`) and the params its kind owns. Nothing here knows what a
+//! engine owns (`kind`, `deps`, `config`, `resources`) and the params its kind owns. Nothing here knows what a
 //! kind accepts or how stages connect; `plan.rs` turns this into the validated DAG (ripgrep's
 //! lowargs -> hiargs).
 
@@ -11,8 +11,8 @@ use crate::error::{Error, suggest};
 use crate::source_map::{Location, Origin, SourceMap};
 
 /// Keys every stage may have whatever its kind.
-pub const ENGINE_KEYS: &[&str] = &["kind", "deps", "config"];
-const TOP_LEVEL_KEYS: &[&str] = &["stages", "targets"];
+pub const ENGINE_KEYS: &[&str] = &["kind", "deps", "config", "resources"];
+const TOP_LEVEL_KEYS: &[&str] = &["stages", "targets", "executor", "resources"];
 
 #[derive(Debug)]
 pub struct PipelineFile {
@@ -20,6 +20,10 @@ pub struct PipelineFile {
     pub root: PathBuf,
     pub stages: Vec<RawStage>,
     pub targets: Vec<RawTarget>,
+    /// `executor:` where stages run by default (`local`, `slurm`).
+    pub executor: Option<(Value, Origin)>,
+    /// `resources:` at the top: every stage's job's defaults under an executor like Slurm.
+    pub resources: Option<(Value, Origin)>,
 }
 
 #[derive(Debug)]
@@ -32,6 +36,8 @@ pub struct RawStage {
     pub configs: Vec<(String, Origin)>,
     /// The kind's params as written in the stage, in order.
     pub params: Vec<Param>,
+    /// `resources:` what its job asks a cluster for; never in the key.
+    pub resources: Option<(Value, Origin)>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,7 +126,8 @@ impl PipelineFile {
             }
             None => Vec::new(),
         };
-        Ok(PipelineFile { root, stages, targets })
+        let setting = |key: &str| top.get(key).map(|value| (value.clone(), Origin::File(map.nearest(&[key]))));
+        Ok(PipelineFile { root, stages, targets, executor: setting("executor"), resources: setting("resources") })
     }
 }
 
@@ -137,6 +144,7 @@ fn parse_stage(name: &str, body: &Value, map: &SourceMap) -> Result<RawStage, Er
         deps: Vec::new(),
         configs: Vec::new(),
         params: Vec::new(),
+        resources: None,
     };
     for (key, value) in body {
         let key = key_str(key, map, &["stages", name])?;
@@ -153,6 +161,7 @@ fn parse_stage(name: &str, body: &Value, map: &SourceMap) -> Result<RawStage, Er
             }
             "deps" => stage.deps = string_list(value, &format!("`deps` of {what}"), map, &path)?,
             "config" => stage.configs = string_list(value, &format!("`config` of {what}"), map, &path)?,
+            "resources" => stage.resources = Some((value.clone(), key_origin)),
             _ => stage.params.push(Param { key: key.to_string(), value: value.clone(), origin: key_origin }),
         }
     }

@@ -12,6 +12,7 @@ use serde_yaml::Value;
 use crate::error::{Error, suggest};
 use crate::pipeline::{ENGINE_KEYS, Param, PipelineFile, RawStage, read_yaml};
 use crate::reference;
+use crate::slurm::{ExecutorKind, Resources};
 use crate::source_map::{Location, Origin};
 use crate::stage_kind::{ParamError, StageKind};
 
@@ -22,6 +23,8 @@ pub struct Plan {
     /// In the order written.
     pub stages: Vec<Stage>,
     pub targets: Vec<Target>,
+    /// Where stages run unless `run --executor` says otherwise (`executor:` in pipeline.yaml).
+    pub executor: ExecutorKind,
     /// Every stage index, upstream before downstream.
     order: Vec<usize>,
 }
@@ -38,6 +41,9 @@ pub struct Stage {
     pub inputs: Vec<String>,
     /// Local files and folders whose contents enter the key, as written (relative to `root`).
     pub deps: Vec<String>,
+    /// What its job asks a cluster for (the kind's defaults, pipeline.yaml's, its own); never in
+    /// the key.
+    pub resources: Resources,
 }
 
 #[derive(Debug)]
@@ -62,12 +68,42 @@ impl Plan {
             let (stage, param) = parse_set(argument, &names)?;
             overrides[stage].push(param);
         }
-        let stages = file
+        let mut stages = file
             .stages
             .iter()
             .zip(overrides)
             .map(|(raw, overrides)| resolve_stage(raw, overrides, &file.root, &names, &upstream))
             .collect::<Result<Vec<_>, _>>()?;
+        let executor = match &file.executor {
+            None => ExecutorKind::default(),
+            Some((value, origin)) => {
+                value.as_str().and_then(ExecutorKind::parse).ok_or_else(|| Error::InvalidSetting {
+                    key: "executor".to_string(),
+                    origin: origin.clone(),
+                    message: format!("expected one of {}", ExecutorKind::NAMES.join(", ")),
+                })?
+            }
+        };
+        let top = match &file.resources {
+            None => Resources::default(),
+            Some((value, origin)) => Resources::parse(value).map_err(|(key, message)| Error::InvalidSetting {
+                key: key.map_or("resources".to_string(), |key| format!("resources.{key}")),
+                origin: origin.clone(),
+                message,
+            })?,
+        };
+        for (stage, raw) in stages.iter_mut().zip(&file.stages) {
+            let own = match &raw.resources {
+                None => Resources::default(),
+                Some((value, origin)) => Resources::parse(value).map_err(|(key, message)| Error::InvalidParam {
+                    stage: raw.name.clone(),
+                    key: key.map_or("resources".to_string(), |key| format!("resources.{key}")),
+                    origin: origin.clone(),
+                    message,
+                })?,
+            };
+            stage.resources = Resources::defaults(&stage.params, stage.kind.resumable()).merged(&top).merged(&own);
+        }
         let mut targets = Vec::new();
         for raw in &file.targets {
             for (stage, location) in &raw.stages {
@@ -84,7 +120,7 @@ impl Plan {
                 .push(Target { name: raw.name.clone(), stages: raw.stages.iter().map(|(s, _)| s.clone()).collect() });
         }
         let order = topological_order(&stages)?;
-        Ok(Plan { root: file.root, stages, targets, order })
+        Ok(Plan { root: file.root, stages, targets, executor, order })
     }
 
     pub fn index(&self, name: &str) -> Option<usize> {
@@ -275,6 +311,7 @@ fn resolve_stage(
         params,
         inputs: inputs.into_iter().collect(),
         deps,
+        resources: Resources::default(),
     })
 }
 

@@ -28,14 +28,8 @@ pub struct StageSpec {
     pub report: PathBuf,
 }
 
-pub fn main() -> ExitCode {
-    // The engine stops a stage with SIGTERM to this process (the leader of the stage's process
-    // group), and the kernel sends the same if the engine dies. Take the whole group down, so
-    // no script or worker of the stage outlives it.
-    let _ = ctrlc::set_handler(|| unsafe {
-        libc::kill(0, libc::SIGKILL);
-    });
-    exit(run())
+pub fn main(spec_file: Option<PathBuf>) -> ExitCode {
+    exit(run(spec_file))
 }
 
 /// The error and what caused it, on one line of stderr for the engine to show: "error:
@@ -45,7 +39,7 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            ExitCode::from(nanoflow_stages::interrupt::exit_status(&error))
         }
     }
 }
@@ -53,6 +47,7 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
 /// `nanoflow __rank`: one rank of a data-parallel train stage, its spec on stdin. Its stage
 /// process started it and stops it (same process group); rank 0's output is the stage's log.
 pub fn rank_main() -> ExitCode {
+    nanoflow_stages::interrupt::install(true);
     let run = || -> anyhow::Result<()> {
         let mut input = String::new();
         std::io::stdin().read_to_string(&mut input).context("could not read the rank spec")?;
@@ -62,13 +57,28 @@ pub fn rank_main() -> ExitCode {
     exit(run())
 }
 
-fn run() -> anyhow::Result<()> {
-    let mut input = String::new();
-    std::io::stdin().read_to_string(&mut input).context("could not read the stage spec")?;
+/// The spec from `spec_file` (a Slurm job's tasks) or stdin (a local child).
+fn run(spec_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let input = match &spec_file {
+        Some(path) => fs_err::read_to_string(path).context("could not read the stage spec")?,
+        None => {
+            let mut input = String::new();
+            std::io::stdin().read_to_string(&mut input).context("could not read the stage spec")?;
+            input
+        }
+    };
     let spec: StageSpec = serde_json::from_str(&input).context("invalid stage spec")?;
     let kind = StageKind::parse(&spec.kind).with_context(|| format!("unknown kind `{}`", spec.kind))?;
+    // The engine stops a stage with SIGTERM to its process group, the kernel sends the same if
+    // the engine dies, Slurm sends SIGUSR1 before a job's end: a kind that resumes checkpoints
+    // first, any other takes its whole group down at once (no script or worker outlives it).
+    nanoflow_stages::interrupt::install(kind.resumable());
     let context = Context { stage: spec.stage, root: spec.root, out: spec.out, inputs: spec.inputs };
     let report = kind.run(spec.params, &context)?;
+    // Every task of a Slurm job runs the stage; the first one reports.
+    if std::env::var("SLURM_PROCID").is_ok_and(|rank| rank != "0") {
+        return Ok(());
+    }
     let json = serde_json::to_vec(&report)?;
     crate::atomic::write_atomic(&spec.report, &json)?;
     Ok(())

@@ -29,6 +29,7 @@ pub mod train;
 pub mod fetch;
 pub mod formats;
 pub mod gpt;
+pub mod interrupt;
 pub mod progress;
 
 use std::collections::BTreeMap;

@@ -312,7 +312,7 @@ fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: u
         machines.rank,
         machines.count
     );
-    let report = ctx.out.join(".rank-report.json");
+    let report = ctx.out.join(format!(".rank-report-{}.json", machines.rank));
     let mut specs = Vec::new();
     for local_rank in 0..local_ranks {
         let rank = machines.rank * local_ranks + local_rank;
@@ -442,6 +442,7 @@ fn run_rank(
     let mut rng = Rng::new(config.seed);
     let mut rows: Vec<Row> = Vec::new();
     let mut resumed_from = None;
+    let mut resumed_val_loss = f64::NAN;
     // The iteration the best checkpoint holds, as the run recorded it.
     let mut best_iter = None;
     if writes {
@@ -454,6 +455,7 @@ fn run_rank(
             repair_best(&trainer, &ctx.out, &state)?;
         }
         iter = state.iter;
+        resumed_val_loss = state.val_loss;
         best_val_loss = state.best_val_loss;
         best_iter = state.ckpt_iter;
         rng = Rng::from_state(state.rng);
@@ -476,6 +478,24 @@ fn run_rank(
     let mut running_mfu: Option<f64> = None;
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
     let mut progress = Progress::new("train", Unit::Iters, Some(config.max_iters as u64));
+    // What a checkpoint at `iter` records beside the weights and the optimizer.
+    let state = |iter, val_loss, best_val_loss, best_iter, rng: &Rng, trainer: &Trainer| -> anyhow::Result<State> {
+        Ok(State {
+            format: checkpoint::FORMAT.into(),
+            version: checkpoint::FORMAT_VERSION,
+            iter,
+            best_val_loss,
+            val_loss,
+            model: model_config.clone(),
+            config: ctx.portable(serde_json::to_value(config)?),
+            rng: rng.state(),
+            files: Default::default(),
+            loss_scale: trainer.loss_scale(),
+            ckpt_iter: best_iter,
+        })
+    };
+    // The val loss of the last evaluation, for a checkpoint written between two.
+    let mut val_loss = resumed_val_loss;
     if main {
         progress.set_done(iter as u64);
     }
@@ -494,25 +514,14 @@ fn run_rank(
             }
             row(&mut rows, iter, tokens_per_iter).train_loss = Some(losses[0]);
             row(&mut rows, iter, tokens_per_iter).val_loss = Some(losses[1]);
+            val_loss = losses[1];
             let improved = losses[1] < best_val_loss;
             let save_best = improved || config.always_save_checkpoint;
             if save_best {
                 best_val_loss = best_val_loss.min(losses[1]);
                 best_iter = Some(iter);
             }
-            let state = State {
-                format: checkpoint::FORMAT.into(),
-                version: checkpoint::FORMAT_VERSION,
-                iter,
-                best_val_loss,
-                val_loss: losses[1],
-                model: model_config.clone(),
-                config: ctx.portable(serde_json::to_value(config)?),
-                rng: rng.state(),
-                files: Default::default(),
-                loss_scale: trainer.loss_scale(),
-                ckpt_iter: best_iter,
-            };
+            let state = state(iter, losses[1], best_val_loss, best_iter, &rng, &trainer)?;
             // The record first: a checkpoint may be older than the record, never newer. Then
             // `last`, then `ckpt`: a resume from `last` repairs a `ckpt` that did not follow.
             metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
@@ -529,6 +538,16 @@ fn run_rank(
         }
         if iter == config.max_iters {
             break;
+        }
+        // A signal (a Slurm job's warning before its end, Ctrl-C): a complete checkpoint of this
+        // iteration, unless the evaluation above or the resume just wrote one, then stop.
+        if trainer.stop_requested() {
+            if writes && !due && resumed_from != Some(iter) {
+                metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
+                trainer.save(&ctx.out, "last", state(iter, val_loss, best_val_loss, best_iter, &rng, &trainer)?)?;
+            }
+            log!("iter {iter}: stopping on a signal; the checkpoint holds every step so far");
+            return Err(crate::interrupt::Checkpointed { iter: Some(iter) }.into());
         }
 
         // forward backward update, with optional gradient accumulation to simulate larger batch
@@ -551,6 +570,7 @@ fn run_rank(
         pending.push((iter, lr));
         let next = iter + 1;
         let flush = (trainer.is_cpu() && !hooks.defer_loss_reads)
+            || (world.size == 1 && crate::interrupt::requested())
             || iter % config.log_interval == 0
             || next % config.eval_interval == 0
             || next == config.max_iters

@@ -98,8 +98,8 @@ fn two_cpu_ranks_fail_together_resume_and_match_one_process() {
 
     let output = test.expect(&["run", "model"], 0);
     assert!(output.stderr.contains("[model] resuming from `"), "{}", output.stderr);
-    assert!(!output.stderr.contains(".rank-report.json"));
-    assert!(!test.path("artifacts/model/current/.rank-report.json").exists());
+    assert!(!output.stderr.contains(".rank-report-0.json"));
+    assert!(!test.path("artifacts/model/current/.rank-report-0.json").exists());
     // `gpus` is not part of the key: the same model on one process is already built.
     let cached = test.expect(&["run", "model", "--set", "model.gpus=1"], 0);
     assert!(cached.stderr.contains("cached"), "{}", cached.stderr);

@@ -40,11 +40,17 @@ impl World {
         self.rank == 0
     }
 
-    /// Local rank 0 writes checkpoints and metrics into this machine's store.
+    /// Local rank 0 writes checkpoints and metrics into this machine's store; rank 0 alone
+    /// when the machines share one output directory ([`SHARED_OUT`]).
     pub fn writes_outputs(&self) -> bool {
-        self.local_rank == 0
+        self.local_rank == 0 && (self.rank == 0 || std::env::var_os(SHARED_OUT).is_none())
     }
 }
+
+/// Set in a Slurm job of nanoflow's executor: the job's tasks write into one output directory
+/// on a shared filesystem (rank 0 alone writes), and a node may run several tasks, each a
+/// "machine" of its own (CPU ranks, or GPUs Slurm gave each task).
+pub const SHARED_OUT: &str = "NANOFLOW_SHARED_OUT";
 
 /// The machines a launcher started, one nanoflow on each: read from the variables torchrun and
 /// Slurm set (one task per machine: `torchrun --nproc-per-node=1`, `srun --ntasks-per-node=1`).
@@ -97,7 +103,7 @@ impl Machines {
         };
         ensure!(count > 0 && rank < count, "rank {rank} is outside a world of {count} machines");
         ensure!(
-            local == 0,
+            local == 0 || var(SHARED_OUT).is_some(),
             "this is local rank {local}: start one nanoflow per machine (`{launcher}`); its train stages spawn one \
              worker per GPU themselves (`gpus`)"
         );

@@ -18,7 +18,7 @@ pub mod bench;
 pub(crate) mod checkpoint;
 pub(crate) mod device;
 pub use device::{keep_freed_memory, one_cpu_pool};
-pub(crate) mod dist;
+pub mod dist;
 pub(crate) mod hf;
 pub(crate) mod model;
 pub(crate) mod ops;

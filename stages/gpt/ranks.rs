@@ -32,6 +32,8 @@ fn wait(ranks: &mut [(usize, Child)]) -> anyhow::Result<()> {
     let mut done = vec![false; ranks.len()];
     let mut failed: Vec<String> = Vec::new();
     let mut first_failure: Option<Instant> = None;
+    // Ranks that stopped on a signal after the checkpoint they agreed on.
+    let mut checkpointed = 0;
     loop {
         for ((rank, child), done) in ranks.iter_mut().zip(&mut done) {
             if *done {
@@ -39,7 +41,9 @@ fn wait(ranks: &mut [(usize, Child)]) -> anyhow::Result<()> {
             }
             if let Some(status) = child.try_wait()? {
                 *done = true;
-                if !status.success() {
+                if status.code() == Some(crate::interrupt::CHECKPOINTED as i32) {
+                    checkpointed += 1;
+                } else if !status.success() {
                     failed.push(format!("rank {rank} ({status})"));
                     first_failure.get_or_insert_with(Instant::now);
                 }
@@ -59,6 +63,9 @@ fn wait(ranks: &mut [(usize, Child)]) -> anyhow::Result<()> {
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
+    }
+    if failed.is_empty() && checkpointed > 0 {
+        return Err(crate::interrupt::Checkpointed { iter: None }.into());
     }
     ensure!(
         failed.is_empty(),

@@ -54,8 +54,11 @@ pub struct Trainer {
     collective: Option<Box<dyn Collective>>,
     /// float16 only: GradScaler's dynamic loss scale.
     loss_scale: Option<LossScale>,
-    /// Each step's mean loss, not yet read back from the device.
+    /// Each step's mean loss, not yet read back from the device; in a world of several ranks,
+    /// with whether any rank was asked to stop (`interrupt`) beside it.
     pending: Vec<Tensor>,
+    /// Read with the losses: the ranks agree to stop after the last step read.
+    stop: bool,
     world: World,
 }
 
@@ -106,6 +109,7 @@ impl Trainer {
             collective,
             loss_scale,
             pending: Vec::new(),
+            stop: false,
             world,
         })
     }
@@ -223,7 +227,11 @@ impl Trainer {
         // the gradients (one collective call per bucket, the loss riding in the last)
         let mut loss = (loss_sum.context("no micro-batch for this rank")? / local_steps as f64)?;
         if let Some(collective) = self.collective.as_deref_mut() {
-            loss = crate::gpt::dist::average(collective, &mut grads, &loss)?;
+            // A signal reaches the ranks at different steps; the flag averaged with the loss
+            // makes all of them stop after the same one.
+            let stop = Tensor::new(&[crate::interrupt::requested() as u8 as f32], &self.device)?;
+            let extra = Tensor::cat(&[loss.to_dtype(DType::F32)?.reshape(1)?, stop], 0)?;
+            loss = crate::gpt::dist::average(collective, &mut grads, &extra)?;
         }
         self.pending.push(loss);
         let mut skipped = None;
@@ -250,6 +258,17 @@ impl Trainer {
     pub fn read_losses(&mut self) -> anyhow::Result<Vec<f64>> {
         let losses =
             self.pending.drain(..).map(|loss| loss.to_dtype(DType::F64)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::stack(&losses, 0)?.to_vec1::<f64>()?)
+        if self.collective.is_none() {
+            return Ok(Tensor::stack(&losses, 0)?.to_vec1::<f64>()?);
+        }
+        let rows = Tensor::stack(&losses, 0)?.to_vec2::<f64>()?;
+        self.stop |= rows.iter().any(|row| row[1] > 0.0);
+        Ok(rows.iter().map(|row| row[0]).collect())
+    }
+
+    /// Whether to checkpoint and stop now, every step read: a signal asked this process to
+    /// (`interrupt`), or, in a world of several ranks, any rank, all agreeing on the step.
+    pub fn stop_requested(&self) -> bool {
+        self.pending.is_empty() && if self.collective.is_some() { self.stop } else { crate::interrupt::requested() }
     }
 }
