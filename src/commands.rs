@@ -156,7 +156,16 @@ pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[
                 ("stale", format!("{} (stored: restores without running)", reasons.join("; ")))
             }
             Freshness::Stale { key, .. } if store.key_is_running(name, key) => {
-                ("running", "in another nanoflow process".to_string())
+                let job = crate::slurm::JobFiles::new(&store.partial_dir(name, key)).current();
+                match fs_err::read_to_string(job).ok().map(|id| id.trim().to_string()) {
+                    Some(id) => {
+                        let state = crate::slurm::Slurm::state(&id);
+                        let queued = state.as_ref().is_some_and(|state| state.state == "PENDING");
+                        let described = state.map_or_else(|| "unknown to Slurm".to_string(), |state| state.describe());
+                        (if queued { "queued" } else { "running" }, format!("as Slurm job {id}: {described}"))
+                    }
+                    None => ("running", "in another nanoflow process".to_string()),
+                }
             }
             Freshness::Stale { key, reasons, .. }
                 if plan.stages[index].kind.resumable() && store.has_partial(name, key) =>

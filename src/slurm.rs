@@ -81,7 +81,8 @@ impl Resources {
     /// `value` read as resources, or the message of what is wrong with it.
     pub fn parse(value: &serde_yaml::Value) -> Result<Resources, (Option<String>, String)> {
         let plain = |error: serde_yaml::Error| crate::error::plain_message(&error.to_string());
-        let mapping = value.as_mapping().ok_or((None, "expected a mapping: `{partition: gpu, gpus: 8}`".to_string()))?;
+        let mapping =
+            value.as_mapping().ok_or((None, "expected a mapping: `{partition: gpu, gpus: 8}`".to_string()))?;
         // One key at a time, so that the error names it.
         for (key, value) in mapping {
             let name = key.as_str().unwrap_or_default();
@@ -92,7 +93,8 @@ impl Resources {
                 return Err((None, format!("unknown key `{name}`{hint}; known: {}", Self::KEYS.join(", "))));
             }
             let alone: serde_yaml::Mapping = [(key.clone(), value.clone())].into_iter().collect();
-            serde_yaml::from_value::<Resources>(alone.into()).map_err(|error| (Some(name.to_string()), plain(error)))?;
+            serde_yaml::from_value::<Resources>(alone.into())
+                .map_err(|error| (Some(name.to_string()), plain(error)))?;
         }
         let resources: Resources = serde_yaml::from_value(value.clone()).map_err(|error| (None, plain(error)))?;
         resources.check()?;
@@ -371,11 +373,27 @@ impl Slurm {
                 return Some(state);
             }
         }
-        let output = Command::new("sacct")
-            .args(["--noheader", "--parsable2", "--allocations", "--format=State,ExitCode,NodeList", "--jobs", id])
-            .output()
-            .ok()?;
-        parse_sacct(&String::from_utf8_lossy(&output.stdout))
+        // The accounting database; on a cluster without one, the job completion log
+        // (`JobCompType=jobcomp/filetxt`, `sacct --completion`), one line per run of the job.
+        for completion in [false, true] {
+            let mut sacct = Command::new("sacct");
+            sacct.args([
+                "--noheader",
+                "--parsable2",
+                "--allocations",
+                "--format=State,ExitCode,NodeList",
+                "--jobs",
+                id,
+            ]);
+            if completion {
+                sacct.arg("--completion");
+            }
+            let output = sacct.output().ok()?;
+            if let Some(state) = parse_sacct(&String::from_utf8_lossy(&output.stdout)) {
+                return Some(state);
+            }
+        }
+        None
     }
 
     /// `scancel`: Slurm sends SIGTERM to the job's tasks (a train stage checkpoints), then
@@ -399,9 +417,10 @@ fn parse_scontrol(text: &str) -> Option<JobState> {
     Some(JobState { exit_code: exit_code.filter(|_| ended), reason: field("Reason"), nodes: field("NodeList"), state })
 }
 
-/// `sacct --parsable2 --allocations --format=State,ExitCode,NodeList`: `CANCELLED by 0|0:15|node1`.
+/// `sacct --parsable2 --allocations --format=State,ExitCode,NodeList`: `CANCELLED by 0|0:15|node1`;
+/// the last line is the job's last run.
 fn parse_sacct(text: &str) -> Option<JobState> {
-    let line = text.lines().find(|line| !line.trim().is_empty())?;
+    let line = text.lines().rfind(|line| !line.trim().is_empty())?;
     let mut fields = line.split('|');
     let state = fields.next()?.split_whitespace().next()?.to_string();
     let exit_code = fields.next().and_then(|code| code.split(':').next()?.parse().ok());

@@ -38,16 +38,26 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::from(nanoflow_stages::interrupt::exit_status(&error))
+            let status = nanoflow_stages::interrupt::exit_status(&error);
+            // A stop on a signal is said once, by the stage's first process; its ranks and the
+            // job's other tasks stop with it quietly.
+            let quiet = std::env::var("SLURM_PROCID").is_ok_and(|rank| rank != "0") || RANK.get().is_some();
+            if status != nanoflow_stages::interrupt::CHECKPOINTED || !quiet {
+                eprintln!("error: {error:#}");
+            }
+            ExitCode::from(status)
         }
     }
 }
+
+/// Set in a rank process.
+static RANK: std::sync::OnceLock<()> = std::sync::OnceLock::new();
 
 /// `nanoflow __rank`: one rank of a data-parallel train stage, its spec on stdin. Its stage
 /// process started it and stops it (same process group); rank 0's output is the stage's log.
 pub fn rank_main() -> ExitCode {
     nanoflow_stages::interrupt::install(true);
+    let _ = RANK.set(());
     let run = || -> anyhow::Result<()> {
         let mut input = String::new();
         std::io::stdin().read_to_string(&mut input).context("could not read the rank spec")?;

@@ -178,15 +178,8 @@ fn a_pinned_download_is_its_bytes_wherever_they_come_from() {
 /// tiny Shakespeare comes from the repo (the rest of the job needs nothing from outside).
 #[test]
 fn the_main_job_needs_no_network() {
-    let test = Test::new();
+    let test = Test::with_repo_pipeline();
     let repo = env!("CARGO_MANIFEST_DIR");
-    test.write("pipeline.yaml", &fs_err::read_to_string(format!("{repo}/pipeline.yaml")).unwrap());
-    let configs = fs_err::read_dir(format!("{repo}/configs")).unwrap();
-    let configs = configs.map(|entry| format!("configs/{}", entry.unwrap().file_name().to_string_lossy()));
-    let data = ["data/tinyshakespeare/input.txt", "data/ci/corpus.txt", "data/ci/hellaswag.jsonl"];
-    for file in configs.chain(data.map(String::from)) {
-        test.write(&file, &fs_err::read_to_string(format!("{repo}/{file}")).unwrap());
-    }
     let set = format!("shakespeare-text.url={}", refused_url());
     test.expect(&["run", "shakespeare-text", "--set", &set], 0);
     let text = test.read("artifacts/shakespeare-text/current/input.txt");

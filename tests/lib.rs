@@ -10,6 +10,7 @@ mod data;
 mod models;
 mod process;
 mod report;
+mod slurm;
 mod store;
 mod train;
 mod validate;
@@ -46,6 +47,20 @@ impl Test {
         test
     }
 
+    /// A fresh copy of the repo's pipeline.yaml with the configs and the data it ships.
+    pub fn with_repo_pipeline() -> Test {
+        let test = Test::new();
+        let repo = env!("CARGO_MANIFEST_DIR");
+        test.write("pipeline.yaml", &fs_err::read_to_string(format!("{repo}/pipeline.yaml")).unwrap());
+        let configs = fs_err::read_dir(format!("{repo}/configs")).unwrap();
+        let configs = configs.map(|entry| format!("configs/{}", entry.unwrap().file_name().to_string_lossy()));
+        let data = ["data/tinyshakespeare/input.txt", "data/ci/corpus.txt", "data/ci/hellaswag.jsonl"];
+        for file in configs.chain(data.map(String::from)) {
+            test.write(&file, &fs_err::read_to_string(format!("{repo}/{file}")).unwrap());
+        }
+        test
+    }
+
     pub fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
@@ -68,6 +83,16 @@ impl Test {
 
     pub fn run(&self, args: &[&str]) -> Output {
         let output = self.command(args).output().expect("nanoflow starts");
+        Output {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    /// `nanoflow ARGS` with `PATH` set to `path` (the commands it finds there, or not).
+    pub fn run_with_path(&self, args: &[&str], path: &str) -> Output {
+        let output = self.command(args).env("PATH", path).output().expect("nanoflow starts");
         Output {
             code: output.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

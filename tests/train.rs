@@ -147,3 +147,48 @@ fn a_forced_rerun_of_a_deterministic_train_writes_the_same_bytes_and_nothing_dow
     assert_eq!(manifest("model")["outputs"], model["outputs"]);
     assert_eq!(manifest("samples")["key"], samples["key"]);
 }
+
+/// Ctrl-C (or a Slurm job's warning, SIGUSR1) during training: the stage writes a checkpoint of
+/// the step it is at and stops; the next run resumes from that step to the very losses and
+/// weights of an uninterrupted run — one process, and two ranks that agree on where to stop.
+#[test]
+fn a_train_stage_stopped_by_a_signal_checkpoints_its_step_and_resumes_to_the_same_run() {
+    for gpus in [1, 2] {
+        let interrupted = Test::with_pipeline(&ranks_pipeline(300, gpus, 2));
+        interrupted.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+        let child = interrupted.spawn(&["run", "model"]);
+        let partial = || {
+            let dir = interrupted.path("artifacts/model");
+            fs_err::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path())
+                .find(|path| path.file_name().is_some_and(|name| name.to_string_lossy().starts_with(".partial-")))
+        };
+        // Past the evaluation at iter 10, so that the stop most likely falls between two.
+        wait_until(|| {
+            partial().is_some_and(|dir| {
+                fs_err::read_to_string(dir.join("out/last.json")).is_ok_and(|json| json.contains("\"iter\": 10,"))
+            })
+        });
+        signal(child.id() as i32, libc::SIGINT);
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(130), "{stderr}");
+        assert!(stderr.contains("stopping on a signal; the checkpoint holds every step so far"), "{stderr}");
+        let state = fs_err::read_to_string(partial().unwrap().join("out/last.json")).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&state).unwrap();
+        let at = state["iter"].as_u64().unwrap();
+        assert!(at >= 10, "{state}");
+
+        let output = interrupted.expect(&["run", "model"], 0);
+        assert!(output.stderr.contains(&format!("at iter {at}")), "{}", output.stderr);
+        let whole = Test::with_pipeline(&ranks_pipeline(300, gpus, 2));
+        whole.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+        whole.expect(&["run", "model"], 0);
+        assert_eq!(record(&interrupted, "model"), record(&whole, "model"));
+        let weights = "artifacts/model/current/last.safetensors";
+        assert!(fs_err::read(interrupted.path(weights)).unwrap() == fs_err::read(whole.path(weights)).unwrap());
+    }
+}

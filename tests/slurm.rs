@@ -1,0 +1,253 @@
+//! The Slurm executor against a real Slurm: `scripts/slurm-up` starts a one-machine cluster
+//! (`.ci/run` does, and sets `NANOFLOW_REQUIRE_SLURM=1`); elsewhere the tests that need one say
+//! they skipped. The test folders live on this machine's filesystem, which the cluster's one node
+//! shares, as a cluster's nodes share a store.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::{Test, signal};
+
+/// Whether a Slurm answers here; fails where one is required.
+fn slurm() -> bool {
+    let up = Command::new("sinfo").args(["--noheader", "--responding"]).output();
+    let up = up.is_ok_and(|output| output.status.success() && !output.stdout.is_empty());
+    if !up {
+        assert!(
+            std::env::var_os("NANOFLOW_REQUIRE_SLURM").is_none(),
+            "NANOFLOW_REQUIRE_SLURM is set, but no Slurm answers (start one with scripts/slurm-up)"
+        );
+        eprintln!("skipped: no Slurm answers here (scripts/slurm-up starts one)");
+    }
+    up
+}
+
+/// Waits up to two minutes (a job waits in the queue) for `condition`.
+fn wait_long(what: &str, condition: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The job ids a run printed, in order.
+fn job_ids(stderr: &str) -> Vec<String> {
+    stderr.lines().filter_map(|line| Some(line.split_once("submitted as Slurm job ")?.1.trim().to_string())).collect()
+}
+
+/// `JobName` and `JobState` of job `id`, as slurmctld has them.
+fn job(id: &str) -> (String, String) {
+    let output = Command::new("scontrol").args(["show", "job", "--oneliner", id]).output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let field = |name: &str| {
+        text.split_whitespace().find_map(|word| word.strip_prefix(&format!("{name}="))).unwrap_or_default().to_string()
+    };
+    (field("JobName"), field("JobState"))
+}
+
+/// The id of the job running `stage` now, once it is submitted.
+fn running_job(test: &Test, stage: &str) -> String {
+    let dir = test.path(&format!("artifacts/{stage}"));
+    let id = || {
+        let entries = fs_err::read_dir(&dir).ok()?;
+        entries.flatten().find_map(|entry| fs_err::read_to_string(entry.path().join("job/job-id")).ok())
+    };
+    wait_long("the job's id", || id().is_some());
+    id().unwrap()
+}
+
+fn digest(test: &Test, stage: &str) -> String {
+    let manifest = test.read(&format!("artifacts/{stage}/current/../manifest.json"));
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).unwrap();
+    manifest["output_digest"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn ci_runs_as_one_slurm_job_per_stage_and_makes_what_the_local_executor_makes() {
+    if !slurm() {
+        return;
+    }
+    let cluster = Test::with_repo_pipeline();
+    let output = cluster.expect(&["run", "ci", "--executor", "slurm"], 0);
+    let ran: Vec<&str> = output
+        .stderr
+        .lines()
+        .filter(|line| line.contains("  running  ("))
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .collect();
+    assert!(ran.len() >= 10, "{}", output.stderr);
+    // One job per stage that ran, each named after it and finished.
+    let mut jobs: Vec<String> = job_ids(&output.stderr)
+        .iter()
+        .map(|id| {
+            let (name, state) = job(id);
+            assert_eq!(state, "COMPLETED", "job {id} ({name})");
+            name.trim_start_matches("nanoflow:").to_string()
+        })
+        .collect();
+    let mut expected: Vec<String> = ran.iter().map(|stage| stage.to_string()).collect();
+    jobs.sort();
+    expected.sort();
+    assert_eq!(jobs, expected);
+
+    let local = Test::with_repo_pipeline();
+    local.expect(&["run", "ci"], 0);
+    for stage in &expected {
+        assert_eq!(digest(&cluster, stage), digest(&local, stage), "`{stage}` differs from the local executor's");
+    }
+
+    let again = cluster.expect(&["run", "ci", "--executor", "slurm"], 0);
+    assert!(job_ids(&again.stderr).is_empty(), "{}", again.stderr);
+    assert!(again.stderr.contains("ran 0, cached 12"), "{}", again.stderr);
+}
+
+fn train_pipeline(tasks: &str) -> String {
+    format!(
+        "stages:
+  text: {{kind: download, path: corpus.txt}}
+  chars: {{kind: tokenize, input: '${{text}}', tokenizer: char}}
+  model:
+    kind: train
+    data: ${{chars}}
+    batch_size: 4
+    block_size: 16
+    gradient_accumulation_steps: 2
+    n_layer: 1
+    n_head: 2
+    n_embd: 16
+    dropout: 0.1
+    learning_rate: 0.01
+    max_iters: 3000
+    lr_decay_iters: 3000
+    warmup_iters: 0
+    eval_interval: 250
+    eval_iters: 2
+    log_interval: 100
+    device: cpu
+{tasks}"
+    )
+}
+
+#[test]
+fn a_two_task_train_job_warned_before_its_end_checkpoints_and_resumes_to_an_uninterrupted_runs_losses() {
+    if !slurm() {
+        return;
+    }
+    let cluster = Test::with_pipeline(&train_pipeline("    resources: {tasks_per_node: 2}\n"));
+    cluster.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+    let child = cluster.spawn(&["run", "model", "--executor", "slurm"]);
+    let id = running_job(&cluster, "model");
+    // Past the first evaluation, the warning Slurm sends before a job's end (`--signal`).
+    let log = || {
+        let dir = cluster.path("artifacts/model");
+        let entries = fs_err::read_dir(dir).into_iter().flatten().flatten();
+        entries.filter_map(|entry| fs_err::read_to_string(entry.path().join("log.txt")).ok()).collect::<String>()
+    };
+    wait_long("the first evaluation", || log().contains("step 0:"));
+    let sent = Command::new("scancel").args(["--signal=USR1", &id]).status().unwrap();
+    assert!(sent.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("data parallel: 2 ranks, 1 on this machine (machine 1 of 2)"), "{stderr}");
+    assert!(stderr.contains("stopping on a signal; the checkpoint holds every step so far"), "{stderr}");
+    assert!(stderr.contains(&format!("Slurm job {id} stopped before its end with a checkpoint; submitting it again")));
+    assert!(stderr.contains("[model] resuming from `"), "{stderr}");
+    assert_eq!(stderr.matches("[model] submitted as Slurm job ").count(), 2, "{stderr}");
+
+    // The same world of two ranks, uninterrupted, on this machine.
+    let local = Test::with_pipeline(&train_pipeline("    gpus: 2\n"));
+    local.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
+    local.expect(&["run", "model"], 0);
+    for file in ["metrics.parquet", "ckpt.safetensors", "last.safetensors"] {
+        let path = format!("artifacts/model/current/{file}");
+        assert!(
+            fs_err::read(cluster.path(&path)).unwrap() == fs_err::read(local.path(&path)).unwrap(),
+            "{file} differs from an uninterrupted run's"
+        );
+    }
+}
+
+#[test]
+fn status_shows_the_job_scancel_fails_the_stage_and_ctrl_c_cancels_the_job() {
+    if !slurm() {
+        return;
+    }
+    let test = Test::with_pipeline("stages:\n  slow:\n    kind: command\n    run: sleep 300; touch $OUT/done\n");
+    let child = test.spawn(&["run", "slow", "--executor", "slurm"]);
+    let id = running_job(&test, "slow");
+    wait_long("the job to run", || job(&id).1 == "RUNNING");
+    let status = test.expect(&["status", "slow"], 0);
+    assert!(status.stdout.starts_with(&format!("slow  running  as Slurm job {id}: RUNNING on ")), "{}", status.stdout);
+    assert!(Command::new("scancel").arg(&id).status().unwrap().success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains(&format!("slow  failed   Slurm job {id} was cancelled (`scancel`)")), "{stderr}");
+    assert!(test.entries("slow").is_empty());
+
+    // Ctrl-C of `nanoflow run` cancels the job it submitted.
+    let child = test.spawn(&["run", "slow", "--executor", "slurm"]);
+    let id = running_job(&test, "slow");
+    wait_long("the job to run", || job(&id).1 == "RUNNING");
+    signal(child.id() as i32, libc::SIGINT);
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("slow  stopped  (interrupted; nothing published)"), "{stderr}");
+    assert_eq!(job(&id).1, "CANCELLED");
+    assert!(test.entries("slow").is_empty());
+}
+
+#[test]
+fn a_job_slurm_refuses_fails_its_stage_with_slurms_reason() {
+    if !slurm() {
+        return;
+    }
+    let test = Test::with_pipeline(
+        "stages:\n  hello:\n    kind: command\n    run: echo hi > $OUT/hi.txt\n    resources: {partition: nope}\n",
+    );
+    let output = test.expect(&["run", "hello", "--executor", "slurm"], 1);
+    assert!(
+        output.stderr.contains("[1/1] hello  failed   Slurm refused the job: invalid partition specified: nope"),
+        "{}",
+        output.stderr
+    );
+}
+
+#[test]
+fn without_sbatch_the_slurm_executor_says_what_to_do_before_anything_runs() {
+    let test =
+        Test::with_pipeline("executor: slurm\nstages:\n  hello:\n    kind: command\n    run: echo hi > $OUT/hi.txt\n");
+    let output = test.run_with_path(&["run", "hello"], "/nonexistent");
+    assert_eq!(output.code, 2, "{}", output.stderr);
+    assert!(output.stderr.contains("`sbatch` is not on PATH"), "{}", output.stderr);
+    assert!(output.stderr.contains("scripts/slurm-up"), "{}", output.stderr);
+    assert!(!test.path("artifacts/hello").exists());
+}
+
+#[test]
+fn bad_resources_exit_2_naming_the_file_the_stage_and_the_key() {
+    let test = Test::with_pipeline(
+        "stages:\n  hello:\n    kind: command\n    run: echo hi > $OUT/hi.txt\n    resources: {gpus: 2, time: soon}\n",
+    );
+    let output = test.expect(&["run", "hello"], 2);
+    assert!(
+        output
+            .stderr
+            .contains("invalid `resources.time` in stage `hello` at pipeline.yaml:5:5: `soon` is not a Slurm time"),
+        "{}",
+        output.stderr
+    );
+    test.write("pipeline.yaml", "executor: slurrm\nstages:\n  hello:\n    kind: command\n    run: echo hi\n");
+    let output = test.expect(&["status"], 2);
+    assert!(
+        output.stderr.contains("invalid `executor` at pipeline.yaml:1:1: expected one of local, slurm"),
+        "{}",
+        output.stderr
+    );
+    test.write("pipeline.yaml", "resources: {gpu: 1}\nstages:\n  hello:\n    kind: command\n    run: echo hi\n");
+    let output = test.expect(&["status"], 2);
+    assert!(output.stderr.contains("unknown key `gpu` (did you mean `gpus`?)"), "{}", output.stderr);
+}
