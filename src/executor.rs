@@ -325,7 +325,13 @@ impl<'a> Executor<'a> {
         // A resumable kind continues from an interrupted run's partial output, unless forced:
         // `--force` starts over (also from a partial output too damaged to resume from).
         let partial = self.store.partial_dir(&stage.name, key);
-        if !stage.kind.resumable() || self.options.force.contains(&stage.name) {
+        // A job that an earlier nanoflow submitted for this key and that still runs (that
+        // nanoflow was killed, or its login session dropped) is followed, not run a second time.
+        let live_job = match self.options.executor {
+            ExecutorKind::Slurm => JobFiles::new(&partial).live_job(),
+            ExecutorKind::Local => None,
+        };
+        if live_job.is_none() && (!stage.kind.resumable() || self.options.force.contains(&stage.name)) {
             store::remove_dir_all(&partial)?;
         }
         let out = partial.join(OUT);
@@ -354,7 +360,9 @@ impl<'a> Executor<'a> {
                 let (status, tail) = self.spawn(&stage.name, &spec, &log_path)?;
                 (Ended::from(status), tail)
             }
-            ExecutorKind::Slurm => self.submit(&stage.name, &stage.resources, &spec, &partial, &log_path)?,
+            ExecutorKind::Slurm => {
+                self.submit(&stage.name, &stage.resources, &spec, (&partial, live_job), &log_path)?
+            }
         };
         if interrupted() {
             return Ok(Outcome::Interrupted);
@@ -525,7 +533,7 @@ impl<'a> Executor<'a> {
         stage: &str,
         resources: &Resources,
         spec: &StageSpec,
-        partial: &Path,
+        (partial, mut live_job): (&Path, Option<String>),
         log_path: &Path,
     ) -> std::io::Result<(Ended, Vec<String>)> {
         let files = JobFiles::new(partial);
@@ -540,13 +548,22 @@ impl<'a> Executor<'a> {
             if interrupted() {
                 return Ok((Ended { success: false, reason: "interrupted".into() }, tail_lines(tail)));
             }
-            let id = match Slurm::submit(&files.script()) {
-                Ok(id) => id,
-                Err(message) => return Ok((Ended { success: false, reason: message }, tail_lines(tail))),
+            let id = match live_job.take() {
+                Some(id) => {
+                    self.printer
+                        .stage_line(stage, &format!("following Slurm job {id}, which an earlier nanoflow submitted"));
+                    id
+                }
+                None => match Slurm::submit(&files.script()) {
+                    Ok(id) => {
+                        crate::atomic::write_atomic(&files.current(), id.as_bytes())?;
+                        self.printer.stage_line(stage, &format!("submitted as Slurm job {id}"));
+                        id
+                    }
+                    Err(message) => return Ok((Ended { success: false, reason: message }, tail_lines(tail))),
+                },
             };
             submissions += 1;
-            crate::atomic::write_atomic(&files.current(), id.as_bytes())?;
-            self.printer.stage_line(stage, &format!("submitted as Slurm job {id}"));
             let output = files.output(&id);
             let mut follower = Follower::default();
             let mut shown = String::new();

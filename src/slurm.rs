@@ -244,6 +244,12 @@ impl JobFiles {
         self.dir.join("job-id")
     }
 
+    /// The job an earlier nanoflow submitted for this partial directory, if Slurm still runs it.
+    pub fn live_job(&self) -> Option<String> {
+        let id = fs_err::read_to_string(self.current()).ok()?.trim().to_string();
+        Slurm::state(&id).filter(|state| !state.is_final()).map(|_| id)
+    }
+
     /// The batch script: resources as `#SBATCH` lines, then every task runs the stage.
     pub fn write_script(&self, stage: &str, resources: &Resources) -> std::io::Result<()> {
         let exe = std::env::current_exe()?;
@@ -252,6 +258,8 @@ impl JobFiles {
         script += &format!("#SBATCH --job-name={}\n", shell_word(&format!("nanoflow:{stage}")));
         script += &format!("#SBATCH --output={}\n", self.dir.join("slurm-%j.out").display());
         script += "#SBATCH --open-mode=append\n";
+        // Preempted or on a failed node, the job goes back to the queue (and resumes).
+        script += "#SBATCH --requeue\n";
         for directive in resources.directives() {
             script += &format!("#SBATCH {directive}\n");
         }

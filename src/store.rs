@@ -30,6 +30,8 @@ pub struct Store {
 #[derive(Debug)]
 pub struct Lock {
     _file: fs_err::File,
+    /// A key's lock is a lease too, for machines sharing the store where `flock` does not reach.
+    _lease: Option<crate::lease::Lease>,
 }
 
 impl Store {
@@ -158,14 +160,14 @@ impl Store {
     pub fn lock_shared(&self) -> Result<Lock, Error> {
         let file = self.lock_file(&self.meta().join("store.lock"))?;
         file.file().lock_shared().map_err(|source| self.error(source))?;
-        Ok(Lock { _file: file })
+        Ok(Lock { _file: file, _lease: None })
     }
 
     pub fn try_lock_exclusive(&self) -> Result<Lock, Error> {
         let path = self.meta().join("store.lock");
         let file = self.lock_file(&path)?;
         match file.file().try_lock() {
-            Ok(()) => Ok(Lock { _file: file }),
+            Ok(()) => Ok(Lock { _file: file, _lease: None }),
             Err(std::fs::TryLockError::WouldBlock) => Err(Error::StoreBusy { path: self.root.clone() }),
             Err(std::fs::TryLockError::Error(source)) => Err(Error::Store { path, source }),
         }
@@ -175,10 +177,11 @@ impl Store {
     /// Whether another process holds the lock of `key` now: it is running that stage. (A free
     /// lock is taken and released at once; a lock file that does not exist yet is not made.)
     pub fn key_is_running(&self, stage: &str, key: &str) -> bool {
-        match fs_err::OpenOptions::new().write(true).open(self.key_lock_path(stage, key)) {
+        let locked = match fs_err::OpenOptions::new().write(true).open(self.key_lock_path(stage, key)) {
             Ok(file) => matches!(file.file().try_lock(), Err(std::fs::TryLockError::WouldBlock)),
             Err(_) => false,
-        }
+        };
+        locked || crate::lease::is_held(&self.key_lock_path(stage, key).with_extension("lease"))
     }
 
     /// An interrupted run of `key` left a partial output that a resumable kind continues from.
@@ -191,10 +194,13 @@ impl Store {
         fs_err::create_dir_all(path.parent().expect("lock files live in a folder"))?;
         let file = fs_err::File::create(&path)?;
         match file.file().try_lock() {
-            Ok(()) => Ok(Some(Lock { _file: file })),
-            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(error)) => Err(error),
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(std::fs::TryLockError::Error(error)) => return Err(error),
         }
+        // Another machine's nanoflow holds the lease where `flock` does not reach it.
+        Ok(crate::lease::try_take(&path.with_extension("lease"))?
+            .map(|lease| Lock { _file: file, _lease: Some(lease) }))
     }
 
     fn key_lock_path(&self, stage: &str, key: &str) -> PathBuf {

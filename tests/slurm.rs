@@ -251,3 +251,50 @@ fn bad_resources_exit_2_naming_the_file_the_stage_and_the_key() {
     let output = test.expect(&["status"], 2);
     assert!(output.stderr.contains("unknown key `gpu` (did you mean `gpus`?)"), "{}", output.stderr);
 }
+
+/// A store shared by machines over NFS, where `flock` may not reach across them: another
+/// machine's nanoflow holding a key's lease keeps this one waiting, and `status` says it runs.
+#[test]
+fn another_machines_lease_on_a_key_keeps_the_stage_waiting_until_it_is_released() {
+    let test = Test::with_pipeline("stages:\n  hello:\n    kind: command\n    run: echo hi > $OUT/hi.txt; exit 3\n");
+    test.expect(&["run", "hello"], 1);
+    let locks = test.path("artifacts/.nanoflow/locks");
+    let lock = fs_err::read_dir(&locks)
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.path())
+        .find(|path| path.file_name().unwrap().to_string_lossy().starts_with("hello-"));
+    let lease = lock.unwrap().with_extension("lease");
+    fs_err::write(&lease, r#"{"host":"login2","pid":1}"#).unwrap();
+    assert_eq!(test.expect(&["status", "hello"], 0).stdout, "hello  running  in another nanoflow process\n");
+    let mut child = test.spawn(&["run", "hello"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(child.try_wait().unwrap().is_none(), "it waits for the lease");
+    fs_err::remove_file(&lease).unwrap();
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("waiting for another nanoflow process running `hello`"), "{stderr}");
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+}
+
+#[test]
+fn a_job_whose_nanoflow_was_killed_is_followed_by_the_next_run_not_run_twice() {
+    if !slurm() {
+        return;
+    }
+    let test =
+        Test::with_pipeline("stages:\n  slow:\n    kind: command\n    run: echo $SLURM_JOB_ID > $OUT/job; sleep 6\n");
+    let mut child = test.spawn(&["run", "slow", "--executor", "slurm"]);
+    let id = running_job(&test, "slow");
+    wait_long("the job to run", || job(&id).1 == "RUNNING");
+    signal(child.id() as i32, libc::SIGKILL);
+    child.wait().unwrap();
+    let output = test.expect(&["run", "slow", "--executor", "slurm"], 0);
+    assert!(
+        output.stderr.contains(&format!("[slow] following Slurm job {id}, which an earlier nanoflow submitted")),
+        "{}",
+        output.stderr
+    );
+    assert!(job_ids(&output.stderr).is_empty(), "{}", output.stderr);
+    assert_eq!(test.read("artifacts/slow/current/job").trim(), id);
+}
