@@ -46,6 +46,23 @@ fn job(id: &str) -> (String, String) {
     (field("JobName"), field("JobState"))
 }
 
+/// `JobName` and `State` of finished job `id`, as `sacct` lists it: from the accounting database,
+/// or where there is none (as with `scripts/slurm-up`) from the job completion log.
+fn sacct(id: &str) -> (String, String) {
+    for completion in [&[][..], &["--completion"][..]] {
+        let output = Command::new("sacct")
+            .args(["--noheader", "--parsable2", "--allocations", "--format=JobName,State", "--jobs", id])
+            .args(completion)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&output.stdout);
+        if let Some((name, state)) = text.lines().last().and_then(|line| line.split_once('|')) {
+            return (name.to_string(), state.to_string());
+        }
+    }
+    panic!("sacct does not list job {id}");
+}
+
 /// The id of the job running `stage` now, once it is submitted.
 fn running_job(test: &Test, stage: &str) -> String {
     let dir = test.path(&format!("artifacts/{stage}"));
@@ -81,7 +98,7 @@ fn ci_runs_as_one_slurm_job_per_stage_and_makes_what_the_local_executor_makes() 
     let mut jobs: Vec<String> = job_ids(&output.stderr)
         .iter()
         .map(|id| {
-            let (name, state) = job(id);
+            let (name, state) = sacct(id);
             assert_eq!(state, "COMPLETED", "job {id} ({name})");
             name.trim_start_matches("nanoflow:").to_string()
         })
