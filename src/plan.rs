@@ -102,7 +102,25 @@ impl Plan {
                     message,
                 })?,
             };
-            stage.resources = Resources::defaults(&stage.params, stage.kind.resumable()).merged(&top).merged(&own);
+            // Only a train stage runs on several tasks (its ranks); any other would run N times
+            // into one output.
+            let resumable = stage.kind.resumable();
+            if !resumable && (own.nodes.unwrap_or(1) > 1 || own.tasks_per_node.unwrap_or(1) > 1) {
+                return Err(Error::InvalidParam {
+                    stage: raw.name.clone(),
+                    key: "resources".to_string(),
+                    origin: raw.resources.as_ref().map(|(_, origin)| origin.clone()).expect("written"),
+                    message: format!(
+                        "a {} stage runs as one task: `nodes` and `tasks_per_node` are for train and finetune stages",
+                        stage.kind.name()
+                    ),
+                });
+            }
+            let mut resources = Resources::defaults(&stage.params, resumable).merged(&top).merged(&own);
+            if !resumable {
+                (resources.nodes, resources.tasks_per_node) = (None, None);
+            }
+            stage.resources = resources;
         }
         let mut targets = Vec::new();
         for raw in &file.targets {

@@ -257,6 +257,18 @@ fn bad_resources_exit_2_naming_the_file_the_stage_and_the_key() {
         "{}",
         output.stderr
     );
+    test.write(
+        "pipeline.yaml",
+        "stages:\n  hello:\n    kind: command\n    run: echo hi\n    resources: {tasks_per_node: 2}\n",
+    );
+    let output = test.expect(&["status"], 2);
+    assert!(
+        output
+            .stderr
+            .contains("invalid `resources` in stage `hello` at pipeline.yaml:5:5: a command stage runs as one task"),
+        "{}",
+        output.stderr
+    );
     test.write("pipeline.yaml", "executor: slurrm\nstages:\n  hello:\n    kind: command\n    run: echo hi\n");
     let output = test.expect(&["status"], 2);
     assert!(
