@@ -119,39 +119,13 @@ fn ci_runs_as_one_slurm_job_per_stage_and_makes_what_the_local_executor_makes() 
     assert!(again.stderr.contains("ran 0, cached 12"), "{}", again.stderr);
 }
 
-fn train_pipeline(tasks: &str) -> String {
-    format!(
-        "stages:
-  text: {{kind: download, path: corpus.txt}}
-  chars: {{kind: tokenize, input: '${{text}}', tokenizer: char}}
-  model:
-    kind: train
-    data: ${{chars}}
-    batch_size: 4
-    block_size: 16
-    gradient_accumulation_steps: 2
-    n_layer: 1
-    n_head: 2
-    n_embd: 16
-    dropout: 0.1
-    learning_rate: 0.01
-    max_iters: 3000
-    lr_decay_iters: 3000
-    warmup_iters: 0
-    eval_interval: 250
-    eval_iters: 2
-    log_interval: 100
-    device: cpu
-{tasks}"
-    )
-}
-
 #[test]
 fn a_two_task_train_job_warned_before_its_end_checkpoints_and_resumes_to_an_uninterrupted_runs_losses() {
     if !slurm() {
         return;
     }
-    let cluster = Test::with_pipeline(&train_pipeline("    resources: {tasks_per_node: 2}\n"));
+    let cluster =
+        Test::with_pipeline(&(crate::train::ranks_pipeline(1500, 1, 2) + "    resources: {tasks_per_node: 2}\n"));
     cluster.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
     let child = cluster.spawn(&["run", "model", "--executor", "slurm"]);
     let id = running_job(&cluster, "model");
@@ -174,7 +148,7 @@ fn a_two_task_train_job_warned_before_its_end_checkpoints_and_resumes_to_an_unin
     assert_eq!(stderr.matches("[model] submitted as Slurm job ").count(), 2, "{stderr}");
 
     // The same world of two ranks, uninterrupted, on this machine.
-    let local = Test::with_pipeline(&train_pipeline("    gpus: 2\n"));
+    let local = Test::with_pipeline(&crate::train::ranks_pipeline(1500, 2, 2));
     local.write("corpus.txt", include_str!("../data/ci/corpus.txt"));
     local.expect(&["run", "model"], 0);
     for file in ["metrics.parquet", "ckpt.safetensors", "last.safetensors"] {

@@ -8,7 +8,7 @@ fn pipeline(max_iters: usize) -> String {
     ranks_pipeline(max_iters, 1, 1)
 }
 
-fn ranks_pipeline(max_iters: usize, gpus: usize, accumulation: usize) -> String {
+pub(crate) fn ranks_pipeline(max_iters: usize, gpus: usize, accumulation: usize) -> String {
     format!(
         "stages:
   text: {{kind: download, path: corpus.txt}}
