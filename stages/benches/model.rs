@@ -1,9 +1,14 @@
-//! The GPT on the CPU: ms/iter of a training step of nanoGPT's CPU recipe (4 layers, 128 wide,
-//! block 64, batch 12, vocab 65: forward, backward, clipping, AdamW, as `train` does them), with
-//! the time split between forward, backward and update; and sampling tokens/s with and without
-//! the KV cache for that model and for GPT-2 124M's shape (random weights).
+//! The GPT on the CPU: ms/iter of a training step (forward, backward, clipping, AdamW, as `train`
+//! does them, on random batches), with the time split between forward, backward and update, for
+//! the shapes of issue 15: nanoGPT's CPU recipe (4 layers, 128 wide, block 64, batch 12, vocab 65),
+//! its default char config (6 layers, 384 wide, block 256, batch 64, dropout 0.2) and GPT-2 124M
+//! at batch 1, block 1024 (a CPU finetune step); and sampling tokens/s with and without the KV
+//! cache for the CPU recipe's model and for GPT-2 124M's shape (random weights).
 //!
-//!     cargo bench -p nanoflow-stages --bench model [-- train|sample] [-- --iters N]
+//!     cargo bench -p nanoflow-stages --bench model [-- train|sample] [-- recipe|char|gpt2] [-- --iters N]
+//!
+//! `--iters` sets the CPU recipe's timed iterations (30); the two large shapes take 1 warm-up and
+//! 3 timed ones (a step of each is seconds on a laptop).
 //!
 //! nanoGPT's side of the comparison (PyTorch on the same machine) is `benches/nanogpt_cpu.py`.
 
@@ -23,11 +28,17 @@ fn main() -> anyhow::Result<()> {
         args.iter().position(|arg| arg == "--iters").and_then(|i| args.get(i + 1)).map_or(Ok(30), |n| n.parse())?;
     let which: Vec<&str> = args.iter().map(String::as_str).filter(|arg| ["train", "sample"].contains(arg)).collect();
     let all = which.is_empty();
+    let shapes: Vec<&str> =
+        args.iter().map(String::as_str).filter(|arg| ["recipe", "char", "gpt2"].contains(arg)).collect();
     eprintln!("candle {} CPU threads", candle_core::utils::get_num_threads());
     // As `device::for_rank` does for every device nanoflow opens.
     gpt::keep_freed_memory(&Device::Cpu)?;
     if all || which.contains(&"train") {
-        train(iters)?;
+        for (name, config, batch, warm_up, timed) in train_shapes(iters) {
+            if shapes.is_empty() || shapes.contains(&name) {
+                train(name, &config, batch, warm_up, timed)?;
+            }
+        }
     }
     if all || which.contains(&"sample") {
         sample()?;
@@ -39,23 +50,30 @@ fn cpu_recipe() -> GptConfig {
     GptConfig { block_size: 64, vocab_size: 65, n_layer: 4, n_head: 4, n_embd: 128, dropout: 0.0, bias: false }
 }
 
+/// The train shapes: (name, model, batch size, warm-up iterations, timed iterations).
+fn train_shapes(iters: usize) -> [(&'static str, GptConfig, usize, usize, usize); 3] {
+    let char_default =
+        GptConfig { block_size: 256, vocab_size: 65, n_layer: 6, n_head: 6, n_embd: 384, dropout: 0.2, bias: false };
+    let gpt2 = GptConfig { vocab_size: 50304, ..GptConfig::preset("gpt2").expect("gpt2 is a preset") };
+    [("recipe", cpu_recipe(), 12, 5, iters), ("char", char_default, 64, 1, 3), ("gpt2", gpt2, 1, 1, 3)]
+}
+
 fn random_batch(rng: &mut Rng, b: usize, t: usize, vocab: usize) -> candle_core::Result<(Tensor, Tensor)> {
     let tokens: Vec<u32> = (0..b * (t + 1)).map(|_| (rng.uniform() * vocab as f64) as u32).collect();
     let all = Tensor::from_vec(tokens, (b, t + 1), &Device::Cpu)?;
     Ok((all.narrow(1, 0, t)?, all.narrow(1, 1, t)?))
 }
 
-fn train(iters: usize) -> anyhow::Result<()> {
-    let config = cpu_recipe();
-    let (batch, t) = (12, config.block_size);
+fn train(name: &str, config: &GptConfig, batch: usize, warm_up: usize, iters: usize) -> anyhow::Result<()> {
+    let t = config.block_size;
     let varmap = VarMap::new();
-    let model = Gpt::init(&config, &varmap, &Device::Cpu, 1337)?;
+    let model = Gpt::init(config, &varmap, &Device::Cpu, 1337)?;
     let vars: HashMap<_, _> = varmap.data().lock().expect("varmap").clone();
     let params = AdamWParams { beta1: 0.9, beta2: 0.99, eps: 1e-8, weight_decay: 0.1 };
     let mut optimizer = AdamW::new(vars, params)?;
     let mut rng = Rng::new(1337);
     let (mut forward, mut backward, mut update, mut total) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for iter in 0..iters + 5 {
+    for iter in 0..warm_up + iters {
         let (x, y) = random_batch(&mut rng, batch, t, config.vocab_size)?;
         let started = Instant::now();
         let logits = model.forward(&x, true)?;
@@ -68,7 +86,7 @@ fn train(iters: usize) -> anyhow::Result<()> {
         optim::clip_grad_norm(&mut grads, 1.0)?;
         optimizer.step(&grads, 1e-3)?;
         let done = Instant::now();
-        if iter >= 5 {
+        if iter >= warm_up {
             forward.push((forwarded - started).as_secs_f64() * 1e3);
             backward.push((backwarded - forwarded).as_secs_f64() * 1e3);
             update.push((done - backwarded).as_secs_f64() * 1e3);
@@ -77,8 +95,11 @@ fn train(iters: usize) -> anyhow::Result<()> {
     }
     let tokens = (batch * t) as f64;
     println!(
-        "train, CPU recipe ({} params, {batch}x{t} tokens/iter), {iters} iters after 5 warm-up:",
-        config.num_params(true)
+        "train, {name} ({} layers, {} wide, {} params, dropout {}, {batch}x{t} tokens/iter), {iters} iters after {warm_up} warm-up:",
+        config.n_layer,
+        config.n_embd,
+        config.num_params(true),
+        config.dropout
     );
     println!(
         "  {:.1} ms/iter median ({:.1} mean, {:.1} min), {:.0} tokens/s",

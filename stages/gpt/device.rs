@@ -97,16 +97,25 @@ pub fn keep_freed_memory(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One thread pool for the CPU: candle 0.11 runs elementwise ops on a pool of its own beside
-/// rayon's (which runs the matmuls and nanoflow's kernels), and its idle workers spin: on 2
-/// cores a quarter of a training step's samples were that spinning (perf). With
-/// `CANDLE_NUM_THREADS=1` its pool has no workers and those ops run on the calling thread.
+/// One thread pool for the CPU, and its size decided once. candle 0.11 runs elementwise ops on a
+/// pool of its own beside rayon's (which runs the matmuls and nanoflow's kernels), and its idle
+/// workers spin: on 2 cores a quarter of a training step's samples were that spinning (perf).
+/// With `CANDLE_NUM_THREADS=1` its pool has no workers and those ops run on the calling thread.
+/// And where `RAYON_NUM_THREADS` is unset, candle works out its thread count again for every
+/// matmul, reading all of `/proc/cpuinfo` each time (6000 reads in 8 s of sampling, strace):
+/// setting it once to that count (the physical cores, or the process's CPU mask) makes every
+/// later call an environment lookup, and gives rayon's pool the same size.
 /// Reads and sets the environment, so it must run before any thread starts (first in `main`);
-/// a `CANDLE_NUM_THREADS` already set wins.
+/// a `CANDLE_NUM_THREADS` or `RAYON_NUM_THREADS` already set wins.
 pub fn one_cpu_pool() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // SAFETY: called first in `main`, while the process has one thread.
         unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = candle_core::utils::get_num_threads().to_string();
+        // SAFETY: as above.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads) };
     }
 }
 

@@ -212,8 +212,8 @@ impl CausalSelfAttention {
     }
 
     /// With a `cache`, `x` holds the positions after those cached, whose keys and values are
-    /// reused; this step's are appended.
-    fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    /// reused; this step's are written after them.
+    fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<LayerSlot>) -> Result<Tensor> {
         let (b, t, c) = x.dims3()?; // batch size, sequence length, embedding dimensionality (n_embd)
         let hs = c / self.n_head;
         let qkv = self.c_attn.forward(x, pass.dtype)?; // (B, T, 3C)
@@ -226,13 +226,21 @@ impl CausalSelfAttention {
         let head = |i: usize| qkv.narrow(2, i * c, c)?.reshape((b, t, self.n_head, hs))?.transpose(1, 2)?.contiguous();
         let (q, mut k, mut v) = (head(0)?, head(1)?, head(2)?);
         let mut past = 0;
-        if let Some(cache) = cache {
-            if let Some((past_k, past_v)) = cache.take() {
-                past = past_k.dim(2)?;
-                k = Tensor::cat(&[&past_k, &k], 2)?; // (B, nh, past + T, hs)
-                v = Tensor::cat(&[&past_v, &v], 2)?;
-            }
-            *cache = Some((k.clone(), v.clone()));
+        if let Some(LayerSlot { cache, past: cached, capacity }) = cache {
+            // Written in place into buffers of the whole context, allocated at the first step:
+            // appending by `Tensor::cat` copied the whole cache at every token (GPT-2 at 500
+            // positions: 37 MB a token).
+            let fresh = || Tensor::zeros((b, self.n_head, capacity, hs), k.dtype(), k.device());
+            let buffers = match cache.take() {
+                Some(buffers) => buffers,
+                None => (fresh()?, fresh()?),
+            };
+            buffers.0.slice_set(&k, 2, cached)?;
+            buffers.1.slice_set(&v, 2, cached)?;
+            past = cached;
+            k = buffers.0.narrow(2, 0, past + t)?; // (B, nh, past + T, hs)
+            v = buffers.1.narrow(2, 0, past + t)?;
+            *cache = Some(buffers);
         }
         // Scaled dot-product attention, each position seeing only itself and earlier ones.
         let att = crate::gpt::ops::matmul_as(&q, &k.t()?, pass.dtype)?; // (B, nh, T, past + T)
@@ -244,12 +252,22 @@ impl CausalSelfAttention {
     }
 }
 
-/// One layer's cached keys and values, (B, nh, T, hs) each.
+/// One layer's cached keys and values: (B, nh, block_size, hs) buffers each, their first
+/// `KvCache::len` positions filled.
 type LayerCache = Option<(Tensor, Tensor)>;
 
+/// What a layer's attention needs of the cache: its buffers, the positions cached before this
+/// step and the buffers' size (the block size).
+struct LayerSlot<'a> {
+    cache: &'a mut LayerCache,
+    past: usize,
+    capacity: usize,
+}
+
 /// The keys and values of every layer for the positions a model has seen, so that generating
-/// the next token computes one position instead of the whole context.
-#[derive(Debug, Clone, Default)]
+/// the next token computes one position instead of the whole context. Not `Clone`: each step
+/// writes into its buffers, which a clone would share.
+#[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
@@ -308,7 +326,7 @@ impl Block {
         })
     }
 
-    fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<&mut LayerCache>) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, pass: &Pass, cache: Option<LayerSlot>) -> Result<Tensor> {
         let x = (x + self.attn.forward(&self.ln_1.forward(x)?, pass, cache)?)?;
         &x + self.mlp.forward(&self.ln_2.forward(&x)?, pass)?
     }
@@ -418,8 +436,10 @@ impl Gpt {
             cache.layers.resize(self.h.len(), None);
             cache.len += t;
         }
+        let capacity = self.config.block_size;
         for (i, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, &pass, cache.as_deref_mut().map(|cache| &mut cache.layers[i]))?;
+            let slot = cache.as_deref_mut().map(|cache| LayerSlot { cache: &mut cache.layers[i], past, capacity });
+            x = block.forward(&x, &pass, slot)?;
         }
         self.ln_f.forward(&x)
     }
