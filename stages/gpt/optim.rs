@@ -264,7 +264,7 @@ fn step_ops(var: &Var, grad: &Tensor, m: &Tensor, v: &Tensor, c: &Constants) -> 
 }
 
 /// AdamW's update of one float32 CPU parameter in one pass over its parameter, gradient and
-/// moments, writing the parameter in place; returns the new moments. The op-by-op form makes 14
+/// moments into new buffers: sets the parameter, returns the new moments. The op-by-op form makes 14
 /// passes, each with a new allocation: for GPT-2 124M that was 8.5 s of a 43 s CPU step (`cargo
 /// bench -p nanoflow-stages --bench model -- train gpt2`). The arithmetic is that form's, in the
 /// same order, in float32 (candle's scalar ops are `x * mul + add` with f32 constants), so the
@@ -284,14 +284,15 @@ fn step_cpu(
     }
     let (new_param, new_m, new_v) = {
         let guards = [grad, m, v, param].map(|t| t.storage_and_layout());
-        let mut slices = Vec::with_capacity(4);
-        for (storage, layout) in &guards {
-            let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&**storage, layout.contiguous_offsets()) else {
-                return Ok(None);
-            };
-            slices.push(&cpu.as_slice::<f32>()?[start..end]);
+        fn slice<'a>((storage, layout): &'a (candle_core::StorageRef<'_>, &candle_core::Layout)) -> Option<&'a [f32]> {
+            match (&**storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(cpu), Some((start, end))) => Some(&cpu.as_slice::<f32>().ok()?[start..end]),
+                _ => None,
+            }
         }
-        let [g, m, v, p] = [slices[0], slices[1], slices[2], slices[3]];
+        let [Some(g), Some(m), Some(v), Some(p)] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(slice) else {
+            return Ok(None);
+        };
         let f = |x: f64| x as f32;
         let (decay, beta1, one_minus_beta1) = (c.decay.map(f), f(c.beta1), f(1.0 - c.beta1));
         let (beta2, one_minus_beta2, inverse_sqrt_bc2) = (f(c.beta2), f(1.0 - c.beta2), f(c.inverse_sqrt_bc2));
@@ -315,7 +316,7 @@ fn step_cpu(
                     let g = g[k];
                     let m = (m[k] * beta1 + 0.0) + (g * one_minus_beta1 + 0.0);
                     let v = (v[k] * beta2 + 0.0) + ((g * g) * one_minus_beta2 + 0.0);
-                    let denom = (v.sqrt() * inverse_sqrt_bc2 + 0.0) * 1.0 + eps;
+                    let denom = (v.sqrt() * inverse_sqrt_bc2 + 0.0) + eps; // candle's `+ eps` is `x * 1 + eps`: the same bits
                     let update = (m / denom) * step_size + 0.0;
                     (out_p[j], out_m[j], out_v[j]) = (param - update, m, v);
                 }
