@@ -2,10 +2,10 @@
 //! mean loss over a number of them (nanoGPT's `estimate_loss`), which both `train`'s evaluations
 //! and `eval`'s loss columns are.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 
 use crate::formats::shard::TokenSplit;
-use crate::gpt::{Gpt, Rng, cross_entropy};
+use crate::gpt::{Gpt, Rng};
 
 /// nanoGPT's get_batch: `batch_size` windows at uniform random offsets; y is x shifted by one.
 pub fn get_batch(
@@ -69,8 +69,7 @@ pub fn mean_loss(
     let mut sum = 0.0;
     for _ in 0..iters {
         let (x, y) = get_batch(data, rng, (batch_size, block_size, model.config.vocab_size), device)?;
-        let logits = model.forward(&x, false)?; // (B, T, vocab_size)
-        sum += cross_entropy(&logits, &y)?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        sum += model.loss(&x, &y)?;
         on_batch();
     }
     Ok(sum / iters as f64)

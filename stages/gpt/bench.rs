@@ -6,11 +6,11 @@
 use std::time::Instant;
 
 use anyhow::{Context as _, ensure};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use candle_nn::VarMap;
 
 use crate::gpt::optim::{self, AdamW, AdamWParams};
-use crate::gpt::{self, Gpt, GptConfig, Rng};
+use crate::gpt::{Gpt, GptConfig, Rng};
 
 /// What to benchmark.
 #[derive(Debug, Clone)]
@@ -108,11 +108,10 @@ pub fn run(options: &Options, progress: &mut dyn FnMut(&str)) -> anyhow::Result<
     let mut peak_memory = crate::gpt::device::memory_in_use(&device);
     let mut step = |label: &str, k: usize, n: usize| -> anyhow::Result<f64> {
         let (x, y) = batch()?;
-        let loss = gpt::cross_entropy(&model.forward(&x, true)?, &y)?;
-        let mut grads = optimizer.gradients(&loss.backward()?)?;
+        let vars: Vec<_> = optimizer.vars().collect();
+        let (lossf, mut grads) = model.loss_and_gradients(&x, &y, &vars)?;
         optim::clip_grad_norm(&mut grads, 1.0)?;
         optimizer.step(&grads, 6e-4)?;
-        let lossf = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         peak_memory = peak_memory.max(crate::gpt::device::memory_in_use(&device));
         progress(&format!("{label} {k}/{n} loss: {lossf:.4}"));
         Ok(lossf)

@@ -26,6 +26,7 @@ pub mod optim;
 pub(crate) mod ranks;
 pub(crate) mod rng;
 pub(crate) mod source;
+pub(crate) mod step;
 pub(crate) mod trainer;
 
 pub use model::{Gpt, GptConfig, Sampling, cross_entropy};

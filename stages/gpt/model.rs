@@ -13,6 +13,7 @@
 //! causal softmax come from `ops.rs`: fused CPU kernels with their backward, plain candle ops
 //! elsewhere.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
@@ -21,6 +22,8 @@ use candle_nn::{Embedding, Init, VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 
 use crate::gpt::Rng;
+use crate::gpt::rng::DropoutMask;
+use crate::gpt::step::Workspace;
 
 /// GPT-2's init: weights ~ N(0, 0.02) (model.py's `_init_weights`).
 pub(crate) const INIT_STD: f64 = 0.02;
@@ -170,28 +173,26 @@ fn residual_std(config: &GptConfig) -> f64 {
 /// What one forward pass needs besides its input: the matmul dtype and dropout.
 ///
 /// Dropout is inverted, with probability `p` (the identity at 0: not training), its masks drawn
-/// from the model's dropout generator so that a seed gives the same masks: on the CPU from
-/// nanoflow's own `Rng` (candle's CPU backend cannot be seeded), elsewhere from the device's
-/// generator, which `Gpt::seed_dropout` seeds.
-struct Pass<'a> {
+/// so that a seed gives the same masks: on the CPU from `DropoutMask` (candle's CPU backend
+/// cannot be seeded), the same masks the explicit CPU step (`step.rs`) draws; elsewhere from the
+/// device's generator, which `Gpt::seed_dropout` seeds.
+struct Pass {
     p: f32,
-    rng: &'a Mutex<Rng>,
+    seed: u64,
     dtype: DType,
 }
 
-impl Pass<'_> {
-    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+impl Pass {
+    /// Dropout at `site` (see `DropoutMask::new`).
+    fn dropout(&self, x: &Tensor, site: usize) -> Result<Tensor> {
         if self.p == 0.0 {
             return Ok(x.clone());
         }
         if !x.device().is_cpu() {
             return candle_nn::ops::dropout(x, self.p);
         }
-        let (p, scale) = (self.p as f64, 1.0 / (1.0 - self.p));
-        let mask: Vec<f32> = {
-            let mut rng = lock(self.rng);
-            (0..x.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { scale }).collect()
-        };
+        let mask = DropoutMask::new(self.seed, site as u64, self.p);
+        let mask: Vec<f32> = (0..x.elem_count()).map(|i| mask.factor(i)).collect();
         x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
     }
 }
@@ -201,14 +202,16 @@ struct CausalSelfAttention {
     c_attn: Linear,
     c_proj: Linear,
     n_head: usize,
+    /// The layer's index: its dropout sites are 3·layer + 1 (probabilities) and + 2 (output).
+    layer: usize,
 }
 
 impl CausalSelfAttention {
-    fn new(config: &GptConfig, vb: VarBuilder) -> Result<CausalSelfAttention> {
+    fn new(config: &GptConfig, vb: VarBuilder, layer: usize) -> Result<CausalSelfAttention> {
         let c = config.n_embd;
         let c_attn = linear(c, 3 * c, INIT_STD, config, vb.pp("c_attn"))?;
         let c_proj = linear(c, c, residual_std(config), config, vb.pp("c_proj"))?;
-        Ok(CausalSelfAttention { c_attn, c_proj, n_head: config.n_head })
+        Ok(CausalSelfAttention { c_attn, c_proj, n_head: config.n_head, layer })
     }
 
     /// With a `cache`, `x` holds the positions after those cached, whose keys and values are
@@ -245,10 +248,10 @@ impl CausalSelfAttention {
         // Scaled dot-product attention, each position seeing only itself and earlier ones.
         let att = crate::gpt::ops::matmul_as(&q, &k.t()?, pass.dtype)?; // (B, nh, T, past + T)
         let att = crate::gpt::ops::causal_softmax(&att, 1.0 / (hs as f64).sqrt(), past)?;
-        let att = pass.dropout(&att)?;
+        let att = pass.dropout(&att, 3 * self.layer + 1)?;
         let y = crate::gpt::ops::matmul_as(&att, &v, pass.dtype)?; // (B, nh, T, hs)
         let y = y.transpose(1, 2)?.reshape((b, t, c))?; // (B, T, C): the heads side by side again
-        pass.dropout(&self.c_proj.forward(&y, pass.dtype)?)
+        pass.dropout(&self.c_proj.forward(&y, pass.dtype)?, 3 * self.layer + 2)
     }
 }
 
@@ -291,20 +294,22 @@ impl KvCache {
 struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
+    /// The layer's index: its dropout site is 3·layer + 3.
+    layer: usize,
 }
 
 impl Mlp {
-    fn new(config: &GptConfig, vb: VarBuilder) -> Result<Mlp> {
+    fn new(config: &GptConfig, vb: VarBuilder, layer: usize) -> Result<Mlp> {
         let c = config.n_embd;
         let c_fc = linear(c, 4 * c, INIT_STD, config, vb.pp("c_fc"))?;
         let c_proj = linear(4 * c, c, residual_std(config), config, vb.pp("c_proj"))?;
-        Ok(Mlp { c_fc, c_proj })
+        Ok(Mlp { c_fc, c_proj, layer })
     }
 
     fn forward(&self, x: &Tensor, pass: &Pass) -> Result<Tensor> {
         // The tanh approximation GPT-2 uses (HF's "gelu_new").
         let x = crate::gpt::ops::gelu(&self.c_fc.forward(x, pass.dtype)?)?; // (B, T, 4C)
-        pass.dropout(&self.c_proj.forward(&x, pass.dtype)?)
+        pass.dropout(&self.c_proj.forward(&x, pass.dtype)?, 3 * self.layer + 3)
     }
 }
 
@@ -317,12 +322,12 @@ struct Block {
 }
 
 impl Block {
-    fn new(config: &GptConfig, vb: VarBuilder) -> Result<Block> {
+    fn new(config: &GptConfig, vb: VarBuilder, layer: usize) -> Result<Block> {
         Ok(Block {
             ln_1: LayerNorm::new(config, vb.pp("ln_1"))?,
-            attn: CausalSelfAttention::new(config, vb.pp("attn"))?,
+            attn: CausalSelfAttention::new(config, vb.pp("attn"), layer)?,
             ln_2: LayerNorm::new(config, vb.pp("ln_2"))?,
-            mlp: Mlp::new(config, vb.pp("mlp"))?,
+            mlp: Mlp::new(config, vb.pp("mlp"), layer)?,
         })
     }
 
@@ -343,8 +348,10 @@ pub struct Gpt {
     /// Shares its weight with `wte` (weight tying, Press & Wolf 2017): one variable, whose
     /// gradient sums both uses.
     lm_head: Linear,
-    /// Where dropout masks come from (see `Pass`); `seed_dropout` restarts it.
-    dropout_rng: Mutex<Rng>,
+    /// What dropout masks are drawn from (see `Pass`); `seed_dropout` sets it.
+    dropout_seed: AtomicU64,
+    /// The explicit CPU step's buffers (`step.rs`), made at its first use.
+    workspace: Mutex<Option<Workspace>>,
     /// The dtype of the matmuls (`with_matmul_dtype`); weights and everything else stay float32.
     dtype: DType,
 }
@@ -360,7 +367,7 @@ impl Gpt {
         };
         let wte = embedding(config.vocab_size, "wte.weight")?;
         let wpe = embedding(config.block_size, "wpe.weight")?;
-        let h = (0..config.n_layer).map(|i| Block::new(config, vb.pp(format!("h.{i}")))).collect::<Result<_>>()?;
+        let h = (0..config.n_layer).map(|i| Block::new(config, vb.pp(format!("h.{i}")), i)).collect::<Result<_>>()?;
         let ln_f = LayerNorm::new(config, vb.pp("ln_f"))?;
         let lm_head = Linear::new(wte.embeddings().clone(), None);
         Ok(Gpt {
@@ -370,7 +377,8 @@ impl Gpt {
             h,
             ln_f,
             lm_head,
-            dropout_rng: Mutex::new(Rng::new(0)),
+            dropout_seed: AtomicU64::new(0),
+            workspace: Mutex::new(None),
             dtype: DType::F32,
         })
     }
@@ -392,12 +400,81 @@ impl Gpt {
     /// Restarts the dropout masks from `seed`: the trainer seeds each micro-step from the run's
     /// seed and the step, so that a resumed run draws the masks the uninterrupted one drew.
     pub fn seed_dropout(&self, seed: u64) -> Result<()> {
-        *lock(&self.dropout_rng) = Rng::new(seed);
+        self.dropout_seed.store(seed, Ordering::Relaxed);
         let device = self.wte.embeddings().device();
         if !device.is_cpu() {
             device.set_seed(seed)?;
         }
         Ok(())
+    }
+
+    /// The parameters in the order the explicit CPU step reads them (`step.rs`): `wte`, `wpe`,
+    /// then per layer ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj, each weight followed by
+    /// its bias where the model has biases, then ln_f.
+    pub(crate) fn parameters(&self) -> Vec<&Tensor> {
+        let mut tensors: Vec<(&Tensor, Option<&Tensor>)> = Vec::new();
+        for block in &self.h {
+            tensors.push((&block.ln_1.weight, block.ln_1.bias.as_ref()));
+            tensors.push((&block.attn.c_attn.weight, block.attn.c_attn.bias.as_ref()));
+            tensors.push((&block.attn.c_proj.weight, block.attn.c_proj.bias.as_ref()));
+            tensors.push((&block.ln_2.weight, block.ln_2.bias.as_ref()));
+            tensors.push((&block.mlp.c_fc.weight, block.mlp.c_fc.bias.as_ref()));
+            tensors.push((&block.mlp.c_proj.weight, block.mlp.c_proj.bias.as_ref()));
+        }
+        tensors.push((&self.ln_f.weight, self.ln_f.bias.as_ref()));
+        let mut all = vec![self.wte.embeddings(), self.wpe.embeddings()];
+        for (weight, bias) in tensors {
+            all.push(weight);
+            all.extend(bias);
+        }
+        all
+    }
+
+    /// Whether `accumulate_gradients` and `loss` run the explicit CPU step (`step.rs`): float32
+    /// matmuls on the CPU. Elsewhere training goes through candle's autograd.
+    pub fn explicit(&self) -> bool {
+        self.dtype == DType::F32 && self.wte.embeddings().device().is_cpu()
+    }
+
+    /// One micro-batch forward and backward by the explicit CPU step: adds `weight` times the
+    /// gradient of the mean cross-entropy of `forward(idx, true)` against `targets` (both (B, T)
+    /// u32) to the sums `take_gradients` returns, the dropout masks drawn from the
+    /// `seed_dropout` seed. Returns the mean loss. Only where `explicit()`.
+    pub fn accumulate_gradients(&self, idx: &Tensor, targets: &Tensor, weight: f64) -> Result<f32> {
+        let seed = self.dropout_seed.load(Ordering::Relaxed);
+        let mut workspace = lock(&self.workspace);
+        crate::gpt::step::run(&mut workspace, self, idx, targets, Some((weight as f32, seed)))
+    }
+
+    /// The gradients summed by `accumulate_gradients` since the last call, one per `vars` (zeros
+    /// for a variable the model does not use), and zero sums for the next step.
+    pub fn take_gradients<'a>(&self, vars: impl Iterator<Item = &'a Var>) -> Result<Vec<Tensor>> {
+        let mut workspace = lock(&self.workspace);
+        crate::gpt::step::take_gradients(&mut workspace, self, vars)
+    }
+
+    /// One batch forward and backward, as the benchmarks time it: the mean loss of
+    /// `forward(idx, true)` against `targets` and its gradient for each of `vars`, by the explicit
+    /// CPU step where `explicit()`, by candle's autograd elsewhere.
+    pub fn loss_and_gradients(&self, idx: &Tensor, targets: &Tensor, vars: &[&Var]) -> Result<(f64, Vec<Tensor>)> {
+        if self.explicit() {
+            let loss = self.accumulate_gradients(idx, targets, 1.0)?;
+            return Ok((loss as f64, self.take_gradients(vars.iter().copied())?));
+        }
+        let loss = cross_entropy(&self.forward(idx, true)?, targets)?;
+        let store = loss.backward()?;
+        let grads = vars.iter().map(|var| store.get(var.as_tensor()).cloned().map_or_else(|| var.zeros_like(), Ok));
+        Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads.collect::<Result<_>>()?))
+    }
+
+    /// The mean cross-entropy of `forward(idx, false)` against `targets` (both (B, T) u32): the
+    /// explicit CPU step's forward where `explicit()`, candle's ops elsewhere.
+    pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<f64> {
+        if self.explicit() {
+            let mut workspace = lock(&self.workspace);
+            return Ok(crate::gpt::step::run(&mut workspace, self, idx, targets, None)? as f64);
+        }
+        cross_entropy(&self.forward(idx, false)?, targets)?.to_dtype(DType::F64)?.to_scalar::<f64>()
     }
 
     /// idx (B, T) u32 token ids -> logits (B, T, vocab_size) f32. `train` turns dropout on.
@@ -427,11 +504,11 @@ impl Gpt {
             )
         }
         let p = if train { self.config.dropout as f32 } else { 0.0 };
-        let pass = Pass { p, rng: &self.dropout_rng, dtype: self.dtype };
+        let pass = Pass { p, seed: self.dropout_seed.load(Ordering::Relaxed), dtype: self.dtype };
         let pos = Tensor::arange(past as u32, (past + t) as u32, idx.device())?; // (T)
         let tok_emb = self.wte.forward(idx)?; // (B, T, C)
         let pos_emb = self.wpe.forward(&pos)?; // (T, C)
-        let mut x = pass.dropout(&tok_emb.broadcast_add(&pos_emb)?)?;
+        let mut x = pass.dropout(&tok_emb.broadcast_add(&pos_emb)?, 0)?;
         if let Some(cache) = cache.as_deref_mut() {
             cache.layers.resize(self.h.len(), None);
             cache.len += t;

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
-use candle_core::{DType, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
+use rayon::prelude::*;
 
 /// nanoGPT's `get_lr`: linear warmup over `warmup_iters`, then cosine decay from
 /// `learning_rate` to `min_lr` at `lr_decay_iters`, then `min_lr`.
@@ -49,6 +50,16 @@ impl Schedule {
 /// `torch.nn.utils.clip_grad_norm_` (which adds 1e-6 to the norm); returns the norm before, as
 /// a scalar tensor on the gradients' device: nothing here waits for the device.
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Result<Tensor> {
+    if let Some(norm) = cpu_grad_norm(grads)? {
+        // On the CPU, the same arithmetic on numbers, and a gradient copied only when it shrinks.
+        let coef = (max_norm as f32 * (1.0 / (norm + 1e-6))).min(1.0);
+        if coef < 1.0 {
+            for grad in grads.iter_mut() {
+                *grad = grad.affine(coef as f64, 0.0)?;
+            }
+        }
+        return Tensor::new(norm, &candle_core::Device::Cpu);
+    }
     let norm = grad_norm(grads)?;
     // min(1, max_norm / (norm + 1e-6)), as torch's clamp of the clip coefficient.
     let coef = ((norm.clone() + 1e-6)?.recip()? * max_norm)?.minimum(1.0)?;
@@ -56,6 +67,26 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Resul
         *grad = grad.broadcast_mul(&coef.to_dtype(grad.dtype())?)?;
     }
     Ok(norm)
+}
+
+/// The global L2 norm of float32 CPU `grads`, read in place (`None` for other devices, dtypes
+/// and layouts): candle's ops would square every gradient into a new tensor first.
+fn cpu_grad_norm(grads: &[Tensor]) -> candle_core::Result<Option<f32>> {
+    if !grads.iter().all(|g| g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous()) {
+        return Ok(None);
+    }
+    let sum_of_squares = || -> candle_core::Result<Option<f64>> {
+        let mut sum = 0f64;
+        for grad in grads {
+            let (storage, layout) = grad.storage_and_layout();
+            let candle_core::Storage::Cpu(storage) = &*storage else { return Ok(None) };
+            let data = cpu(storage, layout)?;
+            let squares = |chunk: &[f32]| chunk.iter().map(|&g| g * g).sum::<f32>() as f64;
+            sum += data.par_chunks(CHUNK).map(squares).collect::<Vec<f64>>().iter().sum::<f64>();
+        }
+        Ok(Some(sum))
+    };
+    Ok(crate::gpt::device::on_cpu_pool(sum_of_squares)?.map(|sum| sum.sqrt() as f32))
 }
 
 /// The global L2 norm of `grads`, a float32 scalar tensor.
@@ -173,23 +204,28 @@ impl AdamW {
         let bias_correction1 = 1.0 - beta1.powi(self.step as i32);
         let bias_correction2 = 1.0 - beta2.powi(self.step as i32);
         let step_size = lr / bias_correction1;
-        for (i, ((_, var, decay), grad)) in self.vars.iter().zip(grads).enumerate() {
-            let decayed = *decay && weight_decay != 0.0;
-            let constants = Constants {
-                decay: decayed.then_some(1.0 - lr * weight_decay),
-                beta1,
-                beta2,
-                inverse_sqrt_bc2: 1.0 / bias_correction2.sqrt(),
-                eps,
-                step_size,
-            };
-            let (m, v) = match step_cpu(var, grad, &self.m[i], &self.v[i], &constants)? {
-                Some(moments) => moments,
-                None => step_ops(var, grad, &self.m[i], &self.v[i], &constants)?,
-            };
-            (self.m[i], self.v[i]) = (m, v);
+        let (vars, m, v) = (&self.vars, &mut self.m, &mut self.v);
+        let mut update = || -> candle_core::Result<()> {
+            for (i, ((_, var, decay), grad)) in vars.iter().zip(grads).enumerate() {
+                let decayed = *decay && weight_decay != 0.0;
+                let constants = Constants {
+                    decay: decayed.then_some(1.0 - lr * weight_decay),
+                    beta1,
+                    beta2,
+                    inverse_sqrt_bc2: 1.0 / bias_correction2.sqrt(),
+                    eps,
+                    step_size,
+                };
+                if !step_cpu(var, grad, &m[i], &v[i], &constants)? {
+                    (m[i], v[i]) = step_ops(var, grad, &m[i], &v[i], &constants)?;
+                }
+            }
+            Ok(())
+        };
+        match vars.iter().all(|(_, var, _)| var.device().is_cpu()) {
+            true => crate::gpt::device::on_cpu_pool(update),
+            false => update(),
         }
-        Ok(())
     }
 
     /// Writes the moments (`exp_avg.NAME`, `exp_avg_sq.NAME`) and the step count (`step`) as
@@ -263,69 +299,109 @@ fn step_ops(var: &Var, grad: &Tensor, m: &Tensor, v: &Tensor, c: &Constants) -> 
     Ok((m, v))
 }
 
-/// AdamW's update of one float32 CPU parameter in one pass over its parameter, gradient and
-/// moments into new buffers: sets the parameter, returns the new moments. The op-by-op form makes 14
-/// passes, each with a new allocation: for GPT-2 124M that was 8.5 s of a 43 s CPU step (`cargo
-/// bench -p nanoflow-stages --bench model -- train gpt2`). The arithmetic is that form's, in the
-/// same order, in float32 (candle's scalar ops are `x * mul + add` with f32 constants), so the
-/// results are the same bits. `None` where it does not apply (other devices, dtypes, layouts).
-fn step_cpu(
-    var: &Var,
-    grad: &Tensor,
-    m: &Tensor,
-    v: &Tensor,
-    c: &Constants,
-) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    use rayon::prelude::*;
+/// AdamW's update of one float32 CPU parameter in place: its moments, then the parameter, each
+/// in one pass over its buffer with no allocation. The op-by-op form makes 14 passes, each with a
+/// new allocation (for GPT-2 124M that was 8.5 s of a 43 s CPU step; new buffers for the three
+/// results still cost 4 s of page faults). The arithmetic is that form's, in the same order, in
+/// float32 (candle's scalar ops are `x * mul + add` with f32 constants), so the results are the
+/// same bits. `false` where it does not apply (other devices, dtypes, layouts).
+fn step_cpu(var: &Var, grad: &Tensor, m: &Tensor, v: &Tensor, c: &Constants) -> candle_core::Result<bool> {
     let param = var.as_tensor();
-    let all_f32 = [param, grad, m, v].iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
-    if !all_f32 || !param.is_contiguous() {
-        return Ok(None);
+    let all = [param, grad, m, v];
+    if !all.iter().all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous()) {
+        return Ok(false);
     }
-    let (new_param, new_m, new_v) = {
-        let guards = [grad, m, v, param].map(|t| t.storage_and_layout());
-        fn slice<'a>((storage, layout): &'a (candle_core::StorageRef<'_>, &candle_core::Layout)) -> Option<&'a [f32]> {
-            match (&**storage, layout.contiguous_offsets()) {
-                (candle_core::Storage::Cpu(cpu), Some((start, end))) => Some(&cpu.as_slice::<f32>().ok()?[start..end]),
-                _ => None,
-            }
-        }
-        let [Some(g), Some(m), Some(v), Some(p)] = [&guards[0], &guards[1], &guards[2], &guards[3]].map(slice) else {
-            return Ok(None);
-        };
-        let f = |x: f64| x as f32;
-        let (decay, beta1, one_minus_beta1) = (c.decay.map(f), f(c.beta1), f(1.0 - c.beta1));
-        let (beta2, one_minus_beta2, inverse_sqrt_bc2) = (f(c.beta2), f(1.0 - c.beta2), f(c.inverse_sqrt_bc2));
-        let (eps, step_size) = (f(c.eps), f(c.step_size));
-        let n = p.len();
-        let (mut new_p, mut new_m, mut new_v) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        const CHUNK: usize = 1 << 14;
-        new_p
-            .par_chunks_mut(CHUNK)
-            .zip(new_m.par_chunks_mut(CHUNK))
-            .zip(new_v.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(chunk, ((out_p, out_m), out_v))| {
-                let start = chunk * CHUNK;
-                for j in 0..out_p.len() {
-                    let k = start + j;
-                    let param = match decay {
-                        Some(decay) => p[k] * decay + 0.0,
-                        None => p[k],
-                    };
-                    let g = g[k];
-                    let m = (m[k] * beta1 + 0.0) + (g * one_minus_beta1 + 0.0);
-                    let v = (v[k] * beta2 + 0.0) + ((g * g) * one_minus_beta2 + 0.0);
-                    let denom = (v.sqrt() * inverse_sqrt_bc2 + 0.0) + eps; // candle's `+ eps` is `x * 1 + eps`: the same bits
-                    let update = (m / denom) * step_size + 0.0;
-                    (out_p[j], out_m[j], out_v[j]) = (param - update, m, v);
-                }
-            });
-        (new_p, new_m, new_v)
+    let f = |x: f64| x as f32;
+    m.inplace_op2(grad, &Moment { beta: f(c.beta1), one_minus_beta: f(1.0 - c.beta1), squared: false })?;
+    v.inplace_op2(grad, &Moment { beta: f(c.beta2), one_minus_beta: f(1.0 - c.beta2), squared: true })?;
+    let update = Update {
+        decay: c.decay.map(f),
+        inverse_sqrt_bc2: f(c.inverse_sqrt_bc2),
+        eps: f(c.eps),
+        step_size: f(c.step_size),
     };
-    let shape = param.shape();
-    var.set(&Tensor::from_vec(new_param, shape, param.device())?)?;
-    Ok(Some((Tensor::from_vec(new_m, shape, m.device())?, Tensor::from_vec(new_v, shape, v.device())?)))
+    param.inplace_op3(m, v, &update)?;
+    Ok(true)
+}
+
+/// The contiguous float32 data of a CPU storage, mutable.
+fn cpu_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> candle_core::Result<&'a mut [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("AdamW: a non-contiguous tensor") };
+    match storage {
+        CpuStorage::F32(data) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("AdamW: float32 expected"),
+    }
+}
+
+/// The contiguous float32 data of a CPU storage.
+fn cpu<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("AdamW: a non-contiguous tensor") };
+    Ok(&storage.as_slice::<f32>()?[start..end])
+}
+
+/// Elements per rayon task of the in-place updates.
+const CHUNK: usize = 1 << 14;
+
+/// A moment in place from the gradient: m = β m + (1 - β) g, or with g² for the second.
+struct Moment {
+    beta: f32,
+    one_minus_beta: f32,
+    squared: bool,
+}
+
+impl InplaceOp2 for Moment {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<()> {
+        let (moment, g) = (cpu_mut(dst, dst_l)?, cpu(g, g_l)?);
+        moment.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(moment, g)| {
+            for (m, &g) in moment.iter_mut().zip(g) {
+                let g = if self.squared { g * g } else { g };
+                *m = (*m * self.beta + 0.0) + (g * self.one_minus_beta + 0.0);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The parameter in place from its new moments (and decay).
+struct Update {
+    decay: Option<f32>,
+    inverse_sqrt_bc2: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+impl InplaceOp3 for Update {
+    fn name(&self) -> &'static str {
+        "adamw-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        m: &CpuStorage,
+        m_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> candle_core::Result<()> {
+        let (param, m, v) = (cpu_mut(dst, dst_l)?, cpu(m, m_l)?, cpu(v, v_l)?);
+        param.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(param, (m, v))| {
+            for ((p, &m), &v) in param.iter_mut().zip(m).zip(v) {
+                let decayed = match self.decay {
+                    Some(decay) => *p * decay + 0.0,
+                    None => *p,
+                };
+                // candle's `+ eps` is `x * 1 + eps`: the same bits
+                let denom = (v.sqrt() * self.inverse_sqrt_bc2 + 0.0) + self.eps;
+                *p = decayed - ((m / denom) * self.step_size + 0.0);
+            }
+        });
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -341,7 +417,8 @@ mod tests {
         let start = Tensor::randn(0f32, 1.0, n, &device)?;
         let (fused, ops) = (Var::from_tensor(&start)?, Var::from_tensor(&start.copy()?)?);
         let zeros = Tensor::zeros(n, DType::F32, &device)?;
-        let (mut fused_mv, mut ops_mv) = ((zeros.clone(), zeros.clone()), (zeros.clone(), zeros));
+        let fused_mv = (zeros.copy()?, zeros.copy()?);
+        let mut ops_mv = (zeros.clone(), zeros);
         for step in 1..=4 {
             let grad = (Tensor::randn(0f32, 1.0, n, &device)? * 1e-2)?;
             let bc2 = 1.0 - 0.99f64.powi(step);
@@ -354,7 +431,7 @@ mod tests {
                     eps: 1e-8,
                     step_size: 1e-3 / (1.0 - 0.9f64.powi(step)),
                 };
-                fused_mv = step_cpu(&fused, &grad, &fused_mv.0, &fused_mv.1, &c)?.expect("f32 on the CPU");
+                assert!(step_cpu(&fused, &grad, &fused_mv.0, &fused_mv.1, &c)?, "f32 on the CPU");
                 ops_mv = step_ops(&ops, &grad, &ops_mv.0, &ops_mv.1, &c)?;
             }
         }

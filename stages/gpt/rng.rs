@@ -27,11 +27,8 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GOLDEN);
+        mix(self.state)
     }
 
     /// Uniform in `0..n` (Lemire's multiply-shift without rejection: the bias is below n / 2^64).
@@ -56,6 +53,45 @@ impl Rng {
     }
 }
 
+/// SplitMix64's increment (2^64 / φ).
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output function.
+#[inline(always)]
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One dropout mask on the CPU: element `index` is kept (and scaled by 1 / (1 - p)) when the
+/// SplitMix64 output at position `index` of the stream keyed by (seed, site) is at least p·2^64.
+/// Each element's draw stands alone, so the backward pass recomputes the forward's mask instead
+/// of storing it, threads draw without sharing a stream, and the explicit CPU step and the
+/// op-by-op model (`site`s numbered alike) draw the same masks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DropoutMask {
+    key: u64,
+    threshold: u64,
+    /// 1 / (1 - p): what a kept element is multiplied by.
+    pub(crate) scale: f32,
+}
+
+impl DropoutMask {
+    /// The mask of dropout `site` (0: the embeddings; 3l + 1, 3l + 2, 3l + 3: layer l's
+    /// attention probabilities, attention output and MLP output) for probability `p`.
+    pub(crate) fn new(seed: u64, site: u64, p: f32) -> DropoutMask {
+        let threshold = (p as f64 * 18_446_744_073_709_551_616.0) as u64;
+        DropoutMask { key: mix(seed ^ mix(site.wrapping_mul(GOLDEN))), threshold, scale: 1.0 / (1.0 - p) }
+    }
+
+    /// What element `index` is multiplied by: 0 or `scale`.
+    #[inline(always)]
+    pub(crate) fn factor(&self, index: usize) -> f32 {
+        if mix(self.key.wrapping_add((index as u64).wrapping_mul(GOLDEN))) >= self.threshold { self.scale } else { 0.0 }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +113,19 @@ mod tests {
             (0..5).map(|_| rng.below(1000)).collect::<Vec<_>>(),
             (0..5).map(|_| resumed.below(1000)).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn dropout_masks_drop_about_p_and_differ_by_site_and_seed() {
+        let mask = DropoutMask::new(5, 1, 0.2);
+        let kept: Vec<f32> = (0..100_000).map(|i| mask.factor(i)).collect();
+        let dropped = kept.iter().filter(|&&f| f == 0.0).count() as f64 / kept.len() as f64;
+        assert!((dropped - 0.2).abs() < 0.005, "dropped {dropped}");
+        assert!(kept.iter().all(|&f| f == 0.0 || f == 1.25));
+        for other in [DropoutMask::new(5, 2, 0.2), DropoutMask::new(6, 1, 0.2)] {
+            assert_ne!(kept, (0..100_000).map(|i| other.factor(i)).collect::<Vec<_>>());
+        }
+        assert!((0..1000).all(|i| DropoutMask::new(5, 1, 0.0).factor(i) == 1.0));
     }
 
     #[test]

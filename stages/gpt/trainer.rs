@@ -193,6 +193,8 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.vars().count()];
         let mut loss_sum: Option<Tensor> = None;
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
+        // float32 on the CPU: the explicit step (gpt/step.rs) sums the gradients in its buffers.
+        let explicit = self.model.explicit();
         for (micro_step, offsets) in micro_batches.iter().enumerate() {
             if micro_step % self.world.size != self.world.rank {
                 continue;
@@ -201,28 +203,37 @@ impl Trainer {
             let (x, y) = batches::read_batch(data, offsets, (block_size, vocab_size), &self.device)?;
             let step = first_micro_step + micro_step as u64;
             self.model.seed_dropout(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))?;
-            let logits = self.model.forward(&x, true)?; // (B, T, vocab_size)
-            let loss = crate::gpt::cross_entropy(&logits, &y)?;
-            loss_sum = Some(match loss_sum {
-                Some(sum) => (sum + loss.detach())?,
-                None => loss.detach(),
-            });
             // scale the loss to account for gradient accumulation
-            let store = (loss * (scale / local_steps as f64))?.backward()?;
-            for (sum, var) in grads.iter_mut().zip(self.optimizer.vars()) {
-                if let Some(grad) = store.get(var.as_tensor()) {
-                    *sum = Some(match sum.take() {
-                        Some(sum) => (sum + grad)?,
-                        None => grad.clone(),
-                    });
+            let weight = scale / local_steps as f64;
+            let loss = if explicit {
+                Tensor::new(self.model.accumulate_gradients(&x, &y, weight)?, &self.device)?
+            } else {
+                let logits = self.model.forward(&x, true)?; // (B, T, vocab_size)
+                let loss = crate::gpt::cross_entropy(&logits, &y)?;
+                let store = (&loss * weight)?.backward()?;
+                for (sum, var) in grads.iter_mut().zip(self.optimizer.vars()) {
+                    if let Some(grad) = store.get(var.as_tensor()) {
+                        *sum = Some(match sum.take() {
+                            Some(sum) => (sum + grad)?,
+                            None => grad.clone(),
+                        });
+                    }
                 }
-            }
+                loss.detach()
+            };
+            loss_sum = Some(match loss_sum {
+                Some(sum) => (sum + loss)?,
+                None => loss,
+            });
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(self.optimizer.vars())
-            .map(|(grad, var)| grad.map_or_else(|| var.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads: Vec<Tensor> = match explicit {
+            true => self.model.take_gradients(self.optimizer.vars())?,
+            false => grads
+                .into_iter()
+                .zip(self.optimizer.vars())
+                .map(|(grad, var)| grad.map_or_else(|| var.zeros_like(), Ok))
+                .collect::<candle_core::Result<_>>()?,
+        };
         // the step's loss: the mean over all its micro-batches, averaged over the ranks along with
         // the gradients (one collective call per bucket, the loss riding in the last)
         let mut loss = (loss_sum.context("no micro-batch for this rank")? / local_steps as f64)?;

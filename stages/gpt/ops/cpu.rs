@@ -60,7 +60,7 @@ fn softmax_in_place(row: &mut [f32]) {
 /// e^x, within ~2e-7 relative for |x| < 87, in plain arithmetic the compiler vectorizes (libm's
 /// `expf`/`tanhf` are calls, one element at a time).
 #[inline(always)]
-pub(super) fn exp(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -84,6 +84,21 @@ pub(super) fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u.clamp(-9.0, 9.0)) + 1.0)
 }
 
+/// GELU (tanh approximation) of one value.
+#[inline(always)]
+pub(crate) fn gelu_at(x: f32) -> f32 {
+    0.5 * x * (1.0 + tanh(GELU_K * (x + GELU_C * x * x * x)))
+}
+
+/// dL/dx of GELU at `x`, given dL/dy = `g`.
+#[inline(always)]
+pub(crate) fn gelu_grad_at(x: f32, g: f32) -> f32 {
+    let x2 = x * x;
+    let t = tanh(GELU_K * (x + GELU_C * x2 * x));
+    let du = GELU_K * (1.0 + 3.0 * GELU_C * x2);
+    g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+}
+
 pub(super) struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -96,7 +111,7 @@ impl CustomOp1 for Gelu {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(16_384).zip(x.par_chunks(16_384)).for_each(|(y, x)| {
             for (y, &x) in y.iter_mut().zip(x) {
-                *y = 0.5 * x * (1.0 + tanh(GELU_K * (x + GELU_C * x * x * x)));
+                *y = gelu_at(x);
             }
         });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
@@ -125,10 +140,7 @@ impl CustomOp2 for GeluBackward {
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(16_384).zip(x.par_chunks(16_384).zip(grad.par_chunks(16_384))).for_each(|(dx, (x, g))| {
             for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                let x2 = x * x;
-                let t = tanh(GELU_K * (x + GELU_C * x2 * x));
-                let du = GELU_K * (1.0 + 3.0 * GELU_C * x2);
-                *dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du);
+                *dx = gelu_grad_at(x, g);
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -142,7 +154,7 @@ impl CustomOp2 for GeluBackward {
 
 /// Mean and 1/sqrt(var + eps) of a row.
 #[inline]
-fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+pub(crate) fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = row.iter().sum::<f32>() / n;
     let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
@@ -296,7 +308,7 @@ pub(super) struct CrossEntropy;
 
 /// logsumexp of a row, as (max, Σ e^(x - max)).
 #[inline]
-fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
+pub(crate) fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |max, &v| max.max(v));
     (max, row.iter().map(|&v| exp(v - max)).sum())
 }

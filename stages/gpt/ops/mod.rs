@@ -17,6 +17,7 @@ pub mod plain;
 use candle_core::{DType, Result, Tensor};
 
 use cpu::{CausalAttention, CausalSoftmax, CrossEntropy, Gelu, Normalize};
+pub(crate) use cpu::{exp, gelu_at, gelu_grad_at, logsumexp_parts, moments};
 
 /// GELU, tanh approximation.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {

@@ -1,0 +1,819 @@
+//! The GPT's training step on the CPU, written out in llm.c's shape: the forward pass keeps its
+//! activations in buffers allocated once per batch shape, the backward pass walks the layers in
+//! reverse with every weight gradient accumulated straight into its sum (matmuls with beta = 1,
+//! so micro-batches add up for free), and attention runs as per-head matmuls. Nothing is
+//! allocated per op and no gradient is added twice.
+//!
+//! Why: through candle's autograd a CPU step of nanoGPT's laptop recipe took 2.4× PyTorch's
+//! time, most of it not in the matmuls but around them: a new tensor per op, a `zeros_like` and
+//! an `add` per gradient contribution, attention by scalar loops (issue 15, `cargo bench -p
+//! nanoflow-stages --bench model`). The model stays `model.rs`'s: this file reads its
+//! parameters (`Gpt::parameters`) and computes what `Gpt::forward` + `cross_entropy` +
+//! `backward` compute, which the tests check against candle's autograd and against
+//! `transformers`, with the same dropout masks (`DropoutMask`). Other devices and dtypes train
+//! through candle's autograd, where the time is in the kernels.
+//!
+//! Shapes: B sequences of T tokens, N = B·T rows, C channels, H heads of hs = C / H, F = 4C,
+//! V the vocabulary. Every matrix is row-major float32.
+
+use candle_core::{Result, Storage, Tensor, Var, bail};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::gpt::device::on_cpu_pool;
+use crate::gpt::model::{Gpt, GptConfig, LAYER_NORM_EPS};
+use crate::gpt::ops::{exp, gelu_at, gelu_grad_at, logsumexp_parts, moments};
+use crate::gpt::rng::DropoutMask;
+
+/// The step's buffers for one batch shape, and the gradient sums (one per `Gpt::parameters`).
+#[derive(Debug, Default)]
+pub(crate) struct Workspace {
+    shape: (usize, usize),
+    acts: Activations,
+    grads: Vec<Vec<f32>>,
+}
+
+/// What the forward pass keeps for the backward pass, and the backward pass's scratch.
+#[derive(Debug, Default)]
+struct Activations {
+    /// The residual stream: `res[0]` the embeddings, `res[l + 1]` layer l's output (N, C).
+    res: Vec<Vec<f32>>,
+    /// Layer l's residual stream after its attention (N, C).
+    mid: Vec<Vec<f32>>,
+    /// LayerNorm outputs (N, C) and their (mean, 1/std) per row (N, 2).
+    ln1: Vec<Vec<f32>>,
+    ln1_stats: Vec<Vec<f32>>,
+    ln2: Vec<Vec<f32>>,
+    ln2_stats: Vec<Vec<f32>>,
+    /// The packed queries, keys and values (N, 3C), the heads' outputs side by side (N, C) and
+    /// each query's log-sum-exp of its scaled scores (B, H, T).
+    qkv: Vec<Vec<f32>>,
+    atty: Vec<Vec<f32>>,
+    lse: Vec<Vec<f32>>,
+    /// The MLP's hidden layer before and after GELU (N, F).
+    fch: Vec<Vec<f32>>,
+    fcg: Vec<Vec<f32>>,
+    lnf: Vec<f32>,
+    lnf_stats: Vec<f32>,
+    /// Logits (N, V), overwritten by their gradient.
+    logits: Vec<f32>,
+    losses: Vec<f32>,
+    /// A projection's output before dropout and the residual add (N, C).
+    branch: Vec<f32>,
+    /// Backward: the residual stream's gradient, a branch's gradient, a LayerNorm output's
+    /// gradient (N, C); qkv's (N, 3C), the heads' outputs' (N, C), the hidden layer's (N, F).
+    dres: Vec<f32>,
+    dbranch: Vec<f32>,
+    dln: Vec<f32>,
+    dqkv: Vec<f32>,
+    datty: Vec<f32>,
+    dfc: Vec<f32>,
+    /// Per-thread (T, T) scores and their gradients.
+    scratch: Vec<f32>,
+}
+
+impl Activations {
+    fn new(config: &GptConfig, b: usize, t: usize, backward: bool) -> Activations {
+        let (n, c, l) = (b * t, config.n_embd, config.n_layer);
+        let layers = |width: usize| (0..l).map(|_| vec![0f32; width]).collect::<Vec<_>>();
+        let grad = |width: usize| if backward { vec![0f32; width] } else { Vec::new() };
+        Activations {
+            res: (0..=l).map(|_| vec![0f32; n * c]).collect(),
+            mid: layers(n * c),
+            ln1: layers(n * c),
+            ln1_stats: layers(2 * n),
+            ln2: layers(n * c),
+            ln2_stats: layers(2 * n),
+            qkv: layers(3 * n * c),
+            atty: layers(n * c),
+            lse: layers(b * config.n_head * t),
+            fch: layers(4 * n * c),
+            fcg: layers(4 * n * c),
+            lnf: vec![0f32; n * c],
+            lnf_stats: vec![0f32; 2 * n],
+            logits: vec![0f32; n * config.vocab_size],
+            losses: vec![0f32; n],
+            branch: vec![0f32; n * c],
+            dres: grad(n * c),
+            dbranch: grad(n * c),
+            dln: grad(n * c),
+            dqkv: grad(3 * n * c),
+            datty: grad(n * c),
+            dfc: grad(4 * n * c),
+            scratch: vec![0f32; rayon::current_num_threads() * 3 * t * t],
+        }
+    }
+
+    fn has_backward(&self) -> bool {
+        !self.dres.is_empty()
+    }
+}
+
+/// A layer's weights (or their gradients): a weight and, in a model with biases, a bias.
+struct Weights<T> {
+    w: T,
+    b: Option<T>,
+}
+
+impl<T> Weights<T> {
+    /// The next weight of a list, and its bias if the model has biases.
+    fn next(bias: bool, next: &mut impl FnMut() -> T) -> Weights<T> {
+        let w = next();
+        Weights { w, b: bias.then(next) }
+    }
+}
+
+struct Layer<T> {
+    ln_1: Weights<T>,
+    c_attn: Weights<T>,
+    attn_proj: Weights<T>,
+    ln_2: Weights<T>,
+    c_fc: Weights<T>,
+    mlp_proj: Weights<T>,
+}
+
+/// The model's parameters (or their gradients), in `Gpt::parameters` order.
+struct Params<T> {
+    wte: T,
+    wpe: T,
+    h: Vec<Layer<T>>,
+    ln_f: Weights<T>,
+}
+
+impl<T> Params<T> {
+    fn from_list(config: &GptConfig, list: impl IntoIterator<Item = T>) -> Params<T> {
+        let mut list = list.into_iter();
+        let mut next = || list.next().expect("a tensor per parameter");
+        let (wte, wpe) = (next(), next());
+        let bias = config.bias;
+        let h = (0..config.n_layer)
+            .map(|_| Layer {
+                ln_1: Weights::next(bias, &mut next),
+                c_attn: Weights::next(bias, &mut next),
+                attn_proj: Weights::next(bias, &mut next),
+                ln_2: Weights::next(bias, &mut next),
+                c_fc: Weights::next(bias, &mut next),
+                mlp_proj: Weights::next(bias, &mut next),
+            })
+            .collect();
+        let ln_f = Weights::next(bias, &mut next);
+        Params { wte, wpe, h, ln_f }
+    }
+}
+
+/// The contiguous float32 data of a CPU tensor's storage.
+fn data<'a>((storage, layout): &'a (candle_core::StorageRef<'_>, &candle_core::Layout)) -> Result<&'a [f32]> {
+    match (&**storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(cpu), Some((start, end))) => Ok(&cpu.as_slice::<f32>()?[start..end]),
+        _ => bail!("the explicit CPU step needs contiguous float32 CPU parameters"),
+    }
+}
+
+/// The (B, T) u32 token ids of a CPU tensor, checked against the vocabulary.
+fn tokens(ids: &Tensor, vocab: usize, what: &str) -> Result<Vec<u32>> {
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        bail!("{what}: token {bad} is outside the vocabulary of {vocab}")
+    }
+    Ok(ids)
+}
+
+/// One micro-batch: the mean loss of `idx` against `targets`, and with `backward` = (weight,
+/// dropout seed) its gradient times `weight` added to the workspace's sums.
+pub(crate) fn run(
+    workspace: &mut Option<Workspace>,
+    model: &Gpt,
+    idx: &Tensor,
+    targets: &Tensor,
+    backward: Option<(f32, u64)>,
+) -> Result<f32> {
+    let config = &model.config;
+    let (b, t) = idx.dims2()?;
+    if targets.dims2()? != (b, t) || t > config.block_size {
+        bail!(
+            "a batch of {:?} tokens against targets {:?}, block size {}",
+            idx.shape(),
+            targets.shape(),
+            config.block_size
+        )
+    }
+    let x = tokens(idx, config.vocab_size, "the input")?;
+    let y = tokens(targets, config.vocab_size, "cross-entropy")?;
+    let params = model.parameters();
+    let workspace = workspace.get_or_insert_with(Workspace::default);
+    if workspace.grads.is_empty() {
+        workspace.grads = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
+    }
+    let with_backward = backward.is_some() || workspace.acts.has_backward();
+    if workspace.shape != (b, t) || with_backward != workspace.acts.has_backward() {
+        workspace.acts = Activations::new(config, b, t, with_backward);
+        workspace.shape = (b, t);
+    }
+    let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
+    let slices = guards.iter().map(data).collect::<Result<Vec<&[f32]>>>()?;
+    let p = Params::from_list(config, slices);
+    let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size };
+    let dropout = match backward {
+        Some((_, seed)) if config.dropout > 0.0 => Some((config.dropout as f32, seed)),
+        _ => None,
+    };
+    let (acts, grads) = (&mut workspace.acts, &mut workspace.grads);
+    Ok(on_cpu_pool(|| {
+        let loss = forward(acts, &p, &dims, &x, &y, dropout);
+        if let Some((weight, _)) = backward {
+            let mut grads = Params::from_list(config, grads.iter_mut().map(Vec::as_mut_slice));
+            backward_pass(acts, &p, &mut grads, &dims, &x, &y, weight, dropout);
+        }
+        loss
+    }))
+}
+
+/// The sums `run` accumulated, one tensor per var (matched by identity to the model's
+/// parameters; zeros for others), the sums set back to zero.
+pub(crate) fn take_gradients<'a>(
+    workspace: &mut Option<Workspace>,
+    model: &Gpt,
+    vars: impl Iterator<Item = &'a Var>,
+) -> Result<Vec<Tensor>> {
+    let params = model.parameters();
+    let workspace = workspace.get_or_insert_with(Workspace::default);
+    if workspace.grads.is_empty() {
+        workspace.grads = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
+    }
+    vars.map(|var| match params.iter().position(|p| p.id() == var.as_tensor().id()) {
+        Some(i) => {
+            let grad = Tensor::from_slice(&workspace.grads[i], var.shape(), var.device())?;
+            workspace.grads[i].par_chunks_mut(1 << 16).for_each(|chunk| chunk.fill(0.0));
+            Ok(grad)
+        }
+        None => var.zeros_like(),
+    })
+    .collect()
+}
+
+struct Dims {
+    b: usize,
+    t: usize,
+    c: usize,
+    h: usize,
+    v: usize,
+}
+
+impl Dims {
+    fn n(&self) -> usize {
+        self.b * self.t
+    }
+}
+
+/// The dropout mask of `site` under `dropout` = (p, seed), if training with dropout.
+fn mask(dropout: Option<(f32, u64)>, site: usize) -> Option<DropoutMask> {
+    dropout.map(|(p, seed)| DropoutMask::new(seed, site as u64, p))
+}
+
+fn forward(
+    a: &mut Activations,
+    p: &Params<&[f32]>,
+    d: &Dims,
+    x: &[u32],
+    y: &[u32],
+    dropout: Option<(f32, u64)>,
+) -> f32 {
+    let (t, c) = (d.t, d.c);
+    // Token and position embeddings, then dropout.
+    let embed_mask = mask(dropout, 0);
+    a.res[0].par_chunks_mut(c).enumerate().for_each(|(row, out)| {
+        let (token, pos) = (x[row] as usize, row % t);
+        let (wte, wpe) = (&p.wte[token * c..][..c], &p.wpe[pos * c..][..c]);
+        for (i, out) in out.iter_mut().enumerate() {
+            *out = wte[i] + wpe[i];
+            if let Some(mask) = &embed_mask {
+                *out *= mask.factor(row * c + i);
+            }
+        }
+    });
+    for (l, layer) in p.h.iter().enumerate() {
+        layer_norm(&mut a.ln1[l], &mut a.ln1_stats[l], &a.res[l], &layer.ln_1, c);
+        linear(&mut a.qkv[l], &a.ln1[l], &layer.c_attn, c, 3 * c);
+        attention(&mut a.atty[l], &mut a.lse[l], &mut a.scratch, &a.qkv[l], d, mask(dropout, 3 * l + 1));
+        linear(&mut a.branch, &a.atty[l], &layer.attn_proj, c, c);
+        residual(&mut a.mid[l], &a.res[l], &a.branch, mask(dropout, 3 * l + 2));
+        layer_norm(&mut a.ln2[l], &mut a.ln2_stats[l], &a.mid[l], &layer.ln_2, c);
+        linear(&mut a.fch[l], &a.ln2[l], &layer.c_fc, c, 4 * c);
+        a.fcg[l].par_chunks_mut(1 << 14).zip(a.fch[l].par_chunks(1 << 14)).for_each(|(g, h)| {
+            g.iter_mut().zip(h).for_each(|(g, &h)| *g = gelu_at(h));
+        });
+        linear(&mut a.branch, &a.fcg[l], &layer.mlp_proj, 4 * c, c);
+        residual(&mut a.res[l + 1], &a.mid[l], &a.branch, mask(dropout, 3 * l + 3));
+    }
+    let last = &a.res[p.h.len()];
+    layer_norm(&mut a.lnf, &mut a.lnf_stats, last, &p.ln_f, c);
+    linear(&mut a.logits, &a.lnf, &Weights { w: p.wte, b: None }, c, d.v);
+    a.losses.par_iter_mut().zip(a.logits.par_chunks(d.v)).zip(y.par_iter()).for_each(|((loss, row), &target)| {
+        let (max, sum) = logsumexp_parts(row);
+        *loss = sum.ln() + max - row[target as usize];
+    });
+    (a.losses.iter().map(|&l| l as f64).sum::<f64>() / d.n() as f64) as f32
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_pass(
+    a: &mut Activations,
+    p: &Params<&[f32]>,
+    g: &mut Params<&mut [f32]>,
+    d: &Dims,
+    x: &[u32],
+    y: &[u32],
+    weight: f32,
+    dropout: Option<(f32, u64)>,
+) {
+    let (t, c, v) = (d.t, d.c, d.v);
+    // The loss's gradient over the logits, in their place: (softmax - one_hot) · weight / N.
+    let per_row = weight / d.n() as f32;
+    a.logits.par_chunks_mut(v).zip(y.par_iter()).for_each(|(row, &target)| {
+        let (max, sum) = logsumexp_parts(row);
+        let scale = per_row / sum;
+        row.iter_mut().for_each(|value| *value = exp(*value - max) * scale);
+        row[target as usize] -= per_row;
+    });
+    linear_backward(&mut a.dln, &mut Weights { w: &mut *g.wte, b: None }, &a.logits, &a.lnf, p.wte, c, v);
+    a.dres.fill(0.0);
+    layer_norm_backward(&mut a.dres, &mut g.ln_f, &a.dln, &a.res[p.h.len()], &a.lnf_stats, &p.ln_f, c);
+    for l in (0..p.h.len()).rev() {
+        let (layer, grads) = (&p.h[l], &mut g.h[l]);
+        // The MLP branch.
+        let dbranch = dropout_backward(&mut a.dbranch, &a.dres, mask(dropout, 3 * l + 3));
+        linear_backward(&mut a.dfc, &mut grads.mlp_proj, dbranch, &a.fcg[l], layer.mlp_proj.w, 4 * c, c);
+        a.dfc.par_chunks_mut(1 << 14).zip(a.fch[l].par_chunks(1 << 14)).for_each(|(dh, h)| {
+            dh.iter_mut().zip(h).for_each(|(dh, &h)| *dh = gelu_grad_at(h, *dh));
+        });
+        linear_backward(&mut a.dln, &mut grads.c_fc, &a.dfc, &a.ln2[l], layer.c_fc.w, c, 4 * c);
+        layer_norm_backward(&mut a.dres, &mut grads.ln_2, &a.dln, &a.mid[l], &a.ln2_stats[l], &layer.ln_2, c);
+        // The attention branch.
+        let dbranch = dropout_backward(&mut a.dbranch, &a.dres, mask(dropout, 3 * l + 2));
+        linear_backward(&mut a.datty, &mut grads.attn_proj, dbranch, &a.atty[l], layer.attn_proj.w, c, c);
+        let attention_mask = mask(dropout, 3 * l + 1);
+        attention_backward(&mut a.dqkv, &mut a.scratch, &a.datty, &a.qkv[l], &a.lse[l], d, attention_mask);
+        linear_backward(&mut a.dln, &mut grads.c_attn, &a.dqkv, &a.ln1[l], layer.c_attn.w, c, 3 * c);
+        layer_norm_backward(&mut a.dres, &mut grads.ln_1, &a.dln, &a.res[l], &a.ln1_stats[l], &layer.ln_1, c);
+    }
+    // The embeddings: rows of `wte` by token, of `wpe` by position.
+    let dx = dropout_backward(&mut a.dbranch, &a.dres, mask(dropout, 0));
+    for (row, dx) in dx.chunks_exact(c).enumerate() {
+        let token = x[row] as usize;
+        g.wte[token * c..][..c].iter_mut().zip(dx).for_each(|(g, &dx)| *g += dx);
+        g.wpe[(row % t) * c..][..c].iter_mut().zip(dx).for_each(|(g, &dx)| *g += dx);
+    }
+}
+
+/// out = mid + dropout(branch) (the residual add).
+fn residual(out: &mut [f32], input: &[f32], branch: &[f32], mask: Option<DropoutMask>) {
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK).zip(input.par_chunks(CHUNK).zip(branch.par_chunks(CHUNK))).enumerate().for_each(
+        |(chunk, (out, (input, branch)))| {
+            for (i, out) in out.iter_mut().enumerate() {
+                let factor = mask.as_ref().map_or(1.0, |mask| mask.factor(chunk * CHUNK + i));
+                *out = input[i] + branch[i] * factor;
+            }
+        },
+    );
+}
+
+/// The gradient through dropout: `grad` itself without a mask, else masked into `out`.
+fn dropout_backward<'a>(out: &'a mut [f32], grad: &'a [f32], mask: Option<DropoutMask>) -> &'a [f32] {
+    let Some(mask) = mask else { return grad };
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (out, grad))| {
+        for (i, out) in out.iter_mut().enumerate() {
+            *out = grad[i] * mask.factor(chunk * CHUNK + i);
+        }
+    });
+    out
+}
+
+/// Rows per task of the row-wise kernels and of the partial sums of weight gradients.
+const ROWS: usize = 32;
+
+/// LayerNorm of each row of `x` (width `c`) into `out`, its (mean, 1/std) into `stats`: the
+/// arithmetic of `ops::normalize` followed by the weight and bias.
+fn layer_norm(out: &mut [f32], stats: &mut [f32], x: &[f32], ln: &Weights<&[f32]>, c: usize) {
+    let tasks = out.par_chunks_mut(ROWS * c).zip(stats.par_chunks_mut(2 * ROWS).zip(x.par_chunks(ROWS * c)));
+    tasks.for_each(|(out, (stats, x))| {
+        for ((out, stats), x) in out.chunks_exact_mut(c).zip(stats.chunks_exact_mut(2)).zip(x.chunks_exact(c)) {
+            let (mean, rstd) = moments(x, LAYER_NORM_EPS as f32);
+            (stats[0], stats[1]) = (mean, rstd);
+            for i in 0..c {
+                let normalized = (x[i] - mean) * rstd * ln.w[i];
+                out[i] = match ln.b {
+                    Some(b) => normalized + b[i],
+                    None => normalized,
+                };
+            }
+        }
+    });
+}
+
+/// LayerNorm's backward: dx += its gradient, the weight's and bias's gradients += theirs.
+fn layer_norm_backward(
+    dx: &mut [f32],
+    grads: &mut Weights<&mut [f32]>,
+    dout: &[f32],
+    x: &[f32],
+    stats: &[f32],
+    ln: &Weights<&[f32]>,
+    c: usize,
+) {
+    let tasks = dx.par_chunks_mut(ROWS * c).zip(dout.par_chunks(ROWS * c).zip(x.par_chunks(ROWS * c)));
+    let partials: Vec<Vec<f32>> = tasks
+        .zip(stats.par_chunks(2 * ROWS))
+        .map(|((dx, (dout, x)), stats)| {
+            let mut partial = vec![0f32; 2 * c]; // the weight's gradient, then the bias's
+            let rows =
+                dx.chunks_exact_mut(c).zip(dout.chunks_exact(c)).zip(x.chunks_exact(c).zip(stats.chunks_exact(2)));
+            for ((dx, dout), (x, s)) in rows {
+                let (mean, rstd) = (s[0], s[1]);
+                let (mut mean_g, mut mean_gx) = (0f32, 0f32);
+                for i in 0..c {
+                    let normalized = (x[i] - mean) * rstd;
+                    let g = dout[i] * ln.w[i];
+                    mean_g += g;
+                    mean_gx += g * normalized;
+                    partial[i] += dout[i] * normalized;
+                    partial[c + i] += dout[i];
+                }
+                (mean_g, mean_gx) = (mean_g / c as f32, mean_gx / c as f32);
+                for i in 0..c {
+                    let normalized = (x[i] - mean) * rstd;
+                    dx[i] += rstd * (dout[i] * ln.w[i] - mean_g - normalized * mean_gx);
+                }
+            }
+            partial
+        })
+        .collect();
+    for partial in partials {
+        grads.w.iter_mut().zip(&partial[..c]).for_each(|(g, p)| *g += p);
+        if let Some(b) = grads.b.as_deref_mut() {
+            b.iter_mut().zip(&partial[c..]).for_each(|(g, p)| *g += p);
+        }
+    }
+}
+
+/// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I).
+fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
+    let n = input.len() / i;
+    if let Some(bias) = layer.b {
+        out.par_chunks_mut(ROWS * o)
+            .for_each(|rows| rows.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias)));
+    }
+    let a = View::rows(input, i);
+    let b = View { ptr: layer.w.as_ptr(), rs: 1, cs: i as isize }; // weightᵀ
+    assert!(out.len() >= n * o && layer.w.len() >= o * i);
+    // SAFETY: the views stay inside `input` (N, I) and the weight (O, I); `out` holds (N, O).
+    unsafe { matmul(n, o, i, out.as_mut_ptr(), o, a, b, layer.b.is_some()) };
+}
+
+/// The backward of `linear`: dinput = dout · weight (overwritten), the weight's gradient +=
+/// doutᵀ · input, the bias's += dout's column sums.
+fn linear_backward(
+    dinput: &mut [f32],
+    grads: &mut Weights<&mut [f32]>,
+    dout: &[f32],
+    input: &[f32],
+    weight: &[f32],
+    i: usize,
+    o: usize,
+) {
+    let n = input.len() / i;
+    assert!(dinput.len() >= n * i && dout.len() >= n * o && weight.len() >= o * i && grads.w.len() >= o * i);
+    // SAFETY: the views stay inside the (N, O), (O, I) and (N, I) matrices asserted above.
+    unsafe {
+        matmul(n, i, o, dinput.as_mut_ptr(), i, View::rows(dout, o), View::rows(weight, i), false);
+        let dout_t = View { ptr: dout.as_ptr(), rs: 1, cs: o as isize };
+        matmul(o, i, n, grads.w.as_mut_ptr(), i, dout_t, View::rows(input, i), true);
+    }
+    if let Some(db) = grads.b.as_deref_mut() {
+        let partials: Vec<Vec<f32>> = dout
+            .par_chunks(ROWS * 8 * o)
+            .map(|rows| {
+                let mut sum = vec![0f32; o];
+                rows.chunks_exact(o).for_each(|row| sum.iter_mut().zip(row).for_each(|(s, &d)| *s += d));
+                sum
+            })
+            .collect();
+        for partial in partials {
+            db.iter_mut().zip(&partial).for_each(|(db, p)| *db += p);
+        }
+    }
+}
+
+/// A matrix in memory: element (r, k) at `ptr + r·rs + k·cs`.
+#[derive(Clone, Copy)]
+struct View {
+    ptr: *const f32,
+    rs: isize,
+    cs: isize,
+}
+
+impl View {
+    /// A row-major matrix whose rows are `stride` apart.
+    fn rows(data: &[f32], stride: usize) -> View {
+        View { ptr: data.as_ptr(), rs: stride as isize, cs: 1 }
+    }
+
+    /// The view moved to element (r, k).
+    fn at(self, r: usize, k: usize) -> View {
+        // SAFETY (of the callers): the element is inside the matrix the view describes.
+        View { ptr: unsafe { self.ptr.offset(r as isize * self.rs + k as isize * self.cs) }, ..self }
+    }
+
+    /// The transpose.
+    fn t(self) -> View {
+        View { ptr: self.ptr, rs: self.cs, cs: self.rs }
+    }
+}
+
+/// A raw pointer that rayon tasks may share: each writes rows no other task writes.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// dst (m, n), its rows `dst_rs` apart, = a (m, k) · b (k, n), plus dst's values when
+/// `accumulate`. The rows of dst are split between the threads, each running a one-thread
+/// `gemm`: at 2 threads that beat `gemm`'s own split on every shape of the step.
+///
+/// # Safety
+/// The views and dst must describe matrices of these sizes inside live allocations, and dst
+/// must not overlap a or b.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: View, b: View, accumulate: bool) {
+    let threads = rayon::current_num_threads();
+    let tasks = if (m * n * k) < (1 << 18) || m < 2 * threads { 1 } else { threads };
+    let rows = m.div_ceil(tasks);
+    let dst = SendPtr(dst);
+    let (a, b) = (SendView(a), SendView(b));
+    (0..tasks).into_par_iter().for_each(|task| {
+        let (start, end) = (task * rows, ((task + 1) * rows).min(m));
+        if start >= end {
+            return;
+        }
+        let (dst, a, b) = (dst, a, b);
+        // SAFETY: rows start..end of dst belong to this task alone; the caller vouches for the rest.
+        unsafe { gemm_one(end - start, n, k, dst.0.add(start * dst_rs), dst_rs, a.0.at(start, 0), b.0, accumulate) }
+    });
+}
+
+/// `View` for rayon tasks (read-only).
+#[derive(Clone, Copy)]
+struct SendView(View);
+unsafe impl Send for SendView {}
+unsafe impl Sync for SendView {}
+
+/// One single-threaded `gemm` call: dst (m, n) (+)= a · b.
+///
+/// # Safety
+/// As `matmul`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_one(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: View, b: View, accumulate: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: as the caller's; gemm reads dst only when `accumulate`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst,
+            1,
+            dst_rs as isize,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        )
+    }
+}
+
+/// Row blocks of the causal (T, T) products: a block of queries needs keys up to its last.
+const BLOCK: usize = 64;
+
+/// Causal self-attention from packed qkv (N, 3C) to the heads' outputs side by side (N, C) and
+/// each query's log-sum-exp, one (sequence, head) per task, the (T, T) probabilities in the
+/// task's scratch: S = Q Kᵀ, P = softmax(S / √hs) (causal, then dropout), Y = P V.
+fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d: &Dims, mask: Option<DropoutMask>) {
+    let (t, c, heads) = (d.t, d.c, d.h);
+    let hs = c / heads;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let threads = scratch.len() / (3 * t * t);
+    let pairs = d.b * heads;
+    let (y, lse) = (SendPtr(y.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
+    scratch.par_chunks_mut(3 * t * t).take(threads).enumerate().for_each(|(thread, scratch)| {
+        let (y, lse) = (y, lse);
+        let p = &mut scratch[..t * t];
+        for pair in (thread..pairs).step_by(threads) {
+            let (b, h) = (pair / heads, pair % heads);
+            let base = View::rows(&qkv[b * t * 3 * c..], 3 * c);
+            let (q, k, v) = (base.at(0, h * hs), base.at(0, c + h * hs), base.at(0, 2 * c + h * hs));
+            // SAFETY: the (sequence, head) pairs of a task are its own: its rows of `lse`, its
+            // columns of y's rows, its scratch; the views stay inside this sequence's qkv.
+            unsafe {
+                for (start, end) in blocks(t) {
+                    gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
+                }
+                let lse = std::slice::from_raw_parts_mut(lse.0.add(pair * t), t);
+                for (i, row) in p.chunks_exact_mut(t).enumerate() {
+                    let (max, sum) = softmax_row(&mut row[..=i], scale);
+                    lse[i] = max + sum.ln();
+                    row[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
+                    if let Some(mask) = &mask {
+                        let first = (pair * t + i) * t;
+                        row[..=i].iter_mut().enumerate().for_each(|(j, p)| *p *= mask.factor(first + j));
+                    }
+                }
+                let y = y.0.add(b * t * c + h * hs);
+                for (start, end) in blocks(t) {
+                    gemm_one(end - start, hs, end, y.add(start * c), c, View::rows(p, t).at(start, 0), v, false);
+                }
+            }
+        }
+    });
+}
+
+/// The row blocks `(start, end)` of a causal (T, T) product.
+fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..t.div_ceil(BLOCK)).map(move |i| (i * BLOCK, ((i + 1) * BLOCK).min(t)))
+}
+
+/// Softmax of `row · scale` in place; returns (max, Σ e^(x - max)) of the scaled row.
+#[inline]
+fn softmax_row(row: &mut [f32], scale: f32) -> (f32, f32) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |max, &s| max.max(s * scale));
+    let mut sum = 0.0;
+    for p in row.iter_mut() {
+        *p = exp(*p * scale - max);
+        sum += *p;
+    }
+    let inverse = 1.0 / sum;
+    row.iter_mut().for_each(|p| *p *= inverse);
+    (max, sum)
+}
+
+/// The backward of `attention`, P recomputed from the log-sum-exps: dV = P'ᵀ dY, dP' = dY Vᵀ,
+/// dP = dP' through dropout, dS = P ⊙ (dP - rowsum(P ⊙ dP)) / √hs, dQ = dS K, dK = dSᵀ Q; into
+/// dqkv (N, 3C), overwritten.
+fn attention_backward(
+    dqkv: &mut [f32],
+    scratch: &mut [f32],
+    dy: &[f32],
+    qkv: &[f32],
+    lse: &[f32],
+    d: &Dims,
+    mask: Option<DropoutMask>,
+) {
+    let (t, c, heads) = (d.t, d.c, d.h);
+    let hs = c / heads;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let threads = scratch.len() / (3 * t * t);
+    let pairs = d.b * heads;
+    let dqkv = SendPtr(dqkv.as_mut_ptr());
+    scratch.par_chunks_mut(3 * t * t).take(threads).enumerate().for_each(|(thread, scratch)| {
+        let dqkv = dqkv;
+        let (p, rest) = scratch.split_at_mut(t * t);
+        let (dp, kept) = rest.split_at_mut(t * t);
+        for pair in (thread..pairs).step_by(threads) {
+            let (b, h) = (pair / heads, pair % heads);
+            let base = View::rows(&qkv[b * t * 3 * c..], 3 * c);
+            let (q, k, v) = (base.at(0, h * hs), base.at(0, c + h * hs), base.at(0, 2 * c + h * hs));
+            let dy = View::rows(&dy[b * t * c..], c).at(0, h * hs);
+            let lse = &lse[pair * t..][..t];
+            // SAFETY: as in `attention`; this pair's columns of dqkv's rows are the task's own.
+            unsafe {
+                let dq = dqkv.0.add(b * t * 3 * c + h * hs);
+                let (dk, dv) = (dq.add(c), dq.add(2 * c));
+                for (start, end) in blocks(t) {
+                    gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
+                    gemm_one(end - start, end, hs, dp.as_mut_ptr().add(start * t), t, dy.at(start, 0), v.t(), false);
+                }
+                for (i, (row, dp_row)) in p.chunks_exact_mut(t).zip(dp.chunks_exact_mut(t)).enumerate() {
+                    for s in &mut row[..=i] {
+                        *s = exp(*s * scale - lse[i]);
+                    }
+                    row[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
+                    if let Some(mask) = &mask {
+                        let first = (pair * t + i) * t;
+                        let kept = &mut kept[i * t..][..t];
+                        for j in 0..=i {
+                            let factor = mask.factor(first + j);
+                            kept[j] = row[j] * factor;
+                            dp_row[j] *= factor;
+                        }
+                        kept[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
+                    }
+                }
+                let probabilities = if mask.is_some() { &*kept } else { &*p };
+                // dV_j = Σ_{i ≥ j} P'_ij dY_i: key block j needs the queries from its start on.
+                for (start, end) in blocks(t) {
+                    let pt = View::rows(probabilities, t).t().at(start, start);
+                    gemm_one(end - start, hs, t - start, dv.add(start * 3 * c), 3 * c, pt, dy.at(start, 0), false);
+                }
+                for (i, (row, dp_row)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
+                    let row_dot: f32 = row[..=i].iter().zip(&dp_row[..=i]).map(|(p, dp)| p * dp).sum();
+                    for (dp, &p) in dp_row[..=i].iter_mut().zip(&row[..=i]) {
+                        *dp = scale * p * (*dp - row_dot);
+                    }
+                    dp_row[i + 1..].iter_mut().take(BLOCK).for_each(|ds| *ds = 0.0);
+                }
+                let ds = View::rows(dp, t);
+                for (start, end) in blocks(t) {
+                    gemm_one(end - start, hs, end, dq.add(start * 3 * c), 3 * c, ds.at(start, 0), k, false);
+                    let ds_t = ds.t().at(start, start);
+                    gemm_one(end - start, hs, t - start, dk.add(start * 3 * c), 3 * c, ds_t, q.at(start, 0), false);
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    //! The explicit step against candle's autograd through `Gpt::forward` (whose ops the model
+    //! tests check against `transformers`): the loss and every gradient, with and without
+    //! biases, dropout and several blocks of attention rows.
+
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    use super::*;
+    use crate::gpt::Rng;
+
+    fn random_tokens(shape: (usize, usize), vocab: usize, rng: &mut Rng) -> Tensor {
+        let ids: Vec<u32> = (0..shape.0 * shape.1).map(|_| rng.below(vocab as u64) as u32).collect();
+        Tensor::from_vec(ids, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn compare(config: GptConfig, b: usize, weight: f64) {
+        let varmap = VarMap::new();
+        let model = Gpt::init(&config, &varmap, &Device::Cpu, 3).unwrap();
+        let mut rng = Rng::new(11);
+        let (x, y) =
+            (random_tokens((b, config.block_size), 50, &mut rng), random_tokens((b, config.block_size), 50, &mut rng));
+        model.seed_dropout(42).unwrap();
+        let loss = model.accumulate_gradients(&x, &y, weight).unwrap();
+        let mut vars: Vec<(String, Var)> =
+            varmap.data().lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let explicit = model.take_gradients(vars.iter().map(|(_, var)| var)).unwrap();
+        model.seed_dropout(42).unwrap();
+        let reference_loss = crate::gpt::cross_entropy(&model.forward(&x, true).unwrap(), &y).unwrap();
+        let store = (&reference_loss * weight).unwrap().backward().unwrap();
+        let reference_loss = reference_loss.to_scalar::<f32>().unwrap();
+        assert!((loss - reference_loss).abs() < 1e-5, "loss {loss} vs autograd's {reference_loss}");
+        for ((name, var), grad) in vars.iter().zip(&explicit) {
+            let expected = store.get(var.as_tensor()).unwrap();
+            let error = max_abs(&(grad - expected).unwrap()) / max_abs(expected).max(1e-6);
+            assert!(error < 1e-4, "{config:?}: the gradient of `{name}` differs from autograd's by {error} (relative)");
+        }
+        // Taken once: the sums start again from zero.
+        let again = model.take_gradients(vars.iter().map(|(_, var)| var)).unwrap();
+        assert!(again.iter().all(|g| max_abs(g) == 0.0));
+    }
+
+    #[test]
+    fn the_explicit_step_matches_autograd() {
+        let base =
+            GptConfig { block_size: 8, vocab_size: 50, n_layer: 2, n_head: 2, n_embd: 16, dropout: 0.0, bias: true };
+        compare(base.clone(), 3, 1.0);
+        compare(GptConfig { bias: false, ..base.clone() }, 2, 0.5);
+        compare(GptConfig { dropout: 0.2, ..base.clone() }, 2, 1.0);
+        // Attention rows in several blocks, dropout on every site.
+        compare(GptConfig { block_size: 150, n_head: 3, n_embd: 24, dropout: 0.1, ..base }, 2, 0.25);
+    }
+
+    #[test]
+    fn eval_loss_is_the_forward_loss_and_bad_tokens_are_errors() {
+        let config =
+            GptConfig { block_size: 8, vocab_size: 50, n_layer: 1, n_head: 2, n_embd: 16, dropout: 0.1, bias: true };
+        let model = Gpt::init(&config, &VarMap::new(), &Device::Cpu, 3).unwrap();
+        let mut rng = Rng::new(5);
+        let (x, y) = (random_tokens((2, 8), 50, &mut rng), random_tokens((2, 8), 50, &mut rng));
+        let expected =
+            crate::gpt::cross_entropy(&model.forward(&x, false).unwrap(), &y).unwrap().to_scalar::<f32>().unwrap();
+        assert!((model.loss(&x, &y).unwrap() as f32 - expected).abs() < 1e-5);
+        let bad = Tensor::new(&[[1u32, 50]], &Device::Cpu).unwrap();
+        let error = model.loss(&bad, &bad).unwrap_err().to_string();
+        assert!(error.contains("token 50 is outside the vocabulary of 50"), "{error}");
+    }
+}
