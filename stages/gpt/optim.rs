@@ -14,6 +14,8 @@ use anyhow::{Context as _, bail};
 use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Tensor, Var};
 use rayon::prelude::*;
 
+use crate::gpt::ops::simd;
+
 /// nanoGPT's `get_lr`: linear warmup over `warmup_iters`, then cosine decay from
 /// `learning_rate` to `min_lr` at `lr_decay_iters`, then `min_lr`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,7 +83,7 @@ fn cpu_grad_norm(grads: &[Tensor]) -> candle_core::Result<Option<f32>> {
             let (storage, layout) = grad.storage_and_layout();
             let candle_core::Storage::Cpu(storage) = &*storage else { return Ok(None) };
             let data = cpu(storage, layout)?;
-            let squares = |chunk: &[f32]| chunk.iter().map(|&g| g * g).sum::<f32>() as f64;
+            let squares = |chunk: &[f32]| simd::sum_of_squares(chunk) as f64;
             sum += data.par_chunks(CHUNK).map(squares).collect::<Vec<f64>>().iter().sum::<f64>();
         }
         Ok(Some(sum))
@@ -357,10 +359,7 @@ impl InplaceOp2 for Moment {
     fn cpu_fwd(&self, dst: &mut CpuStorage, dst_l: &Layout, g: &CpuStorage, g_l: &Layout) -> candle_core::Result<()> {
         let (moment, g) = (cpu_mut(dst, dst_l)?, cpu(g, g_l)?);
         moment.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)).for_each(|(moment, g)| {
-            for (m, &g) in moment.iter_mut().zip(g) {
-                let g = if self.squared { g * g } else { g };
-                *m = (*m * self.beta + 0.0) + (g * self.one_minus_beta + 0.0);
-            }
+            simd::adamw_moment(moment, g, self.beta, self.one_minus_beta, self.squared);
         });
         Ok(())
     }
@@ -390,15 +389,7 @@ impl InplaceOp3 for Update {
     ) -> candle_core::Result<()> {
         let (param, m, v) = (cpu_mut(dst, dst_l)?, cpu(m, m_l)?, cpu(v, v_l)?);
         param.par_chunks_mut(CHUNK).zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK))).for_each(|(param, (m, v))| {
-            for ((p, &m), &v) in param.iter_mut().zip(m).zip(v) {
-                let decayed = match self.decay {
-                    Some(decay) => *p * decay + 0.0,
-                    None => *p,
-                };
-                // candle's `+ eps` is `x * 1 + eps`: the same bits
-                let denom = (v.sqrt() * self.inverse_sqrt_bc2 + 0.0) + self.eps;
-                *p = decayed - ((m / denom) * self.step_size + 0.0);
-            }
+            simd::adamw_update(param, m, v, self.decay, self.inverse_sqrt_bc2, self.eps, self.step_size);
         });
         Ok(())
     }

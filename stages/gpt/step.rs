@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 use crate::gpt::device::on_cpu_pool;
 use crate::gpt::model::{Gpt, GptConfig, LAYER_NORM_EPS};
-use crate::gpt::ops::{exp, gelu_at, gelu_grad_at, logsumexp_parts, moments};
+use crate::gpt::ops::simd;
 use crate::gpt::rng::DropoutMask;
 
 /// The step's buffers for one batch shape, and the gradient sums (one per `Gpt::parameters`).
@@ -299,8 +299,8 @@ fn forward(
         residual(&mut a.mid[l], &a.res[l], &a.branch, mask(dropout, 3 * l + 2));
         layer_norm(&mut a.ln2[l], &mut a.ln2_stats[l], &a.mid[l], &layer.ln_2, c);
         linear(&mut a.fch[l], &a.ln2[l], &layer.c_fc, c, 4 * c);
-        a.fcg[l].par_chunks_mut(1 << 14).zip(a.fch[l].par_chunks(1 << 14)).for_each(|(g, h)| {
-            g.iter_mut().zip(h).for_each(|(g, &h)| *g = gelu_at(h));
+        a.fcg[l].par_chunks_mut(TASK).zip(a.fch[l].par_chunks(TASK)).for_each(|(g, h)| {
+            simd::gelu(g, h);
         });
         linear(&mut a.branch, &a.fcg[l], &layer.mlp_proj, 4 * c, c);
         residual(&mut a.res[l + 1], &a.mid[l], &a.branch, mask(dropout, 3 * l + 3));
@@ -309,8 +309,7 @@ fn forward(
     layer_norm(&mut a.lnf, &mut a.lnf_stats, last, &p.ln_f, c);
     linear(&mut a.logits, &a.lnf, &Weights { w: p.wte, b: None }, c, d.v);
     a.losses.par_iter_mut().zip(a.logits.par_chunks(d.v)).zip(y.par_iter()).for_each(|((loss, row), &target)| {
-        let (max, sum) = logsumexp_parts(row);
-        *loss = sum.ln() + max - row[target as usize];
+        *loss = simd::cross_entropy(row, target as usize);
     });
     (a.losses.iter().map(|&l| l as f64).sum::<f64>() / d.n() as f64) as f32
 }
@@ -330,10 +329,7 @@ fn backward_pass(
     // The loss's gradient over the logits, in their place: (softmax - one_hot) · weight / N.
     let per_row = weight / d.n() as f32;
     a.logits.par_chunks_mut(v).zip(y.par_iter()).for_each(|(row, &target)| {
-        let (max, sum) = logsumexp_parts(row);
-        let scale = per_row / sum;
-        row.iter_mut().for_each(|value| *value = exp(*value - max) * scale);
-        row[target as usize] -= per_row;
+        simd::cross_entropy_backward(row, target as usize, per_row);
     });
     linear_backward(&mut a.dln, &mut Weights { w: &mut *g.wte, b: None }, &a.logits, &a.lnf, p.wte, c, v);
     a.dres.fill(0.0);
@@ -343,8 +339,8 @@ fn backward_pass(
         // The MLP branch.
         let dbranch = dropout_backward(&mut a.dbranch, &a.dres, mask(dropout, 3 * l + 3));
         linear_backward(&mut a.dfc, &mut grads.mlp_proj, dbranch, &a.fcg[l], layer.mlp_proj.w, 4 * c, c);
-        a.dfc.par_chunks_mut(1 << 14).zip(a.fch[l].par_chunks(1 << 14)).for_each(|(dh, h)| {
-            dh.iter_mut().zip(h).for_each(|(dh, &h)| *dh = gelu_grad_at(h, *dh));
+        a.dfc.par_chunks_mut(TASK).zip(a.fch[l].par_chunks(TASK)).for_each(|(dh, h)| {
+            simd::gelu_backward(dh, h);
         });
         linear_backward(&mut a.dln, &mut grads.c_fc, &a.dfc, &a.ln2[l], layer.c_fc.w, c, 4 * c);
         layer_norm_backward(&mut a.dres, &mut grads.ln_2, &a.dln, &a.mid[l], &a.ln2_stats[l], &layer.ln_2, c);
@@ -367,47 +363,47 @@ fn backward_pass(
 
 /// out = mid + dropout(branch) (the residual add).
 fn residual(out: &mut [f32], input: &[f32], branch: &[f32], mask: Option<DropoutMask>) {
-    const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK).zip(input.par_chunks(CHUNK).zip(branch.par_chunks(CHUNK))).enumerate().for_each(
-        |(chunk, (out, (input, branch)))| {
-            for (i, out) in out.iter_mut().enumerate() {
-                let factor = mask.as_ref().map_or(1.0, |mask| mask.factor(chunk * CHUNK + i));
-                *out = input[i] + branch[i] * factor;
+    let tasks = out.par_chunks_mut(TASK).zip(input.par_chunks(TASK).zip(branch.par_chunks(TASK))).enumerate();
+    tasks.for_each(|(chunk, (out, (input, branch)))| match &mask {
+        None => simd::add(out, input, branch),
+        Some(mask) => {
+            let first = chunk * TASK;
+            for (i, (out, (&x, &b))) in out.iter_mut().zip(input.iter().zip(branch)).enumerate() {
+                *out = x + b * mask.factor(first + i);
             }
-        },
-    );
+        }
+    });
 }
 
 /// The gradient through dropout: `grad` itself without a mask, else masked into `out`.
 fn dropout_backward<'a>(out: &'a mut [f32], grad: &'a [f32], mask: Option<DropoutMask>) -> &'a [f32] {
     let Some(mask) = mask else { return grad };
-    const CHUNK: usize = 1 << 14;
-    out.par_chunks_mut(CHUNK).zip(grad.par_chunks(CHUNK)).enumerate().for_each(|(chunk, (out, grad))| {
-        for (i, out) in out.iter_mut().enumerate() {
-            *out = grad[i] * mask.factor(chunk * CHUNK + i);
+    out.par_chunks_mut(TASK).zip(grad.par_chunks(TASK)).enumerate().for_each(|(chunk, (out, grad))| {
+        let first = chunk * TASK;
+        for (i, (out, &g)) in out.iter_mut().zip(grad).enumerate() {
+            *out = g * mask.factor(first + i);
         }
     });
     out
 }
 
-/// Rows per task of the row-wise kernels and of the partial sums of weight gradients.
-const ROWS: usize = 32;
+/// Elements per rayon task of the step's elementwise and row-wise loops: enough that a task
+/// outlasts waking a thread for it (the CPU recipe's loops are of 100K to 400K elements).
+const TASK: usize = 1 << 15;
+
+/// Rows of `width` per task.
+fn rows_per_task(width: usize) -> usize {
+    (TASK / width).max(1)
+}
 
 /// LayerNorm of each row of `x` (width `c`) into `out`, its (mean, 1/std) into `stats`: the
 /// arithmetic of `ops::normalize` followed by the weight and bias.
 fn layer_norm(out: &mut [f32], stats: &mut [f32], x: &[f32], ln: &Weights<&[f32]>, c: usize) {
-    let tasks = out.par_chunks_mut(ROWS * c).zip(stats.par_chunks_mut(2 * ROWS).zip(x.par_chunks(ROWS * c)));
+    let rows = rows_per_task(c);
+    let tasks = out.par_chunks_mut(rows * c).zip(stats.par_chunks_mut(2 * rows).zip(x.par_chunks(rows * c)));
     tasks.for_each(|(out, (stats, x))| {
         for ((out, stats), x) in out.chunks_exact_mut(c).zip(stats.chunks_exact_mut(2)).zip(x.chunks_exact(c)) {
-            let (mean, rstd) = moments(x, LAYER_NORM_EPS as f32);
-            (stats[0], stats[1]) = (mean, rstd);
-            for i in 0..c {
-                let normalized = (x[i] - mean) * rstd * ln.w[i];
-                out[i] = match ln.b {
-                    Some(b) => normalized + b[i],
-                    None => normalized,
-                };
-            }
+            (stats[0], stats[1]) = simd::layer_norm(out, x, ln.w, ln.b, LAYER_NORM_EPS as f32);
         }
     });
 }
@@ -422,29 +418,18 @@ fn layer_norm_backward(
     ln: &Weights<&[f32]>,
     c: usize,
 ) {
-    let tasks = dx.par_chunks_mut(ROWS * c).zip(dout.par_chunks(ROWS * c).zip(x.par_chunks(ROWS * c)));
+    let rows = rows_per_task(c);
+    let tasks = dx.par_chunks_mut(rows * c).zip(dout.par_chunks(rows * c).zip(x.par_chunks(rows * c)));
     let partials: Vec<Vec<f32>> = tasks
-        .zip(stats.par_chunks(2 * ROWS))
+        .zip(stats.par_chunks(2 * rows))
         .map(|((dx, (dout, x)), stats)| {
-            let mut partial = vec![0f32; 2 * c]; // the weight's gradient, then the bias's
-            let rows =
+            let mut partial = vec![0f32; 3 * c]; // the weight's gradient, the bias's, scratch
+            let (dw, rest) = partial.split_at_mut(c);
+            let (db, norm) = rest.split_at_mut(c);
+            let lines =
                 dx.chunks_exact_mut(c).zip(dout.chunks_exact(c)).zip(x.chunks_exact(c).zip(stats.chunks_exact(2)));
-            for ((dx, dout), (x, s)) in rows {
-                let (mean, rstd) = (s[0], s[1]);
-                let (mut mean_g, mut mean_gx) = (0f32, 0f32);
-                for i in 0..c {
-                    let normalized = (x[i] - mean) * rstd;
-                    let g = dout[i] * ln.w[i];
-                    mean_g += g;
-                    mean_gx += g * normalized;
-                    partial[i] += dout[i] * normalized;
-                    partial[c + i] += dout[i];
-                }
-                (mean_g, mean_gx) = (mean_g / c as f32, mean_gx / c as f32);
-                for i in 0..c {
-                    let normalized = (x[i] - mean) * rstd;
-                    dx[i] += rstd * (dout[i] * ln.w[i] - mean_g - normalized * mean_gx);
-                }
+            for ((dx, dout), (x, s)) in lines {
+                simd::layer_norm_backward(dx, dw, db, norm, dout, x, ln.w, (s[0], s[1]));
             }
             partial
         })
@@ -452,7 +437,7 @@ fn layer_norm_backward(
     for partial in partials {
         grads.w.iter_mut().zip(&partial[..c]).for_each(|(g, p)| *g += p);
         if let Some(b) = grads.b.as_deref_mut() {
-            b.iter_mut().zip(&partial[c..]).for_each(|(g, p)| *g += p);
+            b.iter_mut().zip(&partial[c..2 * c]).for_each(|(g, p)| *g += p);
         }
     }
 }
@@ -461,7 +446,7 @@ fn layer_norm_backward(
 fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
     let n = input.len() / i;
     if let Some(bias) = layer.b {
-        out.par_chunks_mut(ROWS * o)
+        out.par_chunks_mut(rows_per_task(o) * o)
             .for_each(|rows| rows.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias)));
     }
     let a = View::rows(input, i);
@@ -492,7 +477,7 @@ fn linear_backward(
     }
     if let Some(db) = grads.b.as_deref_mut() {
         let partials: Vec<Vec<f32>> = dout
-            .par_chunks(ROWS * 8 * o)
+            .par_chunks(rows_per_task(o) * o)
             .map(|rows| {
                 let mut sum = vec![0f32; o];
                 rows.chunks_exact(o).for_each(|row| sum.iter_mut().zip(row).for_each(|(s, &d)| *s += d));
@@ -537,6 +522,13 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// The pointer (a method, so that a closure captures the `SendPtr`, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// dst (m, n), its rows `dst_rs` apart, = a (m, k) · b (k, n), plus dst's values when
 /// `accumulate`. The rows of dst are split between the threads, each running a one-thread
 /// `gemm`: at 2 threads that beat `gemm`'s own split on every shape of the step.
@@ -556,9 +548,19 @@ unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: 
         if start >= end {
             return;
         }
-        let (dst, a, b) = (dst, a, b);
         // SAFETY: rows start..end of dst belong to this task alone; the caller vouches for the rest.
-        unsafe { gemm_one(end - start, n, k, dst.0.add(start * dst_rs), dst_rs, a.0.at(start, 0), b.0, accumulate) }
+        unsafe {
+            gemm_one(
+                end - start,
+                n,
+                k,
+                dst.get().add(start * dst_rs),
+                dst_rs,
+                a.get().at(start, 0),
+                b.get(),
+                accumulate,
+            )
+        }
     });
 }
 
@@ -567,6 +569,12 @@ unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: 
 struct SendView(View);
 unsafe impl Send for SendView {}
 unsafe impl Sync for SendView {}
+
+impl SendView {
+    fn get(self) -> View {
+        self.0
+    }
+}
 
 /// One single-threaded `gemm` call: dst (m, n) (+)= a · b.
 ///
@@ -617,7 +625,6 @@ fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d
     let pairs = d.b * heads;
     let (y, lse) = (SendPtr(y.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     scratch.par_chunks_mut(3 * t * t).take(threads).enumerate().for_each(|(thread, scratch)| {
-        let (y, lse) = (y, lse);
         let p = &mut scratch[..t * t];
         for pair in (thread..pairs).step_by(threads) {
             let (b, h) = (pair / heads, pair % heads);
@@ -629,17 +636,16 @@ fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d
                 for (start, end) in blocks(t) {
                     gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
                 }
-                let lse = std::slice::from_raw_parts_mut(lse.0.add(pair * t), t);
+                let lse = std::slice::from_raw_parts_mut(lse.get().add(pair * t), t);
                 for (i, row) in p.chunks_exact_mut(t).enumerate() {
-                    let (max, sum) = softmax_row(&mut row[..=i], scale);
-                    lse[i] = max + sum.ln();
+                    lse[i] = simd::softmax(&mut row[..=i], scale);
                     row[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
                     if let Some(mask) = &mask {
                         let first = (pair * t + i) * t;
                         row[..=i].iter_mut().enumerate().for_each(|(j, p)| *p *= mask.factor(first + j));
                     }
                 }
-                let y = y.0.add(b * t * c + h * hs);
+                let y = y.get().add(b * t * c + h * hs);
                 for (start, end) in blocks(t) {
                     gemm_one(end - start, hs, end, y.add(start * c), c, View::rows(p, t).at(start, 0), v, false);
                 }
@@ -651,20 +657,6 @@ fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d
 /// The row blocks `(start, end)` of a causal (T, T) product.
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(BLOCK)).map(move |i| (i * BLOCK, ((i + 1) * BLOCK).min(t)))
-}
-
-/// Softmax of `row · scale` in place; returns (max, Σ e^(x - max)) of the scaled row.
-#[inline]
-fn softmax_row(row: &mut [f32], scale: f32) -> (f32, f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |max, &s| max.max(s * scale));
-    let mut sum = 0.0;
-    for p in row.iter_mut() {
-        *p = exp(*p * scale - max);
-        sum += *p;
-    }
-    let inverse = 1.0 / sum;
-    row.iter_mut().for_each(|p| *p *= inverse);
-    (max, sum)
 }
 
 /// The backward of `attention`, P recomputed from the log-sum-exps: dV = P'ᵀ dY, dP' = dY Vᵀ,
@@ -686,7 +678,6 @@ fn attention_backward(
     let pairs = d.b * heads;
     let dqkv = SendPtr(dqkv.as_mut_ptr());
     scratch.par_chunks_mut(3 * t * t).take(threads).enumerate().for_each(|(thread, scratch)| {
-        let dqkv = dqkv;
         let (p, rest) = scratch.split_at_mut(t * t);
         let (dp, kept) = rest.split_at_mut(t * t);
         for pair in (thread..pairs).step_by(threads) {
@@ -697,16 +688,14 @@ fn attention_backward(
             let lse = &lse[pair * t..][..t];
             // SAFETY: as in `attention`; this pair's columns of dqkv's rows are the task's own.
             unsafe {
-                let dq = dqkv.0.add(b * t * 3 * c + h * hs);
+                let dq = dqkv.get().add(b * t * 3 * c + h * hs);
                 let (dk, dv) = (dq.add(c), dq.add(2 * c));
                 for (start, end) in blocks(t) {
                     gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
                     gemm_one(end - start, end, hs, dp.as_mut_ptr().add(start * t), t, dy.at(start, 0), v.t(), false);
                 }
                 for (i, (row, dp_row)) in p.chunks_exact_mut(t).zip(dp.chunks_exact_mut(t)).enumerate() {
-                    for s in &mut row[..=i] {
-                        *s = exp(*s * scale - lse[i]);
-                    }
+                    simd::softmax_from_lse(&mut row[..=i], scale, lse[i]);
                     row[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
                     if let Some(mask) = &mask {
                         let first = (pair * t + i) * t;
@@ -726,10 +715,7 @@ fn attention_backward(
                     gemm_one(end - start, hs, t - start, dv.add(start * 3 * c), 3 * c, pt, dy.at(start, 0), false);
                 }
                 for (i, (row, dp_row)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
-                    let row_dot: f32 = row[..=i].iter().zip(&dp_row[..=i]).map(|(p, dp)| p * dp).sum();
-                    for (dp, &p) in dp_row[..=i].iter_mut().zip(&row[..=i]) {
-                        *dp = scale * p * (*dp - row_dot);
-                    }
+                    simd::softmax_backward(&mut dp_row[..=i], &row[..=i], scale);
                     dp_row[i + 1..].iter_mut().take(BLOCK).for_each(|ds| *ds = 0.0);
                 }
                 let ds = View::rows(dp, t);

@@ -154,7 +154,7 @@ impl CustomOp2 for GeluBackward {
 
 /// Mean and 1/sqrt(var + eps) of a row.
 #[inline]
-pub(crate) fn moments(row: &[f32], eps: f32) -> (f32, f32) {
+fn moments(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = row.iter().sum::<f32>() / n;
     let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / n;
@@ -308,7 +308,7 @@ pub(super) struct CrossEntropy;
 
 /// logsumexp of a row, as (max, Σ e^(x - max)).
 #[inline]
-pub(crate) fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
+fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
     let max = row.iter().fold(f32::NEG_INFINITY, |max, &v| max.max(v));
     (max, row.iter().map(|&v| exp(v - max)).sum())
 }

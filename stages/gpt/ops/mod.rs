@@ -13,11 +13,11 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod plain;
+pub(crate) mod simd;
 
 use candle_core::{DType, Result, Tensor};
 
 use cpu::{CausalAttention, CausalSoftmax, CrossEntropy, Gelu, Normalize};
-pub(crate) use cpu::{exp, gelu_at, gelu_grad_at, logsumexp_parts, moments};
 
 /// GELU, tanh approximation.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {

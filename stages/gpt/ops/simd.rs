@@ -1,0 +1,302 @@
+//! The CPU's hot loops (the explicit step's row kernels in `gpt/step.rs`, AdamW's update), each
+//! compiled three times, for AVX-512, for AVX2 with FMA and for the x86-64 baseline, and run at
+//! the widest level the CPU has.
+//! nanoflow is built for the baseline (SSE2, 4 floats a vector) so that one binary runs on any
+//! x86-64; `gemm` picks its kernels at run time the same way, and without it the exp- and
+//! tanh-heavy kernels (GELU, softmax, cross-entropy) ran 4 floats at a time on a 16-wide core.
+//!
+//! Sums and maxima run in 16 lanes at every level and no multiply-add is fused, so a kernel gives
+//! the same bits on every CPU.
+
+use super::cpu::{exp, gelu_at, gelu_grad_at};
+
+/// Compiles a function for AVX-512, for AVX2 + FMA and for the baseline, and calls the widest
+/// one this CPU runs.
+macro_rules! widest {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        #[allow(clippy::too_many_arguments)]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            #[allow(clippy::too_many_arguments)]
+            fn generic($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v4($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn v3($($arg: $ty),*) $(-> $ret)? {
+                    generic($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512vl")
+                    && std::is_x86_feature_detected!("avx512dq")
+                {
+                    // SAFETY: this CPU has the features `v4` is compiled for.
+                    return unsafe { v4($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: as above, for `v3`.
+                    return unsafe { v3($($arg),*) };
+                }
+            }
+            generic($($arg),*)
+        }
+    };
+}
+
+/// Σ x, in 16 lanes.
+#[inline(always)]
+fn sum16(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
+        for k in 0..16 {
+            lanes[k] += chunk[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b, in 16 lanes.
+#[inline(always)]
+fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (a16, b16) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = a16.remainder().iter().zip(b16.remainder()).map(|(a, b)| a * b).sum();
+    for (a, b) in a16.zip(b16) {
+        for k in 0..16 {
+            lanes[k] += a[k] * b[k];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// max(x · scale), in 16 lanes.
+#[inline(always)]
+fn max16(x: &[f32], scale: f32) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |max, &v| max.max(v * scale));
+    for chunk in chunks {
+        for k in 0..16 {
+            lanes[k] = lanes[k].max(chunk[k] * scale);
+        }
+    }
+    lanes.iter().fold(tail, |max, &v| max.max(v))
+}
+
+/// (max, Σ e^(x - max)) of a row.
+#[inline(always)]
+fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
+    let max = max16(row, 1.0);
+    let mut lanes = [0f32; 16];
+    let chunks = row.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp(v - max)).sum();
+    for chunk in chunks {
+        for k in 0..16 {
+            lanes[k] += exp(chunk[k] - max);
+        }
+    }
+    (max, lanes.iter().sum::<f32>() + tail)
+}
+
+widest! {
+    /// Softmax of `row · scale` in place; returns its log-sum-exp.
+    pub(crate) fn softmax(row: &mut [f32], scale: f32) -> f32 {
+        let max = max16(row, scale);
+        row.iter_mut().for_each(|p| *p = exp(*p * scale - max));
+        let sum = sum16(row);
+        let inverse = 1.0 / sum;
+        row.iter_mut().for_each(|p| *p *= inverse);
+        max + sum.ln()
+    }
+}
+
+widest! {
+    /// e^(s · scale - lse) for each score s of a row, in place: a softmax again from its
+    /// log-sum-exp.
+    pub(crate) fn softmax_from_lse(row: &mut [f32], scale: f32, lse: f32) {
+        row.iter_mut().for_each(|s| *s = exp(*s * scale - lse));
+    }
+}
+
+widest! {
+    /// The gradient of a row's scaled softmax, in place of dL/dp (`grad`), from its
+    /// probabilities: dL/ds = scale · p · (dL/dp - Σ p · dL/dp).
+    pub(crate) fn softmax_backward(grad: &mut [f32], p: &[f32], scale: f32) {
+        let row_dot = dot16(p, grad);
+        grad.iter_mut().zip(p).for_each(|(g, &p)| *g = scale * p * (*g - row_dot));
+    }
+}
+
+widest! {
+    /// The mean cross-entropy's row: -log softmax(row)[target].
+    pub(crate) fn cross_entropy(row: &[f32], target: usize) -> f32 {
+        let (max, sum) = logsumexp_parts(row);
+        sum.ln() + max - row[target]
+    }
+}
+
+widest! {
+    /// The cross-entropy's gradient over a row of logits, in place: (softmax - one_hot) · g.
+    pub(crate) fn cross_entropy_backward(row: &mut [f32], target: usize, g: f32) {
+        let (max, sum) = logsumexp_parts(row);
+        let scale = g / sum;
+        row.iter_mut().for_each(|v| *v = exp(*v - max) * scale);
+        row[target] -= g;
+    }
+}
+
+widest! {
+    /// GELU (tanh approximation) of `x` into `out`.
+    pub(crate) fn gelu(out: &mut [f32], x: &[f32]) {
+        out.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu_at(x));
+    }
+}
+
+widest! {
+    /// GELU's backward in place of dL/dy (`grad`), at the inputs `x`.
+    pub(crate) fn gelu_backward(grad: &mut [f32], x: &[f32]) {
+        grad.iter_mut().zip(x).for_each(|(g, &x)| *g = gelu_grad_at(x, *g));
+    }
+}
+
+widest! {
+    /// LayerNorm of one row into `out`; returns (mean, 1 / std).
+    pub(crate) fn layer_norm(out: &mut [f32], x: &[f32], w: &[f32], b: Option<&[f32]>, eps: f32) -> (f32, f32) {
+        let n = x.len() as f32;
+        let mean = sum16(x) / n;
+        out.iter_mut().zip(x).for_each(|(o, &x)| *o = x - mean);
+        let rstd = 1.0 / (dot16(out, out) / n + eps).sqrt();
+        out.iter_mut().zip(w).for_each(|(o, &w)| *o = *o * rstd * w);
+        if let Some(b) = b {
+            out.iter_mut().zip(b).for_each(|(o, &b)| *o += b);
+        }
+        (mean, rstd)
+    }
+}
+
+widest! {
+    /// LayerNorm's backward for one row: dx += its gradient; the weight's and bias's gradients
+    /// += this row's parts (`dw`, `db`). `norm` is scratch of the row's width.
+    pub(crate) fn layer_norm_backward(
+        dx: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+        norm: &mut [f32],
+        dout: &[f32],
+        x: &[f32],
+        w: &[f32],
+        stats: (f32, f32),
+    ) {
+        let (mean, rstd) = stats;
+        let n = x.len() as f32;
+        norm.iter_mut().zip(x).for_each(|(h, &x)| *h = (x - mean) * rstd);
+        dw.iter_mut().zip(dout.iter().zip(norm.iter())).for_each(|(dw, (&g, &h))| *dw += g * h);
+        db.iter_mut().zip(dout).for_each(|(db, &g)| *db += g);
+        // dL/dx̂ = dout · w; dx = rstd · (dx̂ - mean(dx̂) - x̂ · mean(dx̂ · x̂))
+        let mut lanes = ([0f32; 16], [0f32; 16]);
+        let rows = dout.chunks_exact(16).zip(w.chunks_exact(16)).zip(norm.chunks_exact(16));
+        for ((g, w), h) in rows {
+            for k in 0..16 {
+                let d = g[k] * w[k];
+                lanes.0[k] += d;
+                lanes.1[k] += d * h[k];
+            }
+        }
+        let (mut sum_d, mut sum_dh) = (lanes.0.iter().sum::<f32>(), lanes.1.iter().sum::<f32>());
+        let full = x.len() / 16 * 16;
+        for i in full..x.len() {
+            let d = dout[i] * w[i];
+            sum_d += d;
+            sum_dh += d * norm[i];
+        }
+        let (mean_d, mean_dh) = (sum_d / n, sum_dh / n);
+        for ((dx, &h), (&g, &w)) in dx.iter_mut().zip(norm.iter()).zip(dout.iter().zip(w)) {
+            *dx += rstd * (g * w - mean_d - h * mean_dh);
+        }
+    }
+}
+
+widest! {
+    /// out = input + branch (a residual add without dropout).
+    pub(crate) fn add(out: &mut [f32], input: &[f32], branch: &[f32]) {
+        out.iter_mut().zip(input.iter().zip(branch)).for_each(|(o, (&x, &b))| *o = x + b);
+    }
+}
+
+widest! {
+    /// An AdamW moment in place: m = β m + (1 - β) g, or g² for the second moment. The arithmetic
+    /// of candle's scalar ops (`x * mul + add`), so the op-by-op form gives the same bits.
+    pub(crate) fn adamw_moment(m: &mut [f32], g: &[f32], beta: f32, one_minus_beta: f32, squared: bool) {
+        match squared {
+            false => m.iter_mut().zip(g).for_each(|(m, &g)| *m = (*m * beta + 0.0) + (g * one_minus_beta + 0.0)),
+            true => m.iter_mut().zip(g).for_each(|(m, &g)| *m = (*m * beta + 0.0) + ((g * g) * one_minus_beta + 0.0)),
+        }
+    }
+}
+
+widest! {
+    /// AdamW's parameter update in place from the new moments: p = p · decay - m / (√v / √bc2 + ε)
+    /// · step_size, in the op-by-op form's arithmetic.
+    pub(crate) fn adamw_update(
+        param: &mut [f32],
+        m: &[f32],
+        v: &[f32],
+        decay: Option<f32>,
+        inverse_sqrt_bc2: f32,
+        eps: f32,
+        step_size: f32,
+    ) {
+        let decay = |p: f32| match decay {
+            Some(decay) => p * decay + 0.0,
+            None => p,
+        };
+        for ((p, &m), &v) in param.iter_mut().zip(m).zip(v) {
+            // candle's `+ eps` is `x * 1 + eps`: the same bits
+            let denom = (v.sqrt() * inverse_sqrt_bc2 + 0.0) + eps;
+            *p = decay(*p) - ((m / denom) * step_size + 0.0);
+        }
+    }
+}
+
+widest! {
+    /// Σ g² of a slice, in 16 lanes.
+    pub(crate) fn sum_of_squares(g: &[f32]) -> f32 {
+        dot16(g, g)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_kernels_match_plain_arithmetic() {
+        let row: Vec<f32> = (0..37).map(|i| ((i * 7919) % 101) as f32 / 17.0 - 3.0).collect();
+        let mut p = row.clone();
+        let lse = softmax(&mut p, 0.5);
+        let plain_lse = row.iter().map(|&s| ((s * 0.5) as f64).exp()).sum::<f64>().ln();
+        assert!((lse as f64 - plain_lse).abs() < 1e-5, "{lse} vs {plain_lse}");
+        assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        let mut again = row.clone();
+        softmax_from_lse(&mut again, 0.5, lse);
+        assert!(again.iter().zip(&p).all(|(a, b)| (a - b).abs() < 1e-6));
+        let ce = cross_entropy(&row, 3) as f64;
+        let expected = row.iter().map(|&s| (s as f64).exp()).sum::<f64>().ln() - row[3] as f64;
+        assert!((ce - expected).abs() < 1e-5, "{ce} vs {expected}");
+        let (w, b): (Vec<f32>, Vec<f32>) = (0..37).map(|i| (1.0 + i as f32 / 37.0, i as f32 / 50.0)).unzip();
+        let mut out = vec![0f32; 37];
+        let (mean, rstd) = layer_norm(&mut out, &row, &w, Some(&b), 1e-5);
+        let plain_mean = row.iter().sum::<f32>() / 37.0;
+        let plain_var = row.iter().map(|&x| (x - plain_mean).powi(2)).sum::<f32>() / 37.0;
+        assert!((mean - plain_mean).abs() < 1e-5 && (rstd - 1.0 / (plain_var + 1e-5).sqrt()).abs() < 1e-4);
+        assert!((out[5] - ((row[5] - plain_mean) * rstd * w[5] + b[5])).abs() < 1e-5);
+    }
+}
