@@ -7,6 +7,8 @@
 //!
 //!     cargo bench -p nanoflow-stages --bench model [-- train|sample] [-- recipe|char|gpt2] [-- --iters N]
 //!
+//! (`sample` knows `recipe` and `gpt2`.)
+//!
 //! `--iters` sets the CPU recipe's timed iterations (30); the two large shapes take 1 warm-up and
 //! 3 timed ones (a step of each is seconds on a laptop).
 //!
@@ -41,7 +43,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if all || which.contains(&"sample") {
-        sample()?;
+        sample(&shapes)?;
     }
     Ok(())
 }
@@ -113,11 +115,15 @@ fn train(name: &str, config: &GptConfig, batch: usize, warm_up: usize, iters: us
     Ok(())
 }
 
-fn sample() -> anyhow::Result<()> {
+/// Sampling tokens/s for the shapes in `shapes` (`recipe`, `gpt2`; all when empty).
+fn sample(shapes: &[&str]) -> anyhow::Result<()> {
     let gpt2 = GptConfig::preset("gpt2").expect("gpt2 is a preset");
-    for (name, config, prompt, new_tokens) in
-        [("shakespeare-char shape", cpu_recipe(), 1, 500), ("GPT-2 124M shape", gpt2, 1, 100)]
+    for (shape, name, config, prompt, new_tokens) in
+        [("recipe", "shakespeare-char shape", cpu_recipe(), 1, 500), ("gpt2", "GPT-2 124M shape", gpt2, 1, 100)]
     {
+        if !shapes.is_empty() && !shapes.contains(&shape) {
+            continue;
+        }
         let varmap = VarMap::new();
         let model = Gpt::init(&config, &varmap, &Device::Cpu, 1337)?;
         let idx = Tensor::zeros((1, prompt), DType::U32, &Device::Cpu)?;

@@ -274,6 +274,8 @@ struct LayerSlot<'a> {
 pub struct KvCache {
     layers: Vec<LayerCache>,
     len: usize,
+    /// The explicit CPU path's cache and buffers (`step.rs`), where the model is `explicit()`.
+    decoder: crate::gpt::step::Decoder,
 }
 
 impl KvCache {
@@ -288,6 +290,12 @@ impl KvCache {
 
     pub fn clear(&mut self) {
         *self = KvCache::default();
+    }
+
+    /// Empty again, keeping the explicit path's buffers for the positions to come.
+    fn restart(&mut self) {
+        self.layers.clear();
+        self.len = 0;
     }
 }
 
@@ -488,6 +496,11 @@ impl Gpt {
     /// The cache takes in these positions. Inference only (no dropout).
     pub fn forward_cached(&self, idx: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
         let t = idx.dim(1)?;
+        if self.explicit() {
+            let logits = crate::gpt::step::decode(&mut cache.decoder, self, idx, cache.len)?;
+            cache.len += t;
+            return Ok(logits);
+        }
         let x = self.hidden(idx, false, Some(cache))?; // (B, T, C)
         self.lm_head.forward(&x.i((.., t - 1, ..))?.contiguous()?, self.dtype) // (B, vocab_size)
     }
@@ -578,8 +591,11 @@ impl Gpt {
             let t = idx.dim(1)?;
             let logits = if kv_cache && t <= block_size {
                 self.forward_cached(&idx.narrow(1, cache.len(), t - cache.len())?, &mut cache)? // (B, V)
+            } else if kv_cache {
+                // The window slid: the whole window again, into a cache that keeps its buffers.
+                cache.restart();
+                self.forward_cached(&idx.narrow(1, t - block_size, block_size)?, &mut cache)?
             } else {
-                cache.clear();
                 let context = idx.narrow(1, t.saturating_sub(block_size), t.min(block_size))?;
                 let logits = self.forward(&context, false)?; // (B, T, V)
                 logits.i((.., context.dim(1)? - 1, ..))?
@@ -618,11 +634,16 @@ fn sample(logits: &[f64], temperature: f64, top_k: Option<usize>, rng: &mut Rng)
     if temperature == 0.0 {
         return argmax(logits) as u32;
     }
-    // Ties at the k-th largest logit all stay in, as in nanoGPT's `logits < v[:, [-1]]`.
-    let mut sorted = logits.to_vec();
-    sorted.sort_by(|a, b| b.total_cmp(a));
-    let floor = sorted[top_k.unwrap_or(sorted.len()).min(sorted.len()) - 1];
-    let max = sorted[0];
+    // Ties at the k-th largest logit all stay in, as in nanoGPT's `logits < v[:, [-1]]`. The k-th
+    // largest by selection, not a sort of the whole vocabulary (GPT-2's 50257 at every token).
+    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let floor = match top_k {
+        Some(k) if k < logits.len() => {
+            let mut values = logits.to_vec();
+            *values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+        }
+        _ => f64::NEG_INFINITY,
+    };
     let weights: Vec<f64> =
         logits.iter().map(|&l| if l < floor { 0.0 } else { ((l - max) / temperature).exp() }).collect();
     let mut u = rng.uniform() * weights.iter().sum::<f64>();
@@ -749,12 +770,35 @@ mod tests {
         let (idx, targets) = batch(&reference);
         let grads = cross_entropy(&gpt.forward(&idx, false).unwrap(), &targets).unwrap().backward().unwrap();
         let vars = vars(&varmap);
+        let grads: Vec<Tensor> = vars
+            .iter()
+            .map(|(name, var)| grads.get(var).unwrap_or_else(|| panic!("`{name}` has no gradient")).clone())
+            .collect();
+        assert_gradients_match(&reference, &vars, &grads);
+    }
+
+    /// The explicit CPU step (`step.rs`), which trains on the CPU, against the same reference.
+    #[test]
+    fn the_explicit_steps_loss_and_gradients_match_pytorch() {
+        let reference = reference();
+        let (gpt, varmap) = tiny_gpt2();
+        assert!(gpt.explicit());
+        let (idx, targets) = batch(&reference);
+        let vars = vars(&varmap);
+        let var_refs: Vec<&Var> = vars.iter().map(|(_, var)| var).collect();
+        let (loss, grads) = gpt.loss_and_gradients(&idx, &targets, &var_refs).unwrap();
+        let expected_loss = reference["loss"].i(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+        assert!((loss - expected_loss).abs() < 1e-5, "loss {loss}, transformers {expected_loss}");
+        assert_gradients_match(&reference, &vars, &grads);
+    }
+
+    /// Each of `grads` (one per var) against transformers' within 1e-5 of its largest entry.
+    fn assert_gradients_match(reference: &HashMap<String, Tensor>, vars: &[(String, Var)], grads: &[Tensor]) {
         assert_eq!(vars.len(), reference.keys().filter(|key| key.starts_with("grad.")).count());
         let mut worst = 0f32;
-        for (name, var) in vars {
-            let grad = grads.get(&var).unwrap_or_else(|| panic!("`{name}` has no gradient"));
+        for ((name, _), grad) in vars.iter().zip(grads) {
             let expected = &reference[&format!("grad.{name}")];
-            let expected = if is_conv1d(&name) { expected.t().unwrap() } else { expected.clone() };
+            let expected = if is_conv1d(name) { expected.t().unwrap() } else { expected.clone() };
             // Relative to the tensor's largest gradient: float32 sums of many terms round by
             // about 1e-7 of their largest term, not of each small entry.
             let error = max_abs_diff(grad, &expected) / max_abs(&expected).max(1e-3);

@@ -13,6 +13,9 @@
 //! `transformers`, with the same dropout masks (`DropoutMask`). Other devices and dtypes train
 //! through candle's autograd, where the time is in the kernels.
 //!
+//! Decoding (`Decoder`, behind `Gpt::forward_cached` on the CPU) runs the same kernels over the
+//! new positions only, the keys and values of earlier ones kept in per-layer buffers.
+//!
 //! Shapes: B sequences of T tokens, N = B·T rows, C channels, H heads of hs = C / H, F = 4C,
 //! V the vocabulary. Every matrix is row-major float32.
 
@@ -251,6 +254,139 @@ pub(crate) fn take_gradients<'a>(
     .collect()
 }
 
+/// Decoding on the CPU (`Gpt::forward_cached`): each layer's keys and values of the positions
+/// seen, and the buffers of a step, allocated at the first step (and when a step brings more
+/// positions than any before): a step of one token allocates nothing but its logits.
+#[derive(Debug, Default)]
+pub(crate) struct Decoder {
+    /// Sequences decoded side by side.
+    batch: usize,
+    /// Per layer (B, block_size, C): the keys, the values.
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    /// The new positions' rows: residual stream, LayerNorm output and stats, qkv, heads'
+    /// outputs, a branch, the MLP's hidden layer before and after GELU.
+    x: Vec<f32>,
+    ln: Vec<f32>,
+    stats: Vec<f32>,
+    qkv: Vec<f32>,
+    y: Vec<f32>,
+    branch: Vec<f32>,
+    fch: Vec<f32>,
+    fcg: Vec<f32>,
+    /// Per (sequence, head): the attention scores of one query.
+    scores: Vec<f32>,
+    /// The last position of each sequence after ln_f, and its logits (B, V).
+    last: Vec<f32>,
+    logits: Vec<f32>,
+}
+
+/// Grows `buffer` to `len` (never shrinks: the next step reuses it).
+fn at_least(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
+/// The logits (B, V) of the last of the new positions `idx` (B, T), which follow the `past`
+/// positions the decoder holds; their keys and values join those.
+pub(crate) fn decode(decoder: &mut Decoder, model: &Gpt, idx: &Tensor, past: usize) -> Result<Tensor> {
+    let config = &model.config;
+    let (b, t) = idx.dims2()?;
+    let (c, heads, block, v) = (config.n_embd, config.n_head, config.block_size, config.vocab_size);
+    if past + t > block {
+        bail!("cannot forward a sequence of length {}, block size is only {block}", past + t)
+    }
+    if decoder.batch != b || decoder.keys.len() != config.n_layer {
+        if past != 0 {
+            bail!("a decoder of {} sequences given {b}", decoder.batch)
+        }
+        decoder.batch = b;
+        decoder.keys = (0..config.n_layer).map(|_| vec![0f32; b * block * c]).collect();
+        decoder.values = (0..config.n_layer).map(|_| vec![0f32; b * block * c]).collect();
+    }
+    let x_ids = tokens(idx, config.vocab_size, "the input")?;
+    let params = model.parameters();
+    let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
+    let slices = guards.iter().map(data).collect::<Result<Vec<&[f32]>>>()?;
+    let p = Params::from_list(config, slices);
+    let n = b * t;
+    let hs = c / heads;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let d = decoder;
+    let step = || {
+        let x = at_least(&mut d.x, n * c);
+        for (row, x) in x.chunks_exact_mut(c).enumerate() {
+            let (token, pos) = (x_ids[row] as usize, past + row % t);
+            let (wte, wpe) = (&p.wte[token * c..][..c], &p.wpe[pos * c..][..c]);
+            x.iter_mut().zip(wte.iter().zip(wpe)).for_each(|(x, (&a, &b))| *x = a + b);
+        }
+        let (ln, stats) = (at_least(&mut d.ln, n * c), at_least(&mut d.stats, 2 * n));
+        let (qkv, y) = (at_least(&mut d.qkv, 3 * n * c), at_least(&mut d.y, n * c));
+        let (branch, scores) = (at_least(&mut d.branch, n * c), at_least(&mut d.scores, b * heads * block));
+        let (fch, fcg) = (at_least(&mut d.fch, 4 * n * c), at_least(&mut d.fcg, 4 * n * c));
+        for (l, layer) in p.h.iter().enumerate() {
+            layer_norm(ln, stats, x, &layer.ln_1, c);
+            linear(qkv, ln, &layer.c_attn, c, 3 * c);
+            let (keys, values) = (&mut d.keys[l], &mut d.values[l]);
+            for (row, qkv) in qkv.chunks_exact(3 * c).enumerate() {
+                let at = ((row / t) * block + past + row % t) * c;
+                keys[at..][..c].copy_from_slice(&qkv[c..2 * c]);
+                values[at..][..c].copy_from_slice(&qkv[2 * c..]);
+            }
+            // One task per (sequence, head), each over its queries.
+            let (keys, values, qkv_rows) = (&*keys, &*values, &*qkv);
+            let y_rows = SendPtr(y.as_mut_ptr());
+            let work = (past + t) * t * c * b;
+            let pair = |(pair, scores): (usize, &mut [f32])| {
+                let (seq, h) = (pair / heads, pair % heads);
+                let (keys, values) = (&keys[seq * block * c + h * hs..], &values[seq * block * c + h * hs..]);
+                for i in 0..t {
+                    let row = seq * t + i;
+                    let q = &qkv_rows[row * 3 * c + h * hs..][..hs];
+                    // SAFETY: this pair's columns of its sequence's rows of y are its own.
+                    let out = unsafe { std::slice::from_raw_parts_mut(y_rows.get().add(row * c + h * hs), hs) };
+                    simd::attend(out, &mut scores[..past + i + 1], q, keys, values, c, scale);
+                }
+            };
+            match work < TASK * 4 {
+                true => scores.chunks_mut(block).enumerate().for_each(pair),
+                false => scores.par_chunks_mut(block).enumerate().for_each(pair),
+            }
+            linear(branch, y, &layer.attn_proj, c, c);
+            simd::add_assign(x, branch);
+            layer_norm(ln, stats, x, &layer.ln_2, c);
+            linear(fch, ln, &layer.c_fc, c, 4 * c);
+            simd::gelu(fcg, fch);
+            linear(branch, fcg, &layer.mlp_proj, 4 * c, c);
+            simd::add_assign(x, branch);
+        }
+        let last = at_least(&mut d.last, b * c);
+        for (seq, last) in last.chunks_exact_mut(c).enumerate() {
+            last.copy_from_slice(&x[(seq * t + t - 1) * c..][..c]);
+        }
+        let (ln, stats) = (&mut ln[..b * c], &mut stats[..2 * b]);
+        layer_norm(ln, stats, last, &p.ln_f, c);
+        let logits = at_least(&mut d.logits, b * v);
+        linear(logits, ln, &Weights { w: p.wte, b: None }, c, v);
+        Tensor::from_slice(logits, (b, v), &candle_core::Device::Cpu)
+    };
+    // A small step (the CPU recipe's model, a token or a 64-token window: ~0.1 GFLOP) runs on
+    // one thread: handing its dozens of short loops to a second thread cost more than they took.
+    let work = config.num_params(false) * n;
+    match work < 1 << 27 {
+        true => one_thread_pool().install(step),
+        false => on_cpu_pool(step),
+    }
+}
+
+/// A rayon pool of one thread: parallel loops inside it run in order on that thread.
+fn one_thread_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread for rayon"))
+}
+
 struct Dims {
     b: usize,
     t: usize,
@@ -445,6 +581,11 @@ fn layer_norm_backward(
 /// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I).
 fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
     let n = input.len() / i;
+    if n <= 4 {
+        // Decoding: a row per sequence. Matrix-vector products read the weight once, in order;
+        // `gemm` would pack (copy) all of it first.
+        return matvec(out, input, layer, i, o);
+    }
     if let Some(bias) = layer.b {
         out.par_chunks_mut(rows_per_task(o) * o)
             .for_each(|rows| rows.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias)));
@@ -454,6 +595,19 @@ fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: 
     assert!(out.len() >= n * o && layer.w.len() >= o * i);
     // SAFETY: the views stay inside `input` (N, I) and the weight (O, I); `out` holds (N, O).
     unsafe { matmul(n, o, i, out.as_mut_ptr(), o, a, b, layer.b.is_some()) };
+}
+
+/// `linear` for a few rows: each row of the weight dotted with each input row, the weight's rows
+/// split between the threads.
+fn matvec(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
+    let rows = rows_per_task(i).max(64);
+    for (x, out) in input.chunks_exact(i).zip(out.chunks_exact_mut(o)) {
+        if let Some(bias) = layer.b {
+            out.copy_from_slice(bias);
+        }
+        let tasks = out.par_chunks_mut(rows).zip(layer.w.par_chunks(rows * i));
+        tasks.for_each(|(out, w)| simd::matvec(out, x, w, layer.b.is_some()));
+    }
 }
 
 /// The backward of `linear`: dinput = dout · weight (overwritten), the weight's gradient +=
@@ -531,7 +685,8 @@ impl SendPtr {
 
 /// dst (m, n), its rows `dst_rs` apart, = a (m, k) · b (k, n), plus dst's values when
 /// `accumulate`. The rows of dst are split between the threads, each running a one-thread
-/// `gemm`: at 2 threads that beat `gemm`'s own split on every shape of the step.
+/// `gemm` (at 2 threads that beat `gemm`'s own split on every shape of the step), or its columns
+/// where it has too few rows (decoding: one row per sequence).
 ///
 /// # Safety
 /// The views and dst must describe matrices of these sizes inside live allocations, and dst
@@ -539,27 +694,35 @@ impl SendPtr {
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: View, b: View, accumulate: bool) {
     let threads = rayon::current_num_threads();
-    let tasks = if (m * n * k) < (1 << 18) || m < 2 * threads { 1 } else { threads };
-    let rows = m.div_ceil(tasks);
+    let small = m * n * k < (1 << 18) || threads == 1;
+    let (by_rows, tasks) = match () {
+        _ if small => (true, 1),
+        _ if m >= 2 * threads => (true, threads),
+        _ if n >= 64 * threads => (false, threads),
+        _ => (true, 1),
+    };
+    let size = if by_rows { m } else { n };
+    let part = size.div_ceil(tasks);
     let dst = SendPtr(dst);
     let (a, b) = (SendView(a), SendView(b));
     (0..tasks).into_par_iter().for_each(|task| {
-        let (start, end) = (task * rows, ((task + 1) * rows).min(m));
+        let (start, end) = (task * part, ((task + 1) * part).min(size));
         if start >= end {
             return;
         }
-        // SAFETY: rows start..end of dst belong to this task alone; the caller vouches for the rest.
+        // SAFETY: rows (or columns) start..end of dst belong to this task alone; the caller
+        // vouches for the rest.
         unsafe {
-            gemm_one(
-                end - start,
-                n,
-                k,
-                dst.get().add(start * dst_rs),
-                dst_rs,
-                a.get().at(start, 0),
-                b.get(),
-                accumulate,
-            )
+            match by_rows {
+                true => {
+                    let dst = dst.get().add(start * dst_rs);
+                    gemm_one(end - start, n, k, dst, dst_rs, a.get().at(start, 0), b.get(), accumulate)
+                }
+                false => {
+                    let dst = dst.get().add(start);
+                    gemm_one(m, end - start, k, dst, dst_rs, a.get(), b.get().at(0, start), accumulate)
+                }
+            }
         }
     });
 }

@@ -106,15 +106,56 @@ fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
     (max, lanes.iter().sum::<f32>() + tail)
 }
 
+/// Softmax of `row · scale` in place; returns its log-sum-exp.
+#[inline(always)]
+fn softmax_inline(row: &mut [f32], scale: f32) -> f32 {
+    let max = max16(row, scale);
+    row.iter_mut().for_each(|p| *p = exp(*p * scale - max));
+    let sum = sum16(row);
+    let inverse = 1.0 / sum;
+    row.iter_mut().for_each(|p| *p *= inverse);
+    max + sum.ln()
+}
+
 widest! {
     /// Softmax of `row · scale` in place; returns its log-sum-exp.
     pub(crate) fn softmax(row: &mut [f32], scale: f32) -> f32 {
-        let max = max16(row, scale);
-        row.iter_mut().for_each(|p| *p = exp(*p * scale - max));
-        let sum = sum16(row);
-        let inverse = 1.0 / sum;
-        row.iter_mut().for_each(|p| *p *= inverse);
-        max + sum.ln()
+        softmax_inline(row, scale)
+    }
+}
+
+widest! {
+    /// One query's attention over cached positions, one head: `scores` (one per position) =
+    /// softmax(q · k_j · scale), out = Σ_j p_j v_j. `keys` and `values` start at the head's first
+    /// column, position j's row `stride` further on.
+    pub(crate) fn attend(out: &mut [f32], scores: &mut [f32], q: &[f32], keys: &[f32], values: &[f32], stride: usize, scale: f32) {
+        let hs = q.len();
+        for (j, s) in scores.iter_mut().enumerate() {
+            *s = dot16(q, &keys[j * stride..][..hs]);
+        }
+        softmax_inline(scores, scale);
+        out.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            out.iter_mut().zip(&values[j * stride..][..hs]).for_each(|(o, &v)| *o += p * v);
+        }
+    }
+}
+
+widest! {
+    /// out[o] (+)= x · w[o] for each row o of `w` (width x.len()): a matrix-vector product
+    /// reading the matrix once, in its rows' order.
+    pub(crate) fn matvec(out: &mut [f32], x: &[f32], w: &[f32], accumulate: bool) {
+        for (out, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
+            let dot = dot16(x, row);
+            *out = if accumulate { *out + dot } else { dot };
+        }
+    }
+}
+
+widest! {
+    /// x += branch (a residual add in place).
+    pub(crate) fn add_assign(x: &mut [f32], branch: &[f32]) {
+        x.iter_mut().zip(branch).for_each(|(x, &b)| *x += b);
     }
 }
 
