@@ -19,6 +19,8 @@
 //! Shapes: B sequences of T tokens, N = B·T rows, C channels, H heads of hs = C / H, F = 4C,
 //! V the vocabulary. Every matrix is row-major float32.
 
+use std::ops::Range;
+
 use candle_core::{Result, Storage, Tensor, Var, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -327,7 +329,7 @@ pub(crate) fn decode(decoder: &mut Decoder, model: &Gpt, idx: &Tensor, past: usi
         let (branch, scores) = (at_least(&mut d.branch, n * c), at_least(&mut d.scores, b * heads * block));
         let (fch, fcg) = (at_least(&mut d.fch, 4 * n * c), at_least(&mut d.fcg, 4 * n * c));
         for (l, layer) in p.h.iter().enumerate() {
-            layer_norm(ln, stats, x, &layer.ln_1, c);
+            layer_norm_rows(ln, stats, x, &layer.ln_1, c);
             linear(qkv, ln, &layer.c_attn, c, 3 * c);
             let (keys, values) = (&mut d.keys[l], &mut d.values[l]);
             for (row, qkv) in qkv.chunks_exact(3 * c).enumerate() {
@@ -356,7 +358,7 @@ pub(crate) fn decode(decoder: &mut Decoder, model: &Gpt, idx: &Tensor, past: usi
             }
             linear(branch, y, &layer.attn_proj, c, c);
             simd::add_assign(x, branch);
-            layer_norm(ln, stats, x, &layer.ln_2, c);
+            layer_norm_rows(ln, stats, x, &layer.ln_2, c);
             linear(fch, ln, &layer.c_fc, c, 4 * c);
             simd::gelu(fcg, fch);
             linear(branch, fcg, &layer.mlp_proj, 4 * c, c);
@@ -367,7 +369,7 @@ pub(crate) fn decode(decoder: &mut Decoder, model: &Gpt, idx: &Tensor, past: usi
             last.copy_from_slice(&x[(seq * t + t - 1) * c..][..c]);
         }
         let (ln, stats) = (&mut ln[..b * c], &mut stats[..2 * b]);
-        layer_norm(ln, stats, last, &p.ln_f, c);
+        layer_norm_rows(ln, stats, last, &p.ln_f, c);
         let logits = at_least(&mut d.logits, b * v);
         linear(logits, ln, &Weights { w: p.wte, b: None }, c, v);
         Tensor::from_slice(logits, (b, v), &candle_core::Device::Cpu)
@@ -406,6 +408,50 @@ fn mask(dropout: Option<(f32, u64)>, site: usize) -> Option<DropoutMask> {
     dropout.map(|(p, seed)| DropoutMask::new(seed, site as u64, p))
 }
 
+/// The rows split into one block per thread.
+fn row_blocks(n: usize) -> Vec<Range<usize>> {
+    let threads = rayon::current_num_threads().clamp(1, n.max(1));
+    let size = n.div_ceil(threads);
+    (0..threads).map(|i| i * size..((i + 1) * size).min(n)).filter(|rows| !rows.is_empty()).collect()
+}
+
+/// `task` on each block of rows, in parallel, and what each returned. A layer's row-wise chain
+/// (LayerNorm, matmuls by rows, GELU, residual adds) runs as one such region: one hand-off to
+/// the other threads instead of one per op.
+fn in_row_blocks<R: Send>(n: usize, task: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
+    row_blocks(n).into_par_iter().map(&task).collect()
+}
+
+/// A buffer whose rows the tasks of `in_row_blocks` write, each task its own block.
+#[derive(Clone, Copy)]
+struct Rows {
+    ptr: SendPtr,
+    width: usize,
+    len: usize,
+}
+
+impl Rows {
+    fn of(buffer: &mut [f32], width: usize) -> Rows {
+        Rows { ptr: SendPtr(buffer.as_mut_ptr()), width, len: buffer.len() }
+    }
+
+    /// The rows `rows`, to write.
+    ///
+    /// # Safety
+    /// Only the task given these rows (`in_row_blocks` gives out disjoint blocks) may hold them,
+    /// the buffer must outlive the use, and nothing else may borrow it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get<'a>(&self, rows: &Range<usize>) -> &'a mut [f32] {
+        assert!(rows.end * self.width <= self.len);
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.get().add(rows.start * self.width), rows.len() * self.width) }
+    }
+}
+
+/// Rows `rows` of a row-major buffer of `width`.
+fn rows_of<'a>(buffer: &'a [f32], width: usize, rows: &Range<usize>) -> &'a [f32] {
+    &buffer[rows.start * width..rows.end * width]
+}
+
 fn forward(
     a: &mut Activations,
     p: &Params<&[f32]>,
@@ -414,40 +460,61 @@ fn forward(
     y: &[u32],
     dropout: Option<(f32, u64)>,
 ) -> f32 {
-    let (t, c) = (d.t, d.c);
+    let (n, t, c, f) = (d.n(), d.t, d.c, 4 * d.c);
     // Token and position embeddings, then dropout.
     let embed_mask = mask(dropout, 0);
-    a.res[0].par_chunks_mut(c).enumerate().for_each(|(row, out)| {
-        let (token, pos) = (x[row] as usize, row % t);
-        let (wte, wpe) = (&p.wte[token * c..][..c], &p.wpe[pos * c..][..c]);
-        for (i, out) in out.iter_mut().enumerate() {
-            *out = wte[i] + wpe[i];
+    let res0 = Rows::of(&mut a.res[0], c);
+    in_row_blocks(n, |rows| {
+        // SAFETY: each block's rows are its own (and so below, for every `Rows`).
+        let out = unsafe { res0.get(&rows) };
+        for (row, out) in rows.clone().zip(out.chunks_exact_mut(c)) {
+            let (token, pos) = (x[row] as usize, row % t);
+            let (wte, wpe) = (&p.wte[token * c..][..c], &p.wpe[pos * c..][..c]);
+            simd::add(out, wte, wpe);
             if let Some(mask) = &embed_mask {
-                *out *= mask.factor(row * c + i);
+                out.iter_mut().enumerate().for_each(|(i, out)| *out *= mask.factor(row * c + i));
             }
         }
     });
     for (l, layer) in p.h.iter().enumerate() {
-        layer_norm(&mut a.ln1[l], &mut a.ln1_stats[l], &a.res[l], &layer.ln_1, c);
-        linear(&mut a.qkv[l], &a.ln1[l], &layer.c_attn, c, 3 * c);
-        attention(&mut a.atty[l], &mut a.lse[l], &mut a.scratch, &a.qkv[l], d, mask(dropout, 3 * l + 1));
-        linear(&mut a.branch, &a.atty[l], &layer.attn_proj, c, c);
-        residual(&mut a.mid[l], &a.res[l], &a.branch, mask(dropout, 3 * l + 2));
-        layer_norm(&mut a.ln2[l], &mut a.ln2_stats[l], &a.mid[l], &layer.ln_2, c);
-        linear(&mut a.fch[l], &a.ln2[l], &layer.c_fc, c, 4 * c);
-        a.fcg[l].par_chunks_mut(TASK).zip(a.fch[l].par_chunks(TASK)).for_each(|(g, h)| {
-            simd::gelu(g, h);
+        let (ln1, stats1, qkv) =
+            (Rows::of(&mut a.ln1[l], c), Rows::of(&mut a.ln1_stats[l], 2), Rows::of(&mut a.qkv[l], 3 * c));
+        let res = &a.res[l];
+        in_row_blocks(n, |rows| unsafe {
+            layer_norm_rows(ln1.get(&rows), stats1.get(&rows), rows_of(res, c, &rows), &layer.ln_1, c);
+            linear_rows(qkv.get(&rows), ln1.get(&rows), &layer.c_attn, c, 3 * c);
         });
-        linear(&mut a.branch, &a.fcg[l], &layer.mlp_proj, 4 * c, c);
-        residual(&mut a.res[l + 1], &a.mid[l], &a.branch, mask(dropout, 3 * l + 3));
+        attention(&mut a.atty[l], &mut a.lse[l], &mut a.scratch, &a.qkv[l], d, mask(dropout, 3 * l + 1));
+        let (branch, mid) = (Rows::of(&mut a.branch, c), Rows::of(&mut a.mid[l], c));
+        let (ln2, stats2) = (Rows::of(&mut a.ln2[l], c), Rows::of(&mut a.ln2_stats[l], 2));
+        let (fch, fcg) = (Rows::of(&mut a.fch[l], f), Rows::of(&mut a.fcg[l], f));
+        let (before, after) = a.res.split_at_mut(l + 1);
+        let (res, out) = (&before[l], Rows::of(&mut after[0], c));
+        let atty = &a.atty[l];
+        let (attn_mask, mlp_mask) = (mask(dropout, 3 * l + 2), mask(dropout, 3 * l + 3));
+        in_row_blocks(n, |rows| unsafe {
+            let first = rows.start * c;
+            linear_rows(branch.get(&rows), rows_of(atty, c, &rows), &layer.attn_proj, c, c);
+            residual(mid.get(&rows), rows_of(res, c, &rows), branch.get(&rows), attn_mask, first);
+            layer_norm_rows(ln2.get(&rows), stats2.get(&rows), mid.get(&rows), &layer.ln_2, c);
+            linear_rows(fch.get(&rows), ln2.get(&rows), &layer.c_fc, c, f);
+            simd::gelu(fcg.get(&rows), fch.get(&rows));
+            linear_rows(branch.get(&rows), fcg.get(&rows), &layer.mlp_proj, f, c);
+            residual(out.get(&rows), mid.get(&rows), branch.get(&rows), mlp_mask, first);
+        });
     }
-    let last = &a.res[p.h.len()];
-    layer_norm(&mut a.lnf, &mut a.lnf_stats, last, &p.ln_f, c);
-    linear(&mut a.logits, &a.lnf, &Weights { w: p.wte, b: None }, c, d.v);
-    a.losses.par_iter_mut().zip(a.logits.par_chunks(d.v)).zip(y.par_iter()).for_each(|((loss, row), &target)| {
-        *loss = simd::cross_entropy(row, target as usize);
+    let (lnf, stats, logits) = (Rows::of(&mut a.lnf, c), Rows::of(&mut a.lnf_stats, 2), Rows::of(&mut a.logits, d.v));
+    let (losses, last) = (Rows::of(&mut a.losses, 1), &a.res[p.h.len()]);
+    let sums = in_row_blocks(n, |rows| unsafe {
+        layer_norm_rows(lnf.get(&rows), stats.get(&rows), rows_of(last, c, &rows), &p.ln_f, c);
+        linear_rows(logits.get(&rows), lnf.get(&rows), &Weights { w: p.wte, b: None }, c, d.v);
+        let losses = losses.get(&rows);
+        for ((loss, row), &target) in losses.iter_mut().zip(logits.get(&rows).chunks_exact(d.v)).zip(&y[rows.clone()]) {
+            *loss = simd::cross_entropy(row, target as usize);
+        }
+        losses.iter().map(|&l| l as f64).sum::<f64>()
     });
-    (a.losses.iter().map(|&l| l as f64).sum::<f64>() / d.n() as f64) as f32
+    (sums.iter().sum::<f64>() / n as f64) as f32
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -461,66 +528,222 @@ fn backward_pass(
     weight: f32,
     dropout: Option<(f32, u64)>,
 ) {
-    let (t, c, v) = (d.t, d.c, d.v);
-    // The loss's gradient over the logits, in their place: (softmax - one_hot) · weight / N.
-    let per_row = weight / d.n() as f32;
-    a.logits.par_chunks_mut(v).zip(y.par_iter()).for_each(|(row, &target)| {
-        simd::cross_entropy_backward(row, target as usize, per_row);
+    let (n, t, c, f, v) = (d.n(), d.t, d.c, 4 * d.c, d.v);
+    // The loss's gradient over the logits, in their place: (softmax - one_hot) · weight / N;
+    // then through the output layer and ln_f.
+    let per_row = weight / n as f32;
+    let (logits, dln, dres) = (Rows::of(&mut a.logits, v), Rows::of(&mut a.dln, c), Rows::of(&mut a.dres, c));
+    let (last, stats) = (&a.res[p.h.len()], &a.lnf_stats);
+    let partials = in_row_blocks(n, |rows| unsafe {
+        let logits = logits.get(&rows);
+        for (row, &target) in logits.chunks_exact_mut(v).zip(&y[rows.clone()]) {
+            simd::cross_entropy_backward(row, target as usize, per_row);
+        }
+        dinput_rows(dln.get(&rows), logits, p.wte, c, v);
+        let dres = dres.get(&rows);
+        dres.fill(0.0);
+        let mut partial = Partial::new(&[c, c, c]);
+        layer_norm_backward_rows(
+            dres,
+            &mut partial,
+            dln.get(&rows),
+            rows_of(last, c, &rows),
+            rows_of(stats, 2, &rows),
+            &p.ln_f,
+            c,
+        );
+        partial
     });
-    linear_backward(&mut a.dln, &mut Weights { w: &mut *g.wte, b: None }, &a.logits, &a.lnf, p.wte, c, v);
-    a.dres.fill(0.0);
-    layer_norm_backward(&mut a.dres, &mut g.ln_f, &a.dln, &a.res[p.h.len()], &a.lnf_stats, &p.ln_f, c);
+    add_partials(partials, &mut [Some(&mut *g.ln_f.w), g.ln_f.b.as_deref_mut()]);
+    weight_gradient(g.wte, &a.logits, &a.lnf, c, v);
     for l in (0..p.h.len()).rev() {
         let (layer, grads) = (&p.h[l], &mut g.h[l]);
-        // The MLP branch.
-        let dbranch = dropout_backward(&mut a.dbranch, &a.dres, mask(dropout, 3 * l + 3));
-        linear_backward(&mut a.dfc, &mut grads.mlp_proj, dbranch, &a.fcg[l], layer.mlp_proj.w, 4 * c, c);
-        a.dfc.par_chunks_mut(TASK).zip(a.fch[l].par_chunks(TASK)).for_each(|(dh, h)| {
-            simd::gelu_backward(dh, h);
+        // The MLP branch: to its input and through ln_2 into the residual stream's gradient.
+        let (dbranch, dfc, dln, dres) =
+            (Rows::of(&mut a.dbranch, c), Rows::of(&mut a.dfc, f), Rows::of(&mut a.dln, c), Rows::of(&mut a.dres, c));
+        let (fch, ln2_stats, mid) = (&a.fch[l], &a.ln2_stats[l], &a.mid[l]);
+        let mlp_mask = mask(dropout, 3 * l + 3);
+        let partials = in_row_blocks(n, |rows| unsafe {
+            let mut partial = Partial::new(&[c, c, c, c, f]); // ln_2 w, b, scratch; c_proj b; c_fc b
+            let dbranch = dbranch.get(&rows);
+            dropout_rows(dbranch, dres.get(&rows), mlp_mask, rows.start * c);
+            column_sums(partial.part(3), dbranch, c);
+            dinput_rows(dfc.get(&rows), dbranch, layer.mlp_proj.w, f, c);
+            simd::gelu_backward(dfc.get(&rows), rows_of(fch, f, &rows));
+            column_sums(partial.part(4), dfc.get(&rows), f);
+            dinput_rows(dln.get(&rows), dfc.get(&rows), layer.c_fc.w, c, f);
+            let (x, stats) = (rows_of(mid, c, &rows), rows_of(ln2_stats, 2, &rows));
+            layer_norm_backward_rows(dres.get(&rows), &mut partial, dln.get(&rows), x, stats, &layer.ln_2, c);
+            partial
         });
-        linear_backward(&mut a.dln, &mut grads.c_fc, &a.dfc, &a.ln2[l], layer.c_fc.w, c, 4 * c);
-        layer_norm_backward(&mut a.dres, &mut grads.ln_2, &a.dln, &a.mid[l], &a.ln2_stats[l], &layer.ln_2, c);
-        // The attention branch.
-        let dbranch = dropout_backward(&mut a.dbranch, &a.dres, mask(dropout, 3 * l + 2));
-        linear_backward(&mut a.datty, &mut grads.attn_proj, dbranch, &a.atty[l], layer.attn_proj.w, c, c);
+        add_partials(
+            partials,
+            &mut [
+                Some(&mut *grads.ln_2.w),
+                grads.ln_2.b.as_deref_mut(),
+                None,
+                grads.mlp_proj.b.as_deref_mut(),
+                grads.c_fc.b.as_deref_mut(),
+            ],
+        );
+        weight_gradient(grads.mlp_proj.w, &a.dbranch, &a.fcg[l], f, c);
+        weight_gradient(grads.c_fc.w, &a.dfc, &a.ln2[l], c, f);
+        // The attention branch: its projection, the heads, qkv, and through ln_1.
+        let (dbranch, datty, dres) = (Rows::of(&mut a.dbranch, c), Rows::of(&mut a.datty, c), Rows::of(&mut a.dres, c));
+        let attn_mask = mask(dropout, 3 * l + 2);
+        let partials = in_row_blocks(n, |rows| unsafe {
+            let mut partial = Partial::new(&[c]);
+            let dbranch = dbranch.get(&rows);
+            dropout_rows(dbranch, dres.get(&rows), attn_mask, rows.start * c);
+            column_sums(partial.part(0), dbranch, c);
+            dinput_rows(datty.get(&rows), dbranch, layer.attn_proj.w, c, c);
+            partial
+        });
+        add_partials(partials, &mut [grads.attn_proj.b.as_deref_mut()]);
+        weight_gradient(grads.attn_proj.w, &a.dbranch, &a.atty[l], c, c);
         let attention_mask = mask(dropout, 3 * l + 1);
         attention_backward(&mut a.dqkv, &mut a.scratch, &a.datty, &a.qkv[l], &a.lse[l], d, attention_mask);
-        linear_backward(&mut a.dln, &mut grads.c_attn, &a.dqkv, &a.ln1[l], layer.c_attn.w, c, 3 * c);
-        layer_norm_backward(&mut a.dres, &mut grads.ln_1, &a.dln, &a.res[l], &a.ln1_stats[l], &layer.ln_1, c);
+        let (dqkv, dln, dres) = (Rows::of(&mut a.dqkv, 3 * c), Rows::of(&mut a.dln, c), Rows::of(&mut a.dres, c));
+        let (res, ln1_stats) = (&a.res[l], &a.ln1_stats[l]);
+        let partials = in_row_blocks(n, |rows| unsafe {
+            let mut partial = Partial::new(&[c, c, c, 3 * c]); // ln_1 w, b, scratch; c_attn b
+            column_sums(partial.part(3), dqkv.get(&rows), 3 * c);
+            dinput_rows(dln.get(&rows), dqkv.get(&rows), layer.c_attn.w, c, 3 * c);
+            let (x, stats) = (rows_of(res, c, &rows), rows_of(ln1_stats, 2, &rows));
+            layer_norm_backward_rows(dres.get(&rows), &mut partial, dln.get(&rows), x, stats, &layer.ln_1, c);
+            partial
+        });
+        add_partials(
+            partials,
+            &mut [Some(&mut *grads.ln_1.w), grads.ln_1.b.as_deref_mut(), None, grads.c_attn.b.as_deref_mut()],
+        );
+        weight_gradient(grads.c_attn.w, &a.dqkv, &a.ln1[l], c, 3 * c);
     }
     // The embeddings: rows of `wte` by token, of `wpe` by position.
-    let dx = dropout_backward(&mut a.dbranch, &a.dres, mask(dropout, 0));
-    for (row, dx) in dx.chunks_exact(c).enumerate() {
+    let embed_mask = mask(dropout, 0);
+    for (row, dx) in a.dres.chunks_exact(c).enumerate() {
+        let factor = |i: usize| embed_mask.as_ref().map_or(1.0, |mask| mask.factor(row * c + i));
         let token = x[row] as usize;
-        g.wte[token * c..][..c].iter_mut().zip(dx).for_each(|(g, &dx)| *g += dx);
-        g.wpe[(row % t) * c..][..c].iter_mut().zip(dx).for_each(|(g, &dx)| *g += dx);
+        g.wte[token * c..][..c].iter_mut().zip(dx).enumerate().for_each(|(i, (g, &dx))| *g += dx * factor(i));
+        g.wpe[(row % t) * c..][..c].iter_mut().zip(dx).enumerate().for_each(|(i, (g, &dx))| *g += dx * factor(i));
     }
 }
 
-/// out = mid + dropout(branch) (the residual add).
-fn residual(out: &mut [f32], input: &[f32], branch: &[f32], mask: Option<DropoutMask>) {
-    let tasks = out.par_chunks_mut(TASK).zip(input.par_chunks(TASK).zip(branch.par_chunks(TASK))).enumerate();
-    tasks.for_each(|(chunk, (out, (input, branch)))| match &mask {
+/// Per-task partial sums of gradients that sum over rows (LayerNorm gains and biases, bias
+/// columns): parts of the given widths in one buffer.
+struct Partial {
+    data: Vec<f32>,
+    widths: Vec<usize>,
+}
+
+impl Partial {
+    fn new(widths: &[usize]) -> Partial {
+        Partial { data: vec![0f32; widths.iter().sum()], widths: widths.to_vec() }
+    }
+
+    fn part(&mut self, i: usize) -> &mut [f32] {
+        let start: usize = self.widths[..i].iter().sum();
+        &mut self.data[start..start + self.widths[i]]
+    }
+}
+
+/// Adds each task's parts, in task order, to the gradients (`None`: a part not kept).
+fn add_partials(partials: Vec<Partial>, grads: &mut [Option<&mut [f32]>]) {
+    for mut partial in partials {
+        for (i, grad) in grads.iter_mut().enumerate() {
+            if let Some(grad) = grad {
+                simd::add_assign(grad, partial.part(i));
+            }
+        }
+    }
+}
+
+/// out = input + dropout(branch); `first` is the rows' first element's index in the whole
+/// (N, C) tensor, where the mask is drawn.
+fn residual(out: &mut [f32], input: &[f32], branch: &[f32], mask: Option<DropoutMask>, first: usize) {
+    match mask {
         None => simd::add(out, input, branch),
         Some(mask) => {
-            let first = chunk * TASK;
             for (i, (out, (&x, &b))) in out.iter_mut().zip(input.iter().zip(branch)).enumerate() {
                 *out = x + b * mask.factor(first + i);
             }
         }
-    });
+    }
 }
 
-/// The gradient through dropout: `grad` itself without a mask, else masked into `out`.
-fn dropout_backward<'a>(out: &'a mut [f32], grad: &'a [f32], mask: Option<DropoutMask>) -> &'a [f32] {
-    let Some(mask) = mask else { return grad };
-    out.par_chunks_mut(TASK).zip(grad.par_chunks(TASK)).enumerate().for_each(|(chunk, (out, grad))| {
-        let first = chunk * TASK;
-        for (i, (out, &g)) in out.iter_mut().zip(grad).enumerate() {
-            *out = g * mask.factor(first + i);
+/// out = grad through dropout (a copy without a mask); `first` as in `residual`.
+fn dropout_rows(out: &mut [f32], grad: &[f32], mask: Option<DropoutMask>, first: usize) {
+    match mask {
+        None => out.copy_from_slice(grad),
+        Some(mask) => {
+            for (i, (out, &g)) in out.iter_mut().zip(grad).enumerate() {
+                *out = g * mask.factor(first + i);
+            }
         }
-    });
-    out
+    }
+}
+
+/// sums += the column sums of rows of `width` (a bias's gradient).
+fn column_sums(sums: &mut [f32], rows: &[f32], width: usize) {
+    for row in rows.chunks_exact(width) {
+        simd::add_assign(sums, row);
+    }
+}
+
+/// LayerNorm of rows of `x`, one thread.
+fn layer_norm_rows(out: &mut [f32], stats: &mut [f32], x: &[f32], ln: &Weights<&[f32]>, c: usize) {
+    for ((out, stats), x) in out.chunks_exact_mut(c).zip(stats.chunks_exact_mut(2)).zip(x.chunks_exact(c)) {
+        (stats[0], stats[1]) = simd::layer_norm(out, x, ln.w, ln.b, LAYER_NORM_EPS as f32);
+    }
+}
+
+/// LayerNorm's backward over rows, one thread: dx += its gradient; the gain's and bias's
+/// gradients into parts 0 and 1 of `partial`, part 2 scratch.
+fn layer_norm_backward_rows(
+    dx: &mut [f32],
+    partial: &mut Partial,
+    dout: &[f32],
+    x: &[f32],
+    stats: &[f32],
+    ln: &Weights<&[f32]>,
+    c: usize,
+) {
+    let (dw, rest) = partial.data.split_at_mut(c);
+    let (db, rest) = rest.split_at_mut(c);
+    let norm = &mut rest[..c];
+    let lines = dx.chunks_exact_mut(c).zip(dout.chunks_exact(c)).zip(x.chunks_exact(c).zip(stats.chunks_exact(2)));
+    for ((dx, dout), (x, s)) in lines {
+        simd::layer_norm_backward(dx, dw, db, norm, dout, x, ln.w, (s[0], s[1]));
+    }
+}
+
+/// out (rows, O) = input (rows, I) · weightᵀ + bias, one thread.
+fn linear_rows(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
+    let rows = input.len() / i;
+    assert!(out.len() == rows * o && layer.w.len() == o * i);
+    if let Some(bias) = layer.b {
+        out.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias));
+    }
+    let weight_t = View { ptr: layer.w.as_ptr(), rs: 1, cs: i as isize };
+    // SAFETY: the views stay inside `input` (rows, I) and the weight (O, I); `out` holds (rows, O).
+    unsafe { gemm_one(rows, o, i, out.as_mut_ptr(), o, View::rows(input, i), weight_t, layer.b.is_some()) };
+}
+
+/// dinput (rows, I) = dout (rows, O) · weight (O, I), one thread.
+fn dinput_rows(dinput: &mut [f32], dout: &[f32], weight: &[f32], i: usize, o: usize) {
+    let rows = dout.len() / o;
+    assert!(dinput.len() == rows * i && weight.len() == o * i);
+    // SAFETY: as in `linear_rows`.
+    unsafe { gemm_one(rows, i, o, dinput.as_mut_ptr(), i, View::rows(dout, o), View::rows(weight, i), false) };
+}
+
+/// dweight (O, I) += doutᵀ · input over all N rows, its rows split between the threads.
+fn weight_gradient(dweight: &mut [f32], dout: &[f32], input: &[f32], i: usize, o: usize) {
+    let n = input.len() / i;
+    assert!(dout.len() == n * o && dweight.len() == o * i);
+    let dout_t = View { ptr: dout.as_ptr(), rs: 1, cs: o as isize };
+    // SAFETY: the views stay inside dout (N, O) and input (N, I); dweight holds (O, I).
+    unsafe { matmul(o, i, n, dweight.as_mut_ptr(), i, dout_t, View::rows(input, i), true) };
 }
 
 /// Elements per rayon task of the step's elementwise and row-wise loops: enough that a task
@@ -530,52 +753,6 @@ const TASK: usize = 1 << 15;
 /// Rows of `width` per task.
 fn rows_per_task(width: usize) -> usize {
     (TASK / width).max(1)
-}
-
-/// LayerNorm of each row of `x` (width `c`) into `out`, its (mean, 1/std) into `stats`: the
-/// arithmetic of `ops::normalize` followed by the weight and bias.
-fn layer_norm(out: &mut [f32], stats: &mut [f32], x: &[f32], ln: &Weights<&[f32]>, c: usize) {
-    let rows = rows_per_task(c);
-    let tasks = out.par_chunks_mut(rows * c).zip(stats.par_chunks_mut(2 * rows).zip(x.par_chunks(rows * c)));
-    tasks.for_each(|(out, (stats, x))| {
-        for ((out, stats), x) in out.chunks_exact_mut(c).zip(stats.chunks_exact_mut(2)).zip(x.chunks_exact(c)) {
-            (stats[0], stats[1]) = simd::layer_norm(out, x, ln.w, ln.b, LAYER_NORM_EPS as f32);
-        }
-    });
-}
-
-/// LayerNorm's backward: dx += its gradient, the weight's and bias's gradients += theirs.
-fn layer_norm_backward(
-    dx: &mut [f32],
-    grads: &mut Weights<&mut [f32]>,
-    dout: &[f32],
-    x: &[f32],
-    stats: &[f32],
-    ln: &Weights<&[f32]>,
-    c: usize,
-) {
-    let rows = rows_per_task(c);
-    let tasks = dx.par_chunks_mut(rows * c).zip(dout.par_chunks(rows * c).zip(x.par_chunks(rows * c)));
-    let partials: Vec<Vec<f32>> = tasks
-        .zip(stats.par_chunks(2 * rows))
-        .map(|((dx, (dout, x)), stats)| {
-            let mut partial = vec![0f32; 3 * c]; // the weight's gradient, the bias's, scratch
-            let (dw, rest) = partial.split_at_mut(c);
-            let (db, norm) = rest.split_at_mut(c);
-            let lines =
-                dx.chunks_exact_mut(c).zip(dout.chunks_exact(c)).zip(x.chunks_exact(c).zip(stats.chunks_exact(2)));
-            for ((dx, dout), (x, s)) in lines {
-                simd::layer_norm_backward(dx, dw, db, norm, dout, x, ln.w, (s[0], s[1]));
-            }
-            partial
-        })
-        .collect();
-    for partial in partials {
-        grads.w.iter_mut().zip(&partial[..c]).for_each(|(g, p)| *g += p);
-        if let Some(b) = grads.b.as_deref_mut() {
-            b.iter_mut().zip(&partial[c..2 * c]).for_each(|(g, p)| *g += p);
-        }
-    }
 }
 
 /// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I).
@@ -607,40 +784,6 @@ fn matvec(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: 
         }
         let tasks = out.par_chunks_mut(rows).zip(layer.w.par_chunks(rows * i));
         tasks.for_each(|(out, w)| simd::matvec(out, x, w, layer.b.is_some()));
-    }
-}
-
-/// The backward of `linear`: dinput = dout · weight (overwritten), the weight's gradient +=
-/// doutᵀ · input, the bias's += dout's column sums.
-fn linear_backward(
-    dinput: &mut [f32],
-    grads: &mut Weights<&mut [f32]>,
-    dout: &[f32],
-    input: &[f32],
-    weight: &[f32],
-    i: usize,
-    o: usize,
-) {
-    let n = input.len() / i;
-    assert!(dinput.len() >= n * i && dout.len() >= n * o && weight.len() >= o * i && grads.w.len() >= o * i);
-    // SAFETY: the views stay inside the (N, O), (O, I) and (N, I) matrices asserted above.
-    unsafe {
-        matmul(n, i, o, dinput.as_mut_ptr(), i, View::rows(dout, o), View::rows(weight, i), false);
-        let dout_t = View { ptr: dout.as_ptr(), rs: 1, cs: o as isize };
-        matmul(o, i, n, grads.w.as_mut_ptr(), i, dout_t, View::rows(input, i), true);
-    }
-    if let Some(db) = grads.b.as_deref_mut() {
-        let partials: Vec<Vec<f32>> = dout
-            .par_chunks(rows_per_task(o) * o)
-            .map(|rows| {
-                let mut sum = vec![0f32; o];
-                rows.chunks_exact(o).for_each(|row| sum.iter_mut().zip(row).for_each(|(s, &d)| *s += d));
-                sum
-            })
-            .collect();
-        for partial in partials {
-            db.iter_mut().zip(&partial).for_each(|(db, p)| *db += p);
-        }
     }
 }
 
