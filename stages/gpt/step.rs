@@ -55,9 +55,10 @@ struct Activations {
     qkv: Vec<Vec<f32>>,
     atty: Vec<Vec<f32>>,
     lse: Vec<Vec<f32>>,
-    /// The MLP's hidden layer before and after GELU (N, F).
+    /// The MLP's hidden layer before and after GELU, and the tanh inside GELU (N, F).
     fch: Vec<Vec<f32>>,
     fcg: Vec<Vec<f32>>,
+    fct: Vec<Vec<f32>>,
     lnf: Vec<f32>,
     lnf_stats: Vec<f32>,
     /// Logits (N, V), overwritten by their gradient.
@@ -94,6 +95,7 @@ impl Activations {
             lse: layers(b * config.n_head * t),
             fch: layers(4 * n * c),
             fcg: layers(4 * n * c),
+            fct: layers(4 * n * c),
             lnf: vec![0f32; n * c],
             lnf_stats: vec![0f32; 2 * n],
             logits: vec![0f32; n * config.vocab_size],
@@ -487,7 +489,7 @@ fn forward(
         attention(&mut a.atty[l], &mut a.lse[l], &mut a.scratch, &a.qkv[l], d, mask(dropout, 3 * l + 1));
         let (branch, mid) = (Rows::of(&mut a.branch, c), Rows::of(&mut a.mid[l], c));
         let (ln2, stats2) = (Rows::of(&mut a.ln2[l], c), Rows::of(&mut a.ln2_stats[l], 2));
-        let (fch, fcg) = (Rows::of(&mut a.fch[l], f), Rows::of(&mut a.fcg[l], f));
+        let (fch, fcg, fct) = (Rows::of(&mut a.fch[l], f), Rows::of(&mut a.fcg[l], f), Rows::of(&mut a.fct[l], f));
         let (before, after) = a.res.split_at_mut(l + 1);
         let (res, out) = (&before[l], Rows::of(&mut after[0], c));
         let atty = &a.atty[l];
@@ -498,7 +500,7 @@ fn forward(
             residual(mid.get(&rows), rows_of(res, c, &rows), branch.get(&rows), attn_mask, first);
             layer_norm_rows(ln2.get(&rows), stats2.get(&rows), mid.get(&rows), &layer.ln_2, c);
             linear_rows(fch.get(&rows), ln2.get(&rows), &layer.c_fc, c, f);
-            simd::gelu(fcg.get(&rows), fch.get(&rows));
+            simd::gelu_keeping_tanh(fcg.get(&rows), fct.get(&rows), fch.get(&rows));
             linear_rows(branch.get(&rows), fcg.get(&rows), &layer.mlp_proj, f, c);
             residual(out.get(&rows), mid.get(&rows), branch.get(&rows), mlp_mask, first);
         });
@@ -561,7 +563,7 @@ fn backward_pass(
         // The MLP branch: to its input and through ln_2 into the residual stream's gradient.
         let (dbranch, dfc, dln, dres) =
             (Rows::of(&mut a.dbranch, c), Rows::of(&mut a.dfc, f), Rows::of(&mut a.dln, c), Rows::of(&mut a.dres, c));
-        let (fch, ln2_stats, mid) = (&a.fch[l], &a.ln2_stats[l], &a.mid[l]);
+        let (fch, fct, ln2_stats, mid) = (&a.fch[l], &a.fct[l], &a.ln2_stats[l], &a.mid[l]);
         let mlp_mask = mask(dropout, 3 * l + 3);
         let partials = in_row_blocks(n, |rows| unsafe {
             let mut partial = Partial::new(&[c, c, c, c, f]); // ln_2 w, b, scratch; c_proj b; c_fc b
@@ -569,7 +571,7 @@ fn backward_pass(
             dropout_rows(dbranch, dres.get(&rows), mlp_mask, rows.start * c);
             column_sums(partial.part(3), dbranch, c);
             dinput_rows(dfc.get(&rows), dbranch, layer.mlp_proj.w, f, c);
-            simd::gelu_backward(dfc.get(&rows), rows_of(fch, f, &rows));
+            simd::gelu_backward(dfc.get(&rows), rows_of(fch, f, &rows), rows_of(fct, f, &rows));
             column_sums(partial.part(4), dfc.get(&rows), f);
             dinput_rows(dln.get(&rows), dfc.get(&rows), layer.c_fc.w, c, f);
             let (x, stats) = (rows_of(mid, c, &rows), rows_of(ln2_stats, 2, &rows));
@@ -918,7 +920,7 @@ unsafe fn gemm_one(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a
 }
 
 /// Row blocks of the causal (T, T) products: a block of queries needs keys up to its last.
-const BLOCK: usize = 64;
+const BLOCK: usize = 32;
 
 /// Causal self-attention from packed qkv (N, 3C) to the heads' outputs side by side (N, C) and
 /// each query's log-sum-exp, one (sequence, head) per task, the (T, T) probabilities in the

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use super::cuda;
 
 /// √(2/π), GPT-2's GELU (the tanh approximation, HF's `gelu_new`).
-const GELU_K: f32 = 0.797_884_6;
-const GELU_C: f32 = 0.044_715;
+pub(crate) const GELU_K: f32 = 0.797_884_6;
+pub(crate) const GELU_C: f32 = 0.044_715;
 
 /// The contiguous f32 data of a CPU tensor.
 fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -80,7 +80,7 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 /// tanh(u) = 1 - 2 / (e^2u + 1), within ~2e-7 absolute.
 #[inline(always)]
-pub(super) fn tanh(u: f32) -> f32 {
+pub(crate) fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u.clamp(-9.0, 9.0)) + 1.0)
 }
 
@@ -92,7 +92,7 @@ pub(crate) fn gelu_at(x: f32) -> f32 {
 
 /// dL/dx of GELU at `x`, given dL/dy = `g`.
 #[inline(always)]
-pub(crate) fn gelu_grad_at(x: f32, g: f32) -> f32 {
+fn gelu_grad_at(x: f32, g: f32) -> f32 {
     let x2 = x * x;
     let t = tanh(GELU_K * (x + GELU_C * x2 * x));
     let du = GELU_K * (1.0 + 3.0 * GELU_C * x2);
