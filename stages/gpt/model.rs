@@ -12,6 +12,11 @@
 //! fused kernels without one and would silently stop the gradient, so LayerNorm, GELU and the
 //! causal softmax come from `ops.rs`: fused CPU kernels with their backward, plain candle ops
 //! elsewhere.
+//!
+//! In float32 on the CPU, training steps (`accumulate_gradients`), losses (`loss`) and cached
+//! decoding (`forward_cached`) run this model written out in `step.rs`, over these same
+//! parameters, without candle's per-op overhead; its tests hold it to this file's forward and
+//! backward and to `transformers`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
