@@ -1,8 +1,9 @@
 //! The GPT's training step on the CPU, written out in llm.c's shape: the forward pass keeps its
 //! activations in buffers allocated once per batch shape, the backward pass walks the layers in
 //! reverse with every weight gradient accumulated straight into its sum (matmuls with beta = 1,
-//! so micro-batches add up for free), and attention runs as per-head matmuls. Nothing is
-//! allocated per op and no gradient is added twice.
+//! so micro-batches add up for free), and attention runs as per-head matmuls. No tensor is
+//! allocated per op (only a few per-thread partial sums per layer) and no gradient is added
+//! twice.
 //!
 //! Why: through candle's autograd a CPU step of nanoGPT's laptop recipe took 2.4× PyTorch's
 //! time, most of it not in the matmuls but around them: a new tensor per op, a `zeros_like` and
@@ -775,8 +776,8 @@ fn weight_gradient(dweight: &mut [f32], dout: &[f32], input: &[f32], i: usize, o
     unsafe { matmul(o, i, n, dweight.as_mut_ptr(), i, dout_t, View::rows(input, i), true) };
 }
 
-/// Elements per rayon task of the step's elementwise and row-wise loops: enough that a task
-/// outlasts waking a thread for it (the CPU recipe's loops are of 100K to 400K elements).
+/// Elements per rayon task of decoding's loops: enough that a task outlasts waking a thread for
+/// it.
 const TASK: usize = 1 << 15;
 
 /// Rows of `width` per task.
@@ -784,7 +785,8 @@ fn rows_per_task(width: usize) -> usize {
     (TASK / width).max(1)
 }
 
-/// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I).
+/// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I), split between the threads
+/// (decoding; the training step's row-wise regions call `linear_rows`).
 fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
     let n = input.len() / i;
     if n <= 4 {
