@@ -194,11 +194,6 @@ impl AdamW {
         groups
     }
 
-    /// The gradient of each of `vars()` in `store`, zeros where a variable got none.
-    pub fn gradients(&self, store: &candle_core::backprop::GradStore) -> candle_core::Result<Vec<Tensor>> {
-        self.vars().map(|var| store.get(var.as_tensor()).cloned().map_or_else(|| var.zeros_like(), Ok)).collect()
-    }
-
     /// One update with learning rate `lr`; `grads[i]` belongs to the i-th of `vars()`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
         let AdamWParams { beta1, beta2, eps, weight_decay } = self.params;

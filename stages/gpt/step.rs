@@ -235,7 +235,8 @@ pub(crate) fn run(
     let y = tokens(targets, config.vocab_size, "cross-entropy")?;
     let params = model.parameters();
     let workspace = workspace.get_or_insert_with(Workspace::default);
-    if workspace.grads.is_empty() {
+    // The gradient sums, at the first backward pass (a model that only evaluates needs none).
+    if backward.is_some() && workspace.grads.is_empty() {
         workspace.grads = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
     }
     let with_backward = backward.is_some() || workspace.acts.has_backward();
@@ -263,21 +264,21 @@ pub(crate) fn run(
 }
 
 /// The sums `run` accumulated, one tensor per var (matched by identity to the model's
-/// parameters; zeros for others), the sums set back to zero.
+/// parameters; zeros for others, and for all before any backward pass), the sums set back to
+/// zero.
 pub(crate) fn take_gradients<'a>(
     workspace: &mut Option<Workspace>,
     model: &Gpt,
     vars: impl Iterator<Item = &'a Var>,
 ) -> Result<Vec<Tensor>> {
     let params = model.parameters();
-    let workspace = workspace.get_or_insert_with(Workspace::default);
-    if workspace.grads.is_empty() {
-        workspace.grads = params.iter().map(|p| vec![0f32; p.elem_count()]).collect();
-    }
-    vars.map(|var| match params.iter().position(|p| p.id() == var.as_tensor().id()) {
+    let grads = &mut workspace.get_or_insert_with(Workspace::default).grads;
+    let summed = !grads.is_empty();
+    let index = |var: &Var| params.iter().position(|p| p.id() == var.as_tensor().id()).filter(|_| summed);
+    vars.map(|var| match index(var) {
         Some(i) => {
-            let grad = Tensor::from_slice(&workspace.grads[i], var.shape(), var.device())?;
-            workspace.grads[i].par_chunks_mut(1 << 16).for_each(|chunk| chunk.fill(0.0));
+            let grad = Tensor::from_slice(&grads[i], var.shape(), var.device())?;
+            grads[i].par_chunks_mut(1 << 16).for_each(|chunk| chunk.fill(0.0));
             Ok(grad)
         }
         None => var.zeros_like(),

@@ -10,8 +10,8 @@ use rayon::prelude::*;
 use super::cuda;
 
 /// √(2/π), GPT-2's GELU (the tanh approximation, HF's `gelu_new`).
-pub(crate) const GELU_K: f32 = 0.797_884_6;
-pub(crate) const GELU_C: f32 = 0.044_715;
+const GELU_K: f32 = 0.797_884_6;
+const GELU_C: f32 = 0.044_715;
 
 /// The contiguous f32 data of a CPU tensor.
 fn slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -80,22 +80,32 @@ pub(crate) fn exp(x: f32) -> f32 {
 
 /// tanh(u) = 1 - 2 / (e^2u + 1), within ~2e-7 absolute.
 #[inline(always)]
-pub(crate) fn tanh(u: f32) -> f32 {
+pub(super) fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u.clamp(-9.0, 9.0)) + 1.0)
 }
 
 /// GELU (tanh approximation) of one value.
 #[inline(always)]
 pub(crate) fn gelu_at(x: f32) -> f32 {
-    0.5 * x * (1.0 + tanh(GELU_K * (x + GELU_C * x * x * x)))
+    0.5 * x * (1.0 + gelu_tanh(x))
+}
+
+/// The tanh inside GELU at `x`.
+#[inline(always)]
+pub(crate) fn gelu_tanh(x: f32) -> f32 {
+    tanh(GELU_K * (x + GELU_C * x * x * x))
 }
 
 /// dL/dx of GELU at `x`, given dL/dy = `g`.
 #[inline(always)]
 fn gelu_grad_at(x: f32, g: f32) -> f32 {
-    let x2 = x * x;
-    let t = tanh(GELU_K * (x + GELU_C * x2 * x));
-    let du = GELU_K * (1.0 + 3.0 * GELU_C * x2);
+    gelu_grad_with_tanh(x, gelu_tanh(x), g)
+}
+
+/// dL/dx of GELU at `x` whose inner tanh `t` is known, given dL/dy = `g`.
+#[inline(always)]
+pub(crate) fn gelu_grad_with_tanh(x: f32, t: f32, g: f32) -> f32 {
+    let du = GELU_K * (1.0 + 3.0 * GELU_C * x * x);
     g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
 }
 

@@ -8,7 +8,7 @@
 //! Sums and maxima run in 16 lanes at every level and no multiply-add is fused, so a kernel gives
 //! the same bits on every CPU.
 
-use super::cpu::{GELU_C, GELU_K, exp, gelu_at};
+use super::cpu::{exp, gelu_at, gelu_grad_with_tanh, gelu_tanh};
 
 /// Compiles a function for AVX-512, for AVX2 + FMA and for the baseline, and calls the widest
 /// one this CPU runs.
@@ -206,7 +206,7 @@ widest! {
     /// (the exp and the division are most of GELU's cost).
     pub(crate) fn gelu_keeping_tanh(out: &mut [f32], tanh: &mut [f32], x: &[f32]) {
         for ((y, t), &x) in out.iter_mut().zip(tanh.iter_mut()).zip(x) {
-            *t = super::cpu::tanh(GELU_K * (x + GELU_C * x * x * x));
+            *t = gelu_tanh(x);
             *y = 0.5 * x * (1.0 + *t);
         }
     }
@@ -214,11 +214,10 @@ widest! {
 
 widest! {
     /// GELU's backward in place of dL/dy (`grad`), at the inputs `x` whose tanh the forward
-    /// kept: the arithmetic of `gelu_grad_at`.
+    /// kept.
     pub(crate) fn gelu_backward(grad: &mut [f32], x: &[f32], tanh: &[f32]) {
         for ((g, &x), &t) in grad.iter_mut().zip(x).zip(tanh) {
-            let du = GELU_K * (1.0 + 3.0 * GELU_C * x * x);
-            *g *= 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du;
+            *g = gelu_grad_with_tanh(x, t, *g);
         }
     }
 }
