@@ -312,7 +312,8 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
     if !is_model {
         return Err(Error::UnknownModel { name: asked, stages: stage_names });
     }
-    let mut stdout = std::io::stdout().lock();
+    // Not a lock held throughout: the callback runs on a thread of the decoding pool.
+    let mut stdout = std::io::stdout();
     let what = format!("sampling from `{}`", config.model);
     sample::generate(&config, &root, &mut |event| {
         let _ = match event {

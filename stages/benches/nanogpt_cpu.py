@@ -8,9 +8,9 @@ same shapes, nanoGPT's own model.py (PyTorch, CPU, no compile), the same measure
   65, no dropout; median of 30 iterations after 5 warm-up ones), the default char config
   (6 layers, 6 heads, 384 wide, block 256, batch 64, dropout 0.2) and GPT-2 124M at batch 1,
   block 1024 (vocab 50304); the two large shapes: 3 iterations after 1 warm-up.
-- sample: tokens/s of model.generate (sample.py's loop, which recomputes the context for every
-  token) for the shakespeare-char shape (500 tokens) and GPT-2 124M's shape (100 tokens),
-  random weights, temperature 0.8, top_k 200.
+- sample: tokens/s of sample.py's loop (5 samples one after another, model.generate
+  recomputing the context for every token) for the shakespeare-char shape (500 tokens each) and
+  GPT-2 124M's shape (100 tokens each), random weights, temperature 0.8, top_k 200.
 """
 
 import statistics
@@ -60,11 +60,22 @@ if "train" in which:
 
 if "sample" in which:
     gpt2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0, bias=True)
-    for name, shape, new_tokens in [("shakespeare-char shape", cpu_recipe, 500), ("GPT-2 124M shape", gpt2, 100)]:
+    samples = 5
+    for key, name, shape, new_tokens in [
+        ("recipe", "shakespeare-char shape", cpu_recipe, 500),
+        ("gpt2", "GPT-2 124M shape", gpt2, 100),
+    ]:
+        if key not in shapes:
+            continue
         model = GPT(GPTConfig(**shape)).eval()
         idx = torch.zeros((1, 1), dtype=torch.long)
         with torch.no_grad():
             started = time.perf_counter()
-            model.generate(idx, new_tokens, temperature=0.8, top_k=200)
+            # sample.py's loop: one sample after another.
+            for _ in range(samples):
+                model.generate(idx, new_tokens, temperature=0.8, top_k=200)
             seconds = time.perf_counter() - started
-        print(f"sample, {name}, {new_tokens} new tokens (recomputing the context): {new_tokens / seconds:.1f} tokens/s")
+        print(
+            f"sample, {name}, {samples} x {new_tokens} new tokens (recomputing the context): "
+            f"{samples * new_tokens / seconds:.1f} tokens/s"
+        )

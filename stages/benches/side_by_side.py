@@ -4,10 +4,10 @@ report them: each round runs `cargo bench -p nanoflow-stages --bench model` and
 sides' medians and minima over the rounds' medians and minima, and their ratios.
 
     python stages/benches/side_by_side.py PATH/TO/nanoGPT [--python PYTHON] [--rounds N]
-        [--threads 1,2] [recipe] [char] [gpt2] [sample]
+        [--threads 1,2] [--binary PATH] [recipe] [char] [gpt2] [sample]
 
 The nanoflow side is the bench binary cargo builds (`cargo bench --no-run` first, so a build is
-never timed); PYTHON (default: this one) needs torch. Run it on a quiet machine: `uptime` and
+never timed), or PATH (a copy kept from another commit, to compare two builds); PYTHON (default: this one) needs torch. Run it on a quiet machine: `uptime` and
 `lscpu`'s model name are printed with the table.
 """
 
@@ -22,6 +22,7 @@ nanogpt = args.pop(0)
 python = sys.executable
 rounds = 3
 threads = [1, 2]
+binary = None
 while any(a.startswith("--") for a in args):
     i = next(i for i, a in enumerate(args) if a.startswith("--"))
     flag, value = args.pop(i), args.pop(i)
@@ -31,15 +32,18 @@ while any(a.startswith("--") for a in args):
         rounds = int(value)
     elif flag == "--threads":
         threads = [int(t) for t in value.split(",")]
+    elif flag == "--binary":
+        binary = value
 shapes = [a for a in args if a in ("recipe", "char", "gpt2", "sample")] or ["recipe"]
 here = os.path.dirname(os.path.abspath(__file__))
 root = os.path.dirname(os.path.dirname(here))
 
-built = subprocess.run(
-    ["cargo", "bench", "-p", "nanoflow-stages", "--bench", "model", "--no-run", "--message-format", "short"],
-    cwd=root, capture_output=True, text=True, check=True,
-)
-binary = re.search(r"\((\S+/model-[0-9a-f]+)\)", built.stderr).group(1)
+if binary is None:
+    built = subprocess.run(
+        ["cargo", "bench", "-p", "nanoflow-stages", "--bench", "model", "--no-run", "--message-format", "short"],
+        cwd=root, capture_output=True, text=True, check=True,
+    )
+    binary = re.search(r"\((\S+/model-[0-9a-f]+)\)", built.stderr).group(1)
 
 
 def run(command, n):

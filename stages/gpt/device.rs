@@ -57,19 +57,25 @@ pub fn for_rank(name: &str, local_rank: usize, local_ranks: usize) -> anyhow::Re
 /// memory reused. On the CPU, in glibc's heap: by default it returns the heap's top to the
 /// kernel once 128 KiB are free there, and the next step faults the pages back in; a 1 GiB trim
 /// threshold and 256 MiB of top padding took the CPU recipe's step from 112 to 95 ms (median,
-/// 2 threads, `cargo bench -p nanoflow-stages --bench model -- train`). `MALLOC_TRIM_THRESHOLD_`
-/// or `MALLOC_TOP_PAD_` in the environment still win.
+/// 2 threads, `cargo bench -p nanoflow-stages --bench model -- train`). And glibc maps every
+/// block over 32 MiB (its largest mmap threshold) on its own and unmaps it when freed: GPT-2's
+/// 154 MB embedding gradient, its logits, its parameter copies came back as fresh pages at every
+/// step, which the kernel zeroed (6% of a GPT-2 finetune step's samples, perf) and a VM faulted
+/// in; with no mmaps they come from the heap that is kept (3-5% faster GPT-2 steps, in each of
+/// three alternating rounds). `MALLOC_TRIM_THRESHOLD_`, `MALLOC_TOP_PAD_` or `MALLOC_MMAP_MAX_`
+/// in the environment still win.
 pub fn keep_freed_memory(device: &Device) -> anyhow::Result<()> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if device.is_cpu() {
         static ONCE: std::sync::Once = std::sync::Once::new();
         ONCE.call_once(|| {
             let set = |name: &str| std::env::var_os(name).is_some();
-            if !set("MALLOC_TRIM_THRESHOLD_") && !set("MALLOC_TOP_PAD_") {
+            if !set("MALLOC_TRIM_THRESHOLD_") && !set("MALLOC_TOP_PAD_") && !set("MALLOC_MMAP_MAX_") {
                 // SAFETY: mallopt sets allocator parameters under glibc's own lock.
                 unsafe {
                     libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
                     libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+                    libc::mallopt(libc::M_MMAP_MAX, 0);
                 }
             }
         });

@@ -24,6 +24,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use candle_core::{DType, Device, IndexOp, Module, Result, Shape, Tensor, Var};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Embedding, Init, VarBuilder, VarMap};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::gpt::Rng;
@@ -557,7 +558,8 @@ impl Gpt {
     /// Continues each row of idx (B, T) u32 by `max_new_tokens` tokens, each drawn from the
     /// softmax of the last position's logits / `temperature`, cut to the `top_k` most likely
     /// (nanoGPT's `generate`); the model sees the last `block_size` tokens. Temperature 0 takes
-    /// the most likely token. The same `seed` gives the same tokens. Returns (B, T + max_new_tokens).
+    /// the most likely token. Row b draws from `Rng::stream(seed, b)`: the same `seed` gives the
+    /// same tokens. Returns (B, T + max_new_tokens).
     pub fn generate(
         &self,
         idx: &Tensor,
@@ -567,13 +569,16 @@ impl Gpt {
         seed: u64,
     ) -> Result<Tensor> {
         let sampling = Sampling { max_new_tokens, temperature, top_k, kv_cache: true };
-        self.generate_with(idx, &sampling, &mut Rng::new(seed), &mut |_| Ok(()))
+        let mut rngs: Vec<Rng> = (0..idx.dim(0)?).map(|row| Rng::stream(seed, row as u64)).collect();
+        self.generate_with(idx, &sampling, &mut rngs, &mut |_| Ok(()))
     }
 
-    /// `generate` with the settings in `sampling`, drawing from `rng` (so that samples in a row
-    /// continue one stream, as nanoGPT's sample.py does), calling `on_tokens` with each step's
-    /// new token of every row as it is drawn.
+    /// `generate` with the settings in `sampling`, row b drawing from `rngs[b]`, calling
+    /// `on_tokens` with each step's new token of every row as it is drawn.
     ///
+    /// The rows are decoded side by side: on the CPU a step reads each weight once for all of
+    /// them (a step of GPT-2 124M reads half a gigabyte of weights, whether for one row or ten),
+    /// and no row's tokens depend on the others'.
     /// With the KV cache each step computes one position while the context fits `block_size`.
     /// Past it the window slides, every position changes its place, and nothing cached is valid:
     /// each step then recomputes the last `block_size` tokens, as nanoGPT does for all steps.
@@ -582,36 +587,109 @@ impl Gpt {
         &self,
         idx: &Tensor,
         sampling: &Sampling,
-        rng: &mut Rng,
-        on_tokens: &mut dyn FnMut(&[u32]) -> Result<()>,
+        rngs: &mut [Rng],
+        on_tokens: &mut OnTokens,
     ) -> Result<Tensor> {
-        let Sampling { max_new_tokens, temperature, top_k, kv_cache } = *sampling;
-        if temperature < 0.0 || top_k == Some(0) {
-            candle_core::bail!("cannot sample with temperature {temperature} and top_k {top_k:?}")
+        if sampling.temperature < 0.0 || sampling.top_k == Some(0) {
+            candle_core::bail!("cannot sample with temperature {} and top_k {:?}", sampling.temperature, sampling.top_k)
         }
-        let block_size = self.config.block_size;
-        let mut idx = idx.clone();
-        let mut cache = KvCache::default();
-        for _ in 0..max_new_tokens {
-            let t = idx.dim(1)?;
-            let logits = if kv_cache && t <= block_size {
-                self.forward_cached(&idx.narrow(1, cache.len(), t - cache.len())?, &mut cache)? // (B, V)
-            } else if kv_cache {
-                // The window slid: the whole window again, into a cache that keeps its buffers.
-                cache.restart();
-                self.forward_cached(&idx.narrow(1, t - block_size, block_size)?, &mut cache)?
-            } else {
-                let context = idx.narrow(1, t.saturating_sub(block_size), t.min(block_size))?;
-                let logits = self.forward(&context, false)?; // (B, T, V)
-                logits.i((.., context.dim(1)? - 1, ..))?
-            };
-            let logits = logits.to_dtype(DType::F64)?.to_vec2::<f64>()?; // (B, V)
-            let next: Vec<u32> = logits.iter().map(|row| sample(row, temperature, top_k, rng)).collect();
-            on_tokens(&next)?;
-            let next = Tensor::from_vec(next, (logits.len(), 1), idx.device())?; // (B, 1)
-            idx = Tensor::cat(&[&idx, &next], 1)?;
+        let (b, t) = idx.dims2()?;
+        if rngs.len() != b {
+            candle_core::bail!("{b} rows to continue but {} generators", rngs.len())
         }
-        Ok(idx)
+        let stride = t + sampling.max_new_tokens;
+        let mut tokens = vec![0u32; b * stride];
+        for (row, prompt) in tokens.chunks_exact_mut(stride).zip(idx.to_vec2::<u32>()?) {
+            row[..t].copy_from_slice(&prompt);
+        }
+        let mut draw = Draw { tokens: &mut tokens, stride, len: t, sampling, rngs, on_tokens };
+        match self.explicit() {
+            true => crate::gpt::step::generate(self, &mut draw, sampling.kv_cache)?,
+            false => draw.run(&mut CandleLogits {
+                model: self,
+                device: idx.device().clone(),
+                cache: KvCache::default(),
+                kv_cache: sampling.kv_cache,
+                logits: Vec::new(),
+            })?,
+        }
+        Tensor::from_vec(tokens, (b, stride), idx.device())
+    }
+}
+
+/// What `generate_with` calls with each step's new tokens, one per row.
+pub type OnTokens<'a> = dyn FnMut(&[u32]) -> Result<()> + Send + 'a;
+
+/// The model's side of a decoding loop.
+pub(crate) trait NextLogits {
+    /// The logits (B, V) of the token after the first `len` of each row of `tokens` (B rows of
+    /// `stride`), given that earlier calls saw the rows' earlier tokens.
+    fn next_logits(&mut self, tokens: &[u32], stride: usize, len: usize) -> Result<&[f32]>;
+}
+
+/// A decoding loop: the rows of `tokens` (B of `stride`, the first `len` filled) filled to the
+/// end, a token per row per step.
+pub(crate) struct Draw<'a, 'b> {
+    tokens: &'a mut [u32],
+    stride: usize,
+    len: usize,
+    sampling: &'a Sampling,
+    rngs: &'a mut [Rng],
+    on_tokens: &'a mut OnTokens<'b>,
+}
+
+impl Draw<'_, '_> {
+    /// Draws every token left. Its buffers are allocated before the first step: with an
+    /// allocation-free `logits` (the CPU decoder's), a step allocates nothing.
+    pub(crate) fn run(&mut self, logits: &mut dyn NextLogits) -> Result<()> {
+        let Sampling { temperature, top_k, .. } = *self.sampling;
+        let b = self.rngs.len();
+        let mut samplers: Vec<Sampler> = (0..b).map(|_| Sampler::default()).collect();
+        let mut next = vec![0u32; b];
+        for len in self.len..self.stride {
+            let logits = logits.next_logits(self.tokens, self.stride, len)?;
+            let v = logits.len() / b;
+            // Rows in parallel: cutting GPT-2's 50257 logits to the top 200 is ~0.2 ms a row.
+            let rows = next.par_iter_mut().zip(self.rngs.par_iter_mut()).zip(samplers.par_iter_mut());
+            rows.enumerate().with_min_len(if v < 4096 { b } else { 1 }).for_each(|(row, ((next, rng), sampler))| {
+                *next = sampler.sample(&logits[row * v..][..v], temperature, top_k, rng);
+            });
+            for (row, &token) in self.tokens.chunks_exact_mut(self.stride).zip(&next) {
+                row[len] = token;
+            }
+            (self.on_tokens)(&next)?;
+        }
+        self.len = self.stride;
+        Ok(())
+    }
+}
+
+/// `NextLogits` through candle's ops (a GPU, or a dtype the explicit step does not run).
+struct CandleLogits<'a> {
+    model: &'a Gpt,
+    device: Device,
+    cache: KvCache,
+    kv_cache: bool,
+    logits: Vec<f32>,
+}
+
+impl NextLogits for CandleLogits<'_> {
+    fn next_logits(&mut self, tokens: &[u32], stride: usize, len: usize) -> Result<&[f32]> {
+        let block_size = self.model.config.block_size;
+        let fits = self.kv_cache && len <= block_size;
+        if self.kv_cache && !fits {
+            // The window slid: the whole window again, into a cache that keeps its buffers.
+            self.cache.restart();
+        }
+        let start = if fits { self.cache.len() } else { len.saturating_sub(block_size) };
+        let rows: Vec<u32> = tokens.chunks_exact(stride).flat_map(|row| &row[start..len]).copied().collect();
+        let idx = Tensor::from_vec(rows, (tokens.len() / stride, len - start), &self.device)?;
+        let logits = match self.kv_cache {
+            true => self.model.forward_cached(&idx, &mut self.cache)?, // (B, V)
+            false => self.model.forward(&idx, false)?.i((.., len - start - 1, ..))?,
+        };
+        self.logits = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(&self.logits)
     }
 }
 
@@ -633,32 +711,44 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     crate::gpt::ops::cross_entropy(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?)
 }
 
-/// One token id from a row of logits (V): see `Gpt::generate`.
-fn sample(logits: &[f64], temperature: f64, top_k: Option<usize>, rng: &mut Rng) -> u32 {
-    let argmax = |row: &[f64]| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best });
-    if temperature == 0.0 {
-        return argmax(logits) as u32;
-    }
-    // Ties at the k-th largest logit all stay in, as in nanoGPT's `logits < v[:, [-1]]`. The k-th
-    // largest by selection, not a sort of the whole vocabulary (GPT-2's 50257 at every token).
-    let max = logits.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let floor = match top_k {
-        Some(k) if k < logits.len() => {
-            let mut values = logits.to_vec();
-            *values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+/// A row's sampling scratch, kept from token to token.
+#[derive(Debug, Default)]
+struct Sampler {
+    values: Vec<f32>,
+    weights: Vec<f64>,
+}
+
+impl Sampler {
+    /// One token id from a row of logits (V): see `Gpt::generate`.
+    fn sample(&mut self, logits: &[f32], temperature: f64, top_k: Option<usize>, rng: &mut Rng) -> u32 {
+        let argmax = |row: &[f32]| (0..row.len()).fold(0, |best, i| if row[i] > row[best] { i } else { best });
+        if temperature == 0.0 {
+            return argmax(logits) as u32;
         }
-        _ => f64::NEG_INFINITY,
-    };
-    let weights: Vec<f64> =
-        logits.iter().map(|&l| if l < floor { 0.0 } else { ((l - max) / temperature).exp() }).collect();
-    let mut u = rng.uniform() * weights.iter().sum::<f64>();
-    for (i, w) in weights.iter().enumerate() {
-        if u < *w {
-            return i as u32;
+        // Ties at the k-th largest logit all stay in, as in nanoGPT's `logits < v[:, [-1]]`. The
+        // k-th largest by selection, not a sort of the whole vocabulary (GPT-2's 50257 at every
+        // token).
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let floor = match top_k {
+            Some(k) if k < logits.len() => {
+                self.values.clear();
+                self.values.extend_from_slice(logits);
+                *self.values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1
+            }
+            _ => f32::NEG_INFINITY,
+        };
+        self.weights.clear();
+        let weight = |l: f32| if l < floor { 0.0 } else { ((l as f64 - max) / temperature).exp() };
+        self.weights.extend(logits.iter().map(|&l| weight(l)));
+        let mut u = rng.uniform() * self.weights.iter().sum::<f64>();
+        for (i, w) in self.weights.iter().enumerate() {
+            if u < *w {
+                return i as u32;
+            }
+            u -= w;
         }
-        u -= w;
+        argmax(logits) as u32 // rounding left `u` past the last weight; the largest is the best guess
     }
-    argmax(logits) as u32 // rounding left `u` past the last weight; the largest is the best guess
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1121,8 +1211,9 @@ mod tests {
             let run = |kv_cache: bool| {
                 let sampling = Sampling { max_new_tokens: 12, temperature: 1.0, top_k: Some(5), kv_cache };
                 let mut streamed = Vec::new();
+                let mut rngs = [Rng::new(24), Rng::new(25)];
                 let out = gpt
-                    .generate_with(&prompt, &sampling, &mut Rng::new(24), &mut |next| {
+                    .generate_with(&prompt, &sampling, &mut rngs, &mut |next| {
                         streamed.push(next.to_vec());
                         Ok(())
                     })
@@ -1133,16 +1224,23 @@ mod tests {
             assert_eq!(cached, run(false).0);
             assert_eq!(streamed.len(), 12);
             assert_eq!(streamed[4], vec![cached[0][7], cached[1][7]]);
+            // Side by side or alone, a row draws the same tokens.
+            for (row, seed) in [(0, 24), (1, 25)] {
+                let sampling = Sampling { max_new_tokens: 12, temperature: 1.0, top_k: Some(5), kv_cache: true };
+                let alone = prompt.narrow(0, row, 1).unwrap();
+                let out = gpt.generate_with(&alone, &sampling, &mut [Rng::new(seed)], &mut |_| Ok(())).unwrap();
+                assert_eq!(out.to_vec2::<u32>().unwrap()[0], cached[row], "row {row}");
+            }
         }
     }
 
     #[test]
     fn sample_follows_the_softmax_within_top_k() {
-        let logits = [0.0, 1.0f64.ln(), 2.0f64.ln(), 3.0f64.ln(), -1e9];
-        let mut rng = Rng::new(18);
+        let logits = [0.0, 1.0f32.ln(), 2.0f32.ln(), 3.0f32.ln(), -1e9];
+        let (mut rng, mut sampler) = (Rng::new(18), Sampler::default());
         let mut counts = [0usize; 5];
         for _ in 0..60_000 {
-            counts[sample(&logits, 1.0, Some(3), &mut rng) as usize] += 1;
+            counts[sampler.sample(&logits, 1.0, Some(3), &mut rng) as usize] += 1;
         }
         // Top 3 of weights 1, 1, 2, 3: the two 1s tie at the cut and both stay in.
         let expected = [1.0 / 7.0, 1.0 / 7.0, 2.0 / 7.0, 3.0 / 7.0, 0.0];

@@ -20,6 +20,12 @@ impl Rng {
         Rng::new(state)
     }
 
+    /// The `k`-th of the generators one seed gives to things drawn side by side (sampling: one
+    /// per sample), so that what one draws does not depend on how many others draw beside it.
+    pub fn stream(seed: u64, k: u64) -> Rng {
+        Rng::new(mix(seed ^ mix(k.wrapping_add(1).wrapping_mul(GOLDEN))))
+    }
+
     /// What a checkpoint records: the batch stream continues from here. (A pending normal sample
     /// is not part of it; the batch stream draws none.)
     pub fn state(&self) -> u64 {
@@ -126,6 +132,17 @@ mod tests {
             assert_ne!(kept, (0..100_000).map(|i| other.factor(i)).collect::<Vec<_>>());
         }
         assert!((0..1000).all(|i| DropoutMask::new(5, 1, 0.0).factor(i) == 1.0));
+    }
+
+    #[test]
+    fn streams_of_a_seed_differ() {
+        let first = |mut rng: Rng| (0..4).map(|_| rng.next_u64()).collect::<Vec<_>>();
+        let streams: Vec<_> = (0..3).map(|k| first(Rng::stream(9, k))).collect();
+        assert_eq!(streams[1], first(Rng::stream(9, 1)));
+        assert!(streams[0] != streams[1] && streams[1] != streams[2] && streams[0] != streams[2]);
+        assert_ne!(streams[0], first(Rng::stream(10, 0)));
+        // Not the seed's own stream shifted: no draw of one is among another's.
+        assert!(streams[0].iter().all(|x| !streams[1].contains(x) && !first(Rng::new(9)).contains(x)));
     }
 
     #[test]

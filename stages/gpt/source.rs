@@ -22,6 +22,7 @@ use crate::fetch::hub::{self, Hub};
 use crate::formats::shard::TokenSplit;
 use crate::formats::tokenizer::Tokenizer;
 use crate::gpt::checkpoint;
+use crate::gpt::model::OnTokens;
 use crate::gpt::{Gpt, GptConfig, Rng, Sampling, batches};
 use crate::{Invalid, Upstream};
 
@@ -164,16 +165,18 @@ impl Model {
         self.gpt.save_hf(&self.varmap, dir)
     }
 
-    /// `prompt` continued (see `Gpt::generate_with`): the prompt and the new tokens.
+    /// `prompt` continued once per generator in `rngs`, side by side (see `Gpt::generate_with`):
+    /// each the prompt and its new tokens.
     pub fn generate(
         &self,
         prompt: &[u32],
         sampling: &Sampling,
-        rng: &mut Rng,
-        on_tokens: &mut dyn FnMut(&[u32]) -> candle_core::Result<()>,
-    ) -> anyhow::Result<Vec<u32>> {
-        let idx = Tensor::new(prompt, &self.device)?.unsqueeze(0)?; // (1, T)
-        Ok(self.gpt.generate_with(&idx, sampling, rng, on_tokens)?.squeeze(0)?.to_vec1::<u32>()?)
+        rngs: &mut [Rng],
+        on_tokens: &mut OnTokens,
+    ) -> anyhow::Result<Vec<Vec<u32>>> {
+        let rows: Vec<u32> = rngs.iter().flat_map(|_| prompt).copied().collect();
+        let idx = Tensor::from_vec(rows, (rngs.len(), prompt.len()), &self.device)?; // (B, T)
+        Ok(self.gpt.generate_with(&idx, sampling, rngs, on_tokens)?.to_vec2::<u32>()?)
     }
 
     /// The mean loss over `iters` batches of `data` drawn from `rng` (see `batches::mean_loss`).

@@ -27,7 +27,7 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::gpt::device::on_cpu_pool;
-use crate::gpt::model::{Gpt, GptConfig, LAYER_NORM_EPS};
+use crate::gpt::model::{Draw, Gpt, GptConfig, LAYER_NORM_EPS, NextLogits};
 use crate::gpt::ops::simd;
 use crate::gpt::rng::DropoutMask;
 
@@ -79,9 +79,20 @@ struct Activations {
     scratch: Vec<f32>,
 }
 
+/// What a forward pass is for: a loss to take the gradient of, a loss alone, or the logits of
+/// each sequence's last position (decoding).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Outputs {
+    Backward,
+    Loss,
+    LastLogits,
+}
+
 impl Activations {
-    fn new(config: &GptConfig, b: usize, t: usize, backward: bool) -> Activations {
+    fn new(config: &GptConfig, b: usize, t: usize, outputs: Outputs) -> Activations {
         let (n, c) = (b * t, config.n_embd);
+        let backward = outputs == Outputs::Backward;
+        let logits_rows = if outputs == Outputs::LastLogits { b } else { n };
         // A forward pass alone (a loss) keeps nothing for later: one layer's buffers, reused,
         // and two for the residual stream (GPT-2 at 8 x 1024: 1.7 GB of logits and 0.5 GB more
         // instead of 7 GB).
@@ -103,7 +114,7 @@ impl Activations {
             fct: layers(4 * n * c),
             lnf: vec![0f32; n * c],
             lnf_stats: vec![0f32; 2 * n],
-            logits: vec![0f32; n * config.vocab_size],
+            logits: vec![0f32; logits_rows * config.vocab_size],
             losses: vec![0f32; n],
             branch: vec![0f32; n * c],
             dres: grad(n * c),
@@ -241,20 +252,22 @@ pub(crate) fn run(
     }
     let with_backward = backward.is_some() || workspace.acts.has_backward();
     if workspace.shape != (b, t) || with_backward != workspace.acts.has_backward() {
-        workspace.acts = Activations::new(config, b, t, with_backward);
+        let outputs = if with_backward { Outputs::Backward } else { Outputs::Loss };
+        workspace.acts = Activations::new(config, b, t, outputs);
         workspace.shape = (b, t);
     }
     let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
     let slices = guards.iter().map(data).collect::<Result<Vec<&[f32]>>>()?;
     let p = Params::from_list(config, slices);
-    let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size };
+    let threads = rayon::current_num_threads();
+    let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size, threads };
     let dropout = match backward {
         Some((_, seed)) if config.dropout > 0.0 => Some((config.dropout as f32, seed)),
         _ => None,
     };
     let (acts, grads) = (&mut workspace.acts, &mut workspace.grads);
     Ok(on_cpu_pool(|| {
-        let loss = forward(acts, &p, &dims, &x, &y, dropout);
+        let loss = forward(acts, &p, &dims, &x, Head::Loss(&y), dropout);
         if let Some((weight, _)) = backward {
             let mut grads = Params::from_list(config, grads.iter_mut().map(Vec::as_mut_slice));
             backward_pass(acts, &p, &mut grads, &dims, &x, &y, weight, dropout);
@@ -286,9 +299,10 @@ pub(crate) fn take_gradients<'a>(
     .collect()
 }
 
-/// Decoding on the CPU (`Gpt::forward_cached`): each layer's keys and values of the positions
-/// seen, and the buffers of a step, allocated at the first step (and when a step brings more
-/// positions than any before): a step of one token allocates nothing but its logits.
+/// Decoding on the CPU (`Gpt::forward_cached`, `Gpt::generate_with`): each layer's keys and
+/// values of the positions seen, and the buffers of a step, allocated at the first step (and when
+/// a step brings more positions than any before): a step of one token per sequence allocates
+/// nothing.
 #[derive(Debug, Default)]
 pub(crate) struct Decoder {
     /// Sequences decoded side by side.
@@ -306,6 +320,8 @@ pub(crate) struct Decoder {
     branch: Vec<f32>,
     fch: Vec<f32>,
     fcg: Vec<f32>,
+    /// A linear layer's outputs for a few rows, turned: (O, N) (`decode_linear`).
+    turned: Vec<f32>,
     /// Per (sequence, head): the attention scores of one query.
     scores: Vec<f32>,
     /// The last position of each sequence after ln_f, and its logits (B, V).
@@ -321,102 +337,209 @@ fn at_least(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[..len]
 }
 
-/// The logits (B, V) of the last of the new positions `idx` (B, T), which follow the `past`
-/// positions the decoder holds; their keys and values join those.
+/// The model's parameters as slices, for as long as `guards` live.
+fn param_slices<'a>(guards: &'a [(candle_core::StorageRef<'_>, &candle_core::Layout)]) -> Result<Vec<&'a [f32]>> {
+    guards.iter().map(data).collect()
+}
+
+/// `Gpt::forward_cached` on the CPU: the logits (B, V) of the last of the new positions `idx`
+/// (B, T), which follow the `past` positions the decoder holds; their keys and values join those.
 pub(crate) fn decode(decoder: &mut Decoder, model: &Gpt, idx: &Tensor, past: usize) -> Result<Tensor> {
-    let config = &model.config;
-    let (b, t) = idx.dims2()?;
-    let (c, heads, block, v) = (config.n_embd, config.n_head, config.block_size, config.vocab_size);
-    if past + t > block {
-        bail!("cannot forward a sequence of length {}, block size is only {block}", past + t)
-    }
-    if decoder.batch != b || decoder.keys.len() != config.n_layer {
-        if past != 0 {
-            bail!("a decoder of {} sequences given {b}", decoder.batch)
-        }
-        decoder.batch = b;
-        decoder.keys = (0..config.n_layer).map(|_| vec![0f32; b * block * c]).collect();
-        decoder.values = (0..config.n_layer).map(|_| vec![0f32; b * block * c]).collect();
-    }
-    let x_ids = tokens(idx, config.vocab_size, "the input")?;
+    let (b, _) = idx.dims2()?;
+    let ids = idx.flatten_all()?.to_vec1::<u32>()?;
     let params = model.parameters();
     let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
-    let slices = guards.iter().map(data).collect::<Result<Vec<&[f32]>>>()?;
-    let p = Params::from_list(config, slices);
-    let n = b * t;
-    let hs = c / heads;
-    let scale = 1.0 / (hs as f32).sqrt();
-    let d = decoder;
-    let step = || {
-        let x = at_least(&mut d.x, n * c);
-        for (row, x) in x.chunks_exact_mut(c).enumerate() {
-            let (token, pos) = (x_ids[row] as usize, past + row % t);
-            let (wte, wpe) = (&p.wte[token * c..][..c], &p.wpe[pos * c..][..c]);
-            x.iter_mut().zip(wte.iter().zip(wpe)).for_each(|(x, (&a, &b))| *x = a + b);
+    let p = Params::from_list(&model.config, param_slices(&guards)?);
+    let logits = on_cpu_pool(|| decode_step(decoder, &p, &model.config, &ids, b, past))?;
+    Tensor::from_slice(logits, (b, model.config.vocab_size), &candle_core::Device::Cpu)
+}
+
+/// `Gpt::generate_with` on the CPU: the whole loop on a thread of rayon's pool (a parallel loop
+/// started there hands nothing over and allocates nothing), the parameters read once. While
+/// the context fits the block, with `kv_cache`, each step decodes the new position of every
+/// row; otherwise it recomputes the window of every row through the training step's forward
+/// pass, keeping only the last position's logits.
+pub(crate) fn generate(model: &Gpt, draw: &mut Draw, kv_cache: bool) -> Result<()> {
+    let params = model.parameters();
+    let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
+    let p = Params::from_list(&model.config, param_slices(&guards)?);
+    let config = &model.config;
+    let mut logits =
+        Explicit { p, config, kv_cache, decoder: Decoder::default(), cached: 0, window: None, ids: Vec::new() };
+    on_cpu_pool(|| draw.run(&mut logits))
+}
+
+/// `NextLogits` on the CPU.
+struct Explicit<'a> {
+    p: Params<&'a [f32]>,
+    config: &'a GptConfig,
+    kv_cache: bool,
+    decoder: Decoder,
+    /// Positions the decoder holds.
+    cached: usize,
+    /// A recomputed window's (B, T) and buffers (a forward pass's, for the last logits only).
+    window: Option<((usize, usize), Activations)>,
+    /// The token ids of the step's positions, row after row.
+    ids: Vec<u32>,
+}
+
+impl NextLogits for Explicit<'_> {
+    fn next_logits(&mut self, tokens: &[u32], stride: usize, len: usize) -> Result<&[f32]> {
+        let (b, block, v) = (tokens.len() / stride, self.config.block_size, self.config.vocab_size);
+        let decoding = self.kv_cache && len <= block;
+        let start = if decoding { self.cached } else { len.saturating_sub(block) };
+        self.ids.clear();
+        for row in tokens.chunks_exact(stride) {
+            self.ids.extend_from_slice(&row[start..len]);
         }
-        let (ln, stats) = (at_least(&mut d.ln, n * c), at_least(&mut d.stats, 2 * n));
-        let (qkv, y) = (at_least(&mut d.qkv, 3 * n * c), at_least(&mut d.y, n * c));
-        let (branch, scores) = (at_least(&mut d.branch, n * c), at_least(&mut d.scores, b * heads * block));
-        let (fch, fcg) = (at_least(&mut d.fch, 4 * n * c), at_least(&mut d.fcg, 4 * n * c));
-        for (l, layer) in p.h.iter().enumerate() {
-            layer_norm_rows(ln, stats, x, &layer.ln_1, c);
-            linear(qkv, ln, &layer.c_attn, c, 3 * c);
-            let (keys, values) = (&mut d.keys[l], &mut d.values[l]);
-            for (row, qkv) in qkv.chunks_exact(3 * c).enumerate() {
-                let at = ((row / t) * block + past + row % t) * c;
-                keys[at..][..c].copy_from_slice(&qkv[c..2 * c]);
-                values[at..][..c].copy_from_slice(&qkv[2 * c..]);
-            }
-            // One task per (sequence, head), each over its queries.
-            let (keys, values, qkv_rows) = (&*keys, &*values, &*qkv);
-            let y_rows = SendPtr(y.as_mut_ptr());
-            let work = (past + t) * t * c * b;
-            let pair = |(pair, scores): (usize, &mut [f32])| {
-                let (seq, h) = (pair / heads, pair % heads);
-                let (keys, values) = (&keys[seq * block * c + h * hs..], &values[seq * block * c + h * hs..]);
-                for i in 0..t {
-                    let row = seq * t + i;
-                    let q = &qkv_rows[row * 3 * c + h * hs..][..hs];
-                    // SAFETY: this pair's columns of its sequence's rows of y are its own.
-                    let out = unsafe { std::slice::from_raw_parts_mut(y_rows.get().add(row * c + h * hs), hs) };
-                    simd::attend(out, &mut scores[..past + i + 1], q, keys, values, c, scale);
-                }
-            };
-            match work < TASK * 4 {
-                true => scores.chunks_mut(block).enumerate().for_each(pair),
-                false => scores.par_chunks_mut(block).enumerate().for_each(pair),
-            }
-            linear(branch, y, &layer.attn_proj, c, c);
-            simd::add_assign(x, branch);
-            layer_norm_rows(ln, stats, x, &layer.ln_2, c);
-            linear(fch, ln, &layer.c_fc, c, 4 * c);
-            simd::gelu(fcg, fch);
-            linear(branch, fcg, &layer.mlp_proj, 4 * c, c);
-            simd::add_assign(x, branch);
+        if let Some(&bad) = self.ids.iter().find(|&&id| id as usize >= v) {
+            bail!("the input: token {bad} is outside the vocabulary of {v}")
         }
-        let last = at_least(&mut d.last, b * c);
-        for (seq, last) in last.chunks_exact_mut(c).enumerate() {
-            last.copy_from_slice(&x[(seq * t + t - 1) * c..][..c]);
+        if decoding {
+            let logits = decode_step(&mut self.decoder, &self.p, self.config, &self.ids, b, start)?;
+            self.cached = len;
+            return Ok(logits);
         }
-        let (ln, stats) = (&mut ln[..b * c], &mut stats[..2 * b]);
-        layer_norm_rows(ln, stats, last, &p.ln_f, c);
-        let logits = at_least(&mut d.logits, b * v);
-        linear(logits, ln, &Weights { w: p.wte, b: None }, c, v);
-        Tensor::from_slice(logits, (b, v), &candle_core::Device::Cpu)
-    };
-    // A small step (the CPU recipe's model, a token or a 64-token window: ~0.1 GFLOP) runs on
-    // one thread: handing its dozens of short loops to a second thread cost more than they took.
-    let work = config.num_params(false) * n;
-    match work < 1 << 27 {
-        true => one_thread_pool().install(step),
-        false => on_cpu_pool(step),
+        let t = len - start;
+        if self.window.as_ref().is_none_or(|(shape, _)| *shape != (b, t)) {
+            self.window = Some(((b, t), Activations::new(self.config, b, t, Outputs::LastLogits)));
+        }
+        let acts = &mut self.window.as_mut().expect("made above").1;
+        let threads = match self.config.num_params(false) * b * t < 1 << 27 {
+            true => 1,
+            false => rayon::current_num_threads(),
+        };
+        let dims = Dims { b, t, c: self.config.n_embd, h: self.config.n_head, v, threads };
+        forward(acts, &self.p, &dims, &self.ids, Head::LastLogits, None);
+        Ok(&acts.logits[..b * v])
     }
 }
 
-/// A rayon pool of one thread: parallel loops inside it run in order on that thread.
-fn one_thread_pool() -> &'static rayon::ThreadPool {
-    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
-    POOL.get_or_init(|| rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a thread for rayon"))
+/// The logits (B, V) of the last of the new positions `ids` (B rows of T), which follow the
+/// `past` positions the decoder holds; their keys and values join those.
+fn decode_step<'d>(
+    d: &'d mut Decoder,
+    p: &Params<&[f32]>,
+    config: &GptConfig,
+    ids: &[u32],
+    b: usize,
+    past: usize,
+) -> Result<&'d [f32]> {
+    let (c, heads, block, v) = (config.n_embd, config.n_head, config.block_size, config.vocab_size);
+    let t = ids.len() / b;
+    if past + t > block {
+        bail!("cannot forward a sequence of length {}, block size is only {block}", past + t)
+    }
+    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
+        bail!("the input: token {bad} is outside the vocabulary of {v}")
+    }
+    if d.batch != b || d.keys.len() != config.n_layer {
+        if past != 0 {
+            bail!("a decoder of {} sequences given {b}", d.batch)
+        }
+        d.batch = b;
+        d.keys = (0..config.n_layer).map(|_| vec![0f32; b * block * c]).collect();
+        d.values = (0..config.n_layer).map(|_| vec![0f32; b * block * c]).collect();
+    }
+    let n = b * t;
+    let hs = c / heads;
+    let scale = 1.0 / (hs as f32).sqrt();
+    // A small step (the CPU recipe's model, a token for each of a few sequences: ~0.01 GFLOP)
+    // is one task: handing its dozens of short loops to a second thread cost more than they took.
+    let task = if config.num_params(false) * n < 1 << 27 { usize::MAX } else { TASK };
+    let x = at_least(&mut d.x, n * c);
+    for (row, x) in x.chunks_exact_mut(c).enumerate() {
+        let (token, pos) = (ids[row] as usize, past + row % t);
+        simd::add(x, &p.wte[token * c..][..c], &p.wpe[pos * c..][..c]);
+    }
+    let (ln, stats) = (at_least(&mut d.ln, n * c), at_least(&mut d.stats, 2 * n));
+    let (qkv, y) = (at_least(&mut d.qkv, 3 * n * c), at_least(&mut d.y, n * c));
+    let (branch, scores) = (at_least(&mut d.branch, n * c), at_least(&mut d.scores, b * heads * block));
+    let (fch, fcg) = (at_least(&mut d.fch, 4 * n * c), at_least(&mut d.fcg, 4 * n * c));
+    let turned = &mut d.turned;
+    for (l, layer) in p.h.iter().enumerate() {
+        layer_norm_rows(ln, stats, x, &layer.ln_1, c);
+        decode_linear(qkv, turned, ln, &layer.c_attn, c, 3 * c, task);
+        let (keys, values) = (&mut d.keys[l], &mut d.values[l]);
+        for (row, qkv) in qkv.chunks_exact(3 * c).enumerate() {
+            let at = ((row / t) * block + past + row % t) * c;
+            keys[at..][..c].copy_from_slice(&qkv[c..2 * c]);
+            values[at..][..c].copy_from_slice(&qkv[2 * c..]);
+        }
+        // One task per (sequence, head), each over its queries.
+        let (keys, values, qkv_rows) = (&*keys, &*values, &*qkv);
+        let y_rows = SendPtr(y.as_mut_ptr());
+        let work = (past + t) * t * c * b;
+        let pair = |(pair, scores): (usize, &mut [f32])| {
+            let (seq, h) = (pair / heads, pair % heads);
+            let (keys, values) = (&keys[seq * block * c + h * hs..], &values[seq * block * c + h * hs..]);
+            for i in 0..t {
+                let row = seq * t + i;
+                let q = &qkv_rows[row * 3 * c + h * hs..][..hs];
+                // SAFETY: this pair's columns of its sequence's rows of y are its own.
+                let out = unsafe { std::slice::from_raw_parts_mut(y_rows.get().add(row * c + h * hs), hs) };
+                simd::attend(out, &mut scores[..past + i + 1], q, keys, values, c, scale);
+            }
+        };
+        match work < task.saturating_mul(4) {
+            true => scores.chunks_mut(block).enumerate().for_each(pair),
+            false => scores.par_chunks_mut(block).enumerate().for_each(pair),
+        }
+        decode_linear(branch, turned, y, &layer.attn_proj, c, c, task);
+        simd::add_assign(x, branch);
+        layer_norm_rows(ln, stats, x, &layer.ln_2, c);
+        decode_linear(fch, turned, ln, &layer.c_fc, c, 4 * c, task);
+        simd::gelu(fcg, fch);
+        decode_linear(branch, turned, fcg, &layer.mlp_proj, 4 * c, c, task);
+        simd::add_assign(x, branch);
+    }
+    let last = at_least(&mut d.last, b * c);
+    for (seq, last) in last.chunks_exact_mut(c).enumerate() {
+        last.copy_from_slice(&x[(seq * t + t - 1) * c..][..c]);
+    }
+    let (ln, stats) = (&mut ln[..b * c], &mut stats[..2 * b]);
+    layer_norm_rows(ln, stats, last, &p.ln_f, c);
+    let logits = at_least(&mut d.logits, b * v);
+    decode_linear(logits, turned, ln, &Weights { w: p.wte, b: None }, c, v, task);
+    Ok(logits)
+}
+
+/// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I), in tasks of about `task`
+/// elements (`usize::MAX`: one task).
+fn decode_linear(
+    out: &mut [f32],
+    turned: &mut Vec<f32>,
+    input: &[f32],
+    layer: &Weights<&[f32]>,
+    i: usize,
+    o: usize,
+    task: usize,
+) {
+    let n = input.len() / i;
+    assert!(out.len() == n * o && layer.w.len() == o * i);
+    if n > 16 {
+        // A prompt or a window: `gemm`.
+        if task == usize::MAX {
+            return linear_rows(out, input, layer, i, o);
+        }
+        return linear(out, input, layer, i, o);
+    }
+    // A row per sequence: each row of the weight dotted with every input row, so that the weight
+    // is read once, in order, for all of them (`gemm` would pack, copy, all of it first), into
+    // `turned` (O, N); its rows split between the tasks. Each output is the same dot product
+    // whatever the other rows.
+    let turned = at_least(turned, o * n);
+    let rows = (task / i).max(64);
+    turned
+        .par_chunks_mut(rows * n)
+        .zip(layer.w.par_chunks(rows * i))
+        .for_each(|(out, w)| simd::matvecs(out, input, w, i));
+    for (row, out) in out.chunks_exact_mut(o).enumerate() {
+        for (r, out) in out.iter_mut().enumerate() {
+            let dot = turned[r * n + row];
+            *out = layer.b.map_or(dot, |bias| bias[r] + dot);
+        }
+    }
 }
 
 struct Dims {
@@ -425,6 +548,8 @@ struct Dims {
     c: usize,
     h: usize,
     v: usize,
+    /// Threads to split the rows between.
+    threads: usize,
 }
 
 impl Dims {
@@ -439,8 +564,8 @@ fn mask(dropout: Option<(f32, u64)>, site: usize) -> Option<DropoutMask> {
 }
 
 /// The rows split into one block per thread.
-fn row_blocks(n: usize) -> Vec<Range<usize>> {
-    let threads = rayon::current_num_threads().clamp(1, n.max(1));
+fn row_blocks(n: usize, threads: usize) -> Vec<Range<usize>> {
+    let threads = threads.clamp(1, n.max(1));
     let size = n.div_ceil(threads);
     (0..threads).map(|i| i * size..((i + 1) * size).min(n)).filter(|rows| !rows.is_empty()).collect()
 }
@@ -448,8 +573,8 @@ fn row_blocks(n: usize) -> Vec<Range<usize>> {
 /// `task` on each block of rows, in parallel, and what each returned. A layer's row-wise chain
 /// (LayerNorm, matmuls by rows, GELU, residual adds) runs as one such region: one hand-off to
 /// the other threads instead of one per op.
-fn in_row_blocks<R: Send>(n: usize, task: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
-    row_blocks(n).into_par_iter().map(&task).collect()
+fn in_row_blocks<R: Send>(d: &Dims, n: usize, task: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
+    row_blocks(n, d.threads).into_par_iter().map(&task).collect()
 }
 
 /// A buffer whose rows the tasks of `in_row_blocks` write, each task its own block.
@@ -482,19 +607,29 @@ fn rows_of<'a>(buffer: &'a [f32], width: usize, rows: &Range<usize>) -> &'a [f32
     &buffer[rows.start * width..rows.end * width]
 }
 
+/// What `forward` ends with.
+#[derive(Clone, Copy)]
+enum Head<'a> {
+    /// The mean cross-entropy against these targets (N), returned, with each row's logits kept.
+    Loss(&'a [u32]),
+    /// The logits of each sequence's last position only, in `logits`' first B rows.
+    LastLogits,
+}
+
+/// The forward pass over (B, T) tokens `x`: the activations into `a`, then `head`.
 fn forward(
     a: &mut Activations,
     p: &Params<&[f32]>,
     d: &Dims,
     x: &[u32],
-    y: &[u32],
+    head: Head,
     dropout: Option<(f32, u64)>,
 ) -> f32 {
     let (n, t, c, f) = (d.n(), d.t, d.c, 4 * d.c);
     // Token and position embeddings, then dropout.
     let embed_mask = mask(dropout, 0);
     let res0 = Rows::of(&mut a.res[0], c);
-    in_row_blocks(n, |rows| {
+    in_row_blocks(d, n, |rows| {
         // SAFETY: each block's rows are its own (and so below, for every `Rows`).
         let out = unsafe { res0.get(&rows) };
         for (row, out) in rows.clone().zip(out.chunks_exact_mut(c)) {
@@ -511,7 +646,7 @@ fn forward(
         let (ln1, stats1, qkv) =
             (Rows::of(&mut a.ln1[k], c), Rows::of(&mut a.ln1_stats[k], 2), Rows::of(&mut a.qkv[k], 3 * c));
         let res = &a.res[input];
-        in_row_blocks(n, |rows| unsafe {
+        in_row_blocks(d, n, |rows| unsafe {
             layer_norm_rows(ln1.get(&rows), stats1.get(&rows), rows_of(res, c, &rows), &layer.ln_1, c);
             linear_rows(qkv.get(&rows), ln1.get(&rows), &layer.c_attn, c, 3 * c);
         });
@@ -523,7 +658,7 @@ fn forward(
         let out = Rows::of(out, c);
         let atty = &a.atty[k];
         let (attn_mask, mlp_mask) = (mask(dropout, 3 * l + 2), mask(dropout, 3 * l + 3));
-        in_row_blocks(n, |rows| unsafe {
+        let chain = |rows: Range<usize>| unsafe {
             let first = rows.start * c;
             linear_rows(branch.get(&rows), rows_of(atty, c, &rows), &layer.attn_proj, c, c);
             residual(mid.get(&rows), rows_of(res, c, &rows), branch.get(&rows), attn_mask, first);
@@ -532,13 +667,37 @@ fn forward(
             simd::gelu_keeping_tanh(fcg.get(&rows), fct.get(&rows), fch.get(&rows));
             linear_rows(branch.get(&rows), fcg.get(&rows), &layer.mlp_proj, f, c);
             residual(out.get(&rows), mid.get(&rows), branch.get(&rows), mlp_mask, first);
-        });
+        };
+        match head {
+            // Decoding needs the last layer's output at each sequence's last position only (of
+            // the CPU recipe's 4 layers that skips a fifth of the work).
+            Head::LastLogits if l + 1 == p.h.len() => {
+                in_row_blocks(d, d.b, |seqs| seqs.for_each(|seq| chain(seq * t + t - 1..seq * t + t)));
+            }
+            _ => {
+                in_row_blocks(d, n, chain);
+            }
+        }
     }
     let (lnf, stats, logits) = (Rows::of(&mut a.lnf, c), Rows::of(&mut a.lnf_stats, 2), Rows::of(&mut a.logits, d.v));
     let (losses, last) = (Rows::of(&mut a.losses, 1), &a.res[a.slots(p.h.len() - 1).2]);
-    let sums = in_row_blocks(n, |rows| unsafe {
+    let wte = Weights { w: p.wte, b: None };
+    let y = match head {
+        Head::Loss(y) => y,
+        Head::LastLogits => {
+            in_row_blocks(d, d.b, |seqs| unsafe {
+                for seq in seqs {
+                    let (row, logits) = (seq * t + t - 1..seq * t + t, logits.get(&(seq..seq + 1)));
+                    layer_norm_rows(lnf.get(&row), stats.get(&row), rows_of(last, c, &row), &p.ln_f, c);
+                    linear_rows(logits, lnf.get(&row), &wte, c, d.v);
+                }
+            });
+            return f32::NAN;
+        }
+    };
+    let sums = in_row_blocks(d, n, |rows| unsafe {
         layer_norm_rows(lnf.get(&rows), stats.get(&rows), rows_of(last, c, &rows), &p.ln_f, c);
-        linear_rows(logits.get(&rows), lnf.get(&rows), &Weights { w: p.wte, b: None }, c, d.v);
+        linear_rows(logits.get(&rows), lnf.get(&rows), &wte, c, d.v);
         let losses = losses.get(&rows);
         for ((loss, row), &target) in losses.iter_mut().zip(logits.get(&rows).chunks_exact(d.v)).zip(&y[rows.clone()]) {
             *loss = simd::cross_entropy(row, target as usize);
@@ -565,7 +724,7 @@ fn backward_pass(
     let per_row = weight / n as f32;
     let (logits, dln, dres) = (Rows::of(&mut a.logits, v), Rows::of(&mut a.dln, c), Rows::of(&mut a.dres, c));
     let (last, stats) = (&a.res[p.h.len()], &a.lnf_stats);
-    let partials = in_row_blocks(n, |rows| unsafe {
+    let partials = in_row_blocks(d, n, |rows| unsafe {
         let logits = logits.get(&rows);
         for (row, &target) in logits.chunks_exact_mut(v).zip(&y[rows.clone()]) {
             simd::cross_entropy_backward(row, target as usize, per_row);
@@ -594,7 +753,7 @@ fn backward_pass(
             (Rows::of(&mut a.dbranch, c), Rows::of(&mut a.dfc, f), Rows::of(&mut a.dln, c), Rows::of(&mut a.dres, c));
         let (fch, fct, ln2_stats, mid) = (&a.fch[l], &a.fct[l], &a.ln2_stats[l], &a.mid[l]);
         let mlp_mask = mask(dropout, 3 * l + 3);
-        let partials = in_row_blocks(n, |rows| unsafe {
+        let partials = in_row_blocks(d, n, |rows| unsafe {
             let mut partial = Partial::new(&[c, c, c, c, f]); // ln_2 w, b, scratch; c_proj b; c_fc b
             let dbranch = dbranch.get(&rows);
             dropout_rows(dbranch, dres.get(&rows), mlp_mask, rows.start * c);
@@ -622,7 +781,7 @@ fn backward_pass(
         // The attention branch: its projection, the heads, qkv, and through ln_1.
         let (dbranch, datty, dres) = (Rows::of(&mut a.dbranch, c), Rows::of(&mut a.datty, c), Rows::of(&mut a.dres, c));
         let attn_mask = mask(dropout, 3 * l + 2);
-        let partials = in_row_blocks(n, |rows| unsafe {
+        let partials = in_row_blocks(d, n, |rows| unsafe {
             let mut partial = Partial::new(&[c]);
             let dbranch = dbranch.get(&rows);
             dropout_rows(dbranch, dres.get(&rows), attn_mask, rows.start * c);
@@ -636,7 +795,7 @@ fn backward_pass(
         attention_backward(&mut a.dqkv, &mut a.scratch, &a.datty, &a.qkv[l], &a.lse[l], d, attention_mask);
         let (dqkv, dln, dres) = (Rows::of(&mut a.dqkv, 3 * c), Rows::of(&mut a.dln, c), Rows::of(&mut a.dres, c));
         let (res, ln1_stats) = (&a.res[l], &a.ln1_stats[l]);
-        let partials = in_row_blocks(n, |rows| unsafe {
+        let partials = in_row_blocks(d, n, |rows| unsafe {
             let mut partial = Partial::new(&[c, c, c, 3 * c]); // ln_1 w, b, scratch; c_attn b
             column_sums(partial.part(3), dqkv.get(&rows), 3 * c);
             dinput_rows(dln.get(&rows), dqkv.get(&rows), layer.c_attn.w, c, 3 * c);
@@ -786,15 +945,11 @@ fn rows_per_task(width: usize) -> usize {
     (TASK / width).max(1)
 }
 
-/// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I), split between the threads
-/// (decoding; the training step's row-wise regions call `linear_rows`).
+/// out (N, O) = input (N, I) · weightᵀ + bias, the weight (O, I), the rows split between the
+/// threads (decoding a prompt or a window; the training step's row-wise regions call
+/// `linear_rows`).
 fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
     let n = input.len() / i;
-    if n <= 4 {
-        // Decoding: a row per sequence. Matrix-vector products read the weight once, in order;
-        // `gemm` would pack (copy) all of it first.
-        return matvec(out, input, layer, i, o);
-    }
     if let Some(bias) = layer.b {
         out.par_chunks_mut(rows_per_task(o) * o)
             .for_each(|rows| rows.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias)));
@@ -804,19 +959,6 @@ fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: 
     assert!(out.len() >= n * o && layer.w.len() >= o * i);
     // SAFETY: the views stay inside `input` (N, I) and the weight (O, I); `out` holds (N, O).
     unsafe { matmul(n, o, i, out.as_mut_ptr(), o, a, b, layer.b.is_some()) };
-}
-
-/// `linear` for a few rows: each row of the weight dotted with each input row, the weight's rows
-/// split between the threads.
-fn matvec(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
-    let rows = rows_per_task(i).max(64);
-    for (x, out) in input.chunks_exact(i).zip(out.chunks_exact_mut(o)) {
-        if let Some(bias) = layer.b {
-            out.copy_from_slice(bias);
-        }
-        let tasks = out.par_chunks_mut(rows).zip(layer.w.par_chunks(rows * i));
-        tasks.for_each(|(out, w)| simd::matvec(out, x, w, layer.b.is_some()));
-    }
 }
 
 /// A matrix in memory: element (r, k) at `ptr + r·rs + k·cs`.
@@ -959,7 +1101,7 @@ fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d
     let (t, c, heads) = (d.t, d.c, d.h);
     let hs = c / heads;
     let scale = 1.0 / (hs as f32).sqrt();
-    let threads = scratch.len() / (3 * t * t);
+    let threads = d.threads.min(scratch.len() / (3 * t * t));
     let pairs = d.b * heads;
     let (y, lse) = (SendPtr(y.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     scratch.par_chunks_mut(3 * t * t).take(threads).enumerate().for_each(|(thread, scratch)| {
@@ -1012,7 +1154,7 @@ fn attention_backward(
     let (t, c, heads) = (d.t, d.c, d.h);
     let hs = c / heads;
     let scale = 1.0 / (hs as f32).sqrt();
-    let threads = scratch.len() / (3 * t * t);
+    let threads = d.threads.min(scratch.len() / (3 * t * t));
     let pairs = d.b * heads;
     let dqkv = SendPtr(dqkv.as_mut_ptr());
     scratch.par_chunks_mut(3 * t * t).take(threads).enumerate().for_each(|(thread, scratch)| {

@@ -142,14 +142,50 @@ widest! {
 }
 
 widest! {
-    /// out[o] (+)= x · w[o] for each row o of `w` (width x.len()): a matrix-vector product
-    /// reading the matrix once, in its rows' order.
-    pub(crate) fn matvec(out: &mut [f32], x: &[f32], w: &[f32], accumulate: bool) {
-        for (out, row) in out.iter_mut().zip(w.chunks_exact(x.len())) {
-            let dot = dot16(x, row);
-            *out = if accumulate { *out + dot } else { dot };
+    /// out[r·N + j] = xs[j] · w[r] for each row r of `w` and each of the N rows of `xs`, all
+    /// `width` wide (out is (R, N)): matrix-vector products for a few vectors, reading the matrix
+    /// once, in its rows' order. Each dot product is `dot16`'s, bit for bit, four rows of `xs`
+    /// at a time against each row of `w` (one row's 16 lanes alone wait on the adder's latency).
+    pub(crate) fn matvecs(out: &mut [f32], xs: &[f32], w: &[f32], width: usize) {
+        let n = xs.len() / width;
+        for (out, row) in out.chunks_exact_mut(n).zip(w.chunks_exact(width)) {
+            let mut j = 0;
+            while j + 4 <= n {
+                let x = |k: usize| &xs[(j + k) * width..][..width];
+                let dots = dot16_4([x(0), x(1), x(2), x(3)], row);
+                out[j..j + 4].copy_from_slice(&dots);
+                j += 4;
+            }
+            for j in j..n {
+                out[j] = dot16(&xs[j * width..][..width], row);
+            }
         }
     }
+}
+
+/// `dot16` of four vectors with one: the same sums, in the same order, for each (four lane sets
+/// side by side, written out so that they stay in registers).
+#[inline(always)]
+fn dot16_4(xs: [&[f32]; 4], w: &[f32]) -> [f32; 4] {
+    let (mut l0, mut l1, mut l2, mut l3) = ([0f32; 16], [0f32; 16], [0f32; 16], [0f32; 16]);
+    let len = w.len();
+    let [x0, x1, x2, x3] = xs.map(|x| &x[..len]);
+    let chunks = w.chunks_exact(16).zip(x0.chunks_exact(16)).zip(x1.chunks_exact(16));
+    let chunks = chunks.zip(x2.chunks_exact(16)).zip(x3.chunks_exact(16));
+    for ((((w, a), b), c), d) in chunks {
+        for k in 0..16 {
+            l0[k] += a[k] * w[k];
+            l1[k] += b[k] * w[k];
+            l2[k] += c[k] * w[k];
+            l3[k] += d[k] * w[k];
+        }
+    }
+    let whole = len / 16 * 16;
+    let lanes = [l0, l1, l2, l3];
+    std::array::from_fn(|r| {
+        let tail: f32 = xs[r][whole..len].iter().zip(&w[whole..]).map(|(a, b)| a * b).sum();
+        lanes[r].iter().sum::<f32>() + tail
+    })
 }
 
 widest! {
@@ -353,5 +389,28 @@ mod tests {
         let plain_var = row.iter().map(|&x| (x - plain_mean).powi(2)).sum::<f32>() / 37.0;
         assert!((mean - plain_mean).abs() < 1e-5 && (rstd - 1.0 / (plain_var + 1e-5).sqrt()).abs() < 1e-4);
         assert!((out[5] - ((row[5] - plain_mean) * rstd * w[5] + b[5])).abs() < 1e-5);
+    }
+
+    #[test]
+    fn matvecs_are_each_rows_dot_product_bit_for_bit() {
+        let value = |i: usize| ((i * 7919) % 101) as f32 / 17.0 - 3.0;
+        // 37 wide: two 16-lane chunks and a tail; 7 vectors: a group of four and three alone.
+        let (width, rows, n) = (37, 5, 7);
+        let w: Vec<f32> = (0..rows * width).map(value).collect();
+        let xs: Vec<f32> = (0..n * width).map(|i| value(i + 3) * 0.5).collect();
+        let mut out = vec![0f32; rows * n];
+        matvecs(&mut out, &xs, &w, width);
+        for r in 0..rows {
+            for j in 0..n {
+                let (x, row) = (&xs[j * width..][..width], &w[r * width..][..width]);
+                assert_eq!(out[r * n + j].to_bits(), dot16(x, row).to_bits(), "row {r}, vector {j}");
+                let plain: f64 = x.iter().zip(row).map(|(&a, &b)| a as f64 * b as f64).sum();
+                assert!((out[r * n + j] as f64 - plain).abs() < 1e-4);
+            }
+        }
+        // One vector alone gives the same as among others.
+        let mut alone = vec![0f32; rows];
+        matvecs(&mut alone, &xs[2 * width..][..width], &w, width);
+        assert!((0..rows).all(|r| alone[r].to_bits() == out[r * n + 2].to_bits()));
     }
 }
