@@ -1112,21 +1112,22 @@ fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d
             let (q, k, v) = (base.at(0, h * hs), base.at(0, c + h * hs), base.at(0, 2 * c + h * hs));
             // SAFETY: the (sequence, head) pairs of a task are its own: its rows of `lse`, its
             // columns of y's rows, its scratch; the views stay inside this sequence's qkv.
+            // A block of queries at a time, start to end, so that its rows of P stay in cache
+            // (GPT-2's (1024, 1024) P is 4 MB).
             unsafe {
-                for (start, end) in blocks(t) {
-                    gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
-                }
                 let lse = std::slice::from_raw_parts_mut(lse.get().add(pair * t), t);
-                for (i, row) in p.chunks_exact_mut(t).enumerate() {
-                    lse[i] = simd::softmax(&mut row[..=i], scale);
-                    row[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
-                    if let Some(mask) = &mask {
-                        let first = (pair * t + i) * t;
-                        row[..=i].iter_mut().enumerate().for_each(|(j, p)| *p *= mask.factor(first + j));
-                    }
-                }
                 let y = y.get().add(b * t * c + h * hs);
                 for (start, end) in blocks(t) {
+                    gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
+                    for i in start..end {
+                        let row = &mut p[i * t..][..end];
+                        lse[i] = simd::softmax(&mut row[..=i], scale);
+                        row[i + 1..].iter_mut().for_each(|p| *p = 0.0);
+                        if let Some(mask) = &mask {
+                            let first = (pair * t + i) * t;
+                            row[..=i].iter_mut().enumerate().for_each(|(j, p)| *p *= mask.factor(first + j));
+                        }
+                    }
                     gemm_one(end - start, hs, end, y.add(start * c), c, View::rows(p, t).at(start, 0), v, false);
                 }
             }
@@ -1167,42 +1168,45 @@ fn attention_backward(
             let dy = View::rows(&dy[b * t * c..], c).at(0, h * hs);
             let lse = &lse[pair * t..][..t];
             // SAFETY: as in `attention`; this pair's columns of dqkv's rows are the task's own.
+            // A block of queries at a time, as in `attention`; dK and dV sum over the blocks.
             unsafe {
                 let dq = dqkv.get().add(b * t * 3 * c + h * hs);
                 let (dk, dv) = (dq.add(c), dq.add(2 * c));
+                for row in 0..t {
+                    std::slice::from_raw_parts_mut(dk.add(row * 3 * c), hs).fill(0.0);
+                    std::slice::from_raw_parts_mut(dv.add(row * 3 * c), hs).fill(0.0);
+                }
                 for (start, end) in blocks(t) {
                     gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
                     gemm_one(end - start, end, hs, dp.as_mut_ptr().add(start * t), t, dy.at(start, 0), v.t(), false);
-                }
-                for (i, (row, dp_row)) in p.chunks_exact_mut(t).zip(dp.chunks_exact_mut(t)).enumerate() {
-                    simd::softmax_from_lse(&mut row[..=i], scale, lse[i]);
-                    row[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
-                    if let Some(mask) = &mask {
-                        let first = (pair * t + i) * t;
-                        let kept = &mut kept[i * t..][..t];
-                        for j in 0..=i {
-                            let factor = mask.factor(first + j);
-                            kept[j] = row[j] * factor;
-                            dp_row[j] *= factor;
+                    for i in start..end {
+                        let (row, dp_row) = (&mut p[i * t..][..end], &mut dp[i * t..][..end]);
+                        simd::softmax_from_lse(&mut row[..=i], scale, lse[i]);
+                        row[i + 1..].iter_mut().for_each(|p| *p = 0.0);
+                        if let Some(mask) = &mask {
+                            let first = (pair * t + i) * t;
+                            let kept = &mut kept[i * t..][..end];
+                            for j in 0..=i {
+                                let factor = mask.factor(first + j);
+                                kept[j] = row[j] * factor;
+                                dp_row[j] *= factor;
+                            }
+                            kept[i + 1..].iter_mut().for_each(|p| *p = 0.0);
                         }
-                        kept[i + 1..].iter_mut().take(BLOCK).for_each(|p| *p = 0.0);
                     }
-                }
-                let probabilities = if mask.is_some() { &*kept } else { &*p };
-                // dV_j = Σ_{i ≥ j} P'_ij dY_i: key block j needs the queries from its start on.
-                for (start, end) in blocks(t) {
-                    let pt = View::rows(probabilities, t).t().at(start, start);
-                    gemm_one(end - start, hs, t - start, dv.add(start * 3 * c), 3 * c, pt, dy.at(start, 0), false);
-                }
-                for (i, (row, dp_row)) in p.chunks_exact(t).zip(dp.chunks_exact_mut(t)).enumerate() {
-                    simd::softmax_backward(&mut dp_row[..=i], &row[..=i], scale);
-                    dp_row[i + 1..].iter_mut().take(BLOCK).for_each(|ds| *ds = 0.0);
-                }
-                let ds = View::rows(dp, t);
-                for (start, end) in blocks(t) {
-                    gemm_one(end - start, hs, end, dq.add(start * 3 * c), 3 * c, ds.at(start, 0), k, false);
-                    let ds_t = ds.t().at(start, start);
-                    gemm_one(end - start, hs, t - start, dk.add(start * 3 * c), 3 * c, ds_t, q.at(start, 0), false);
+                    let probabilities = if mask.is_some() { &*kept } else { &*p };
+                    // dV[..end] += P'ᵀ dY over the block's queries.
+                    let pt = View::rows(probabilities, t).at(start, 0).t();
+                    gemm_one(end, hs, end - start, dv, 3 * c, pt, dy.at(start, 0), true);
+                    for i in start..end {
+                        let (row, dp_row) = (&p[i * t..][..end], &mut dp[i * t..][..end]);
+                        simd::softmax_backward(&mut dp_row[..=i], &row[..=i], scale);
+                        dp_row[i + 1..].iter_mut().for_each(|ds| *ds = 0.0);
+                    }
+                    let ds = View::rows(dp, t).at(start, 0);
+                    gemm_one(end - start, hs, end, dq.add(start * 3 * c), 3 * c, ds, k, false);
+                    // dK[..end] += dSᵀ Q over the block's queries.
+                    gemm_one(end, hs, end - start, dk, 3 * c, ds.t(), q.at(start, 0), true);
                 }
             }
         }
