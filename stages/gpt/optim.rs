@@ -56,9 +56,8 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> candle_core::Resul
         // On the CPU, the same arithmetic on numbers, and a gradient copied only when it shrinks.
         let coef = (max_norm as f32 * (1.0 / (norm + 1e-6))).min(1.0);
         if coef < 1.0 {
-            for grad in grads.iter_mut() {
-                *grad = grad.affine(coef as f64, 0.0)?;
-            }
+            let scale = |grad: &mut Tensor| grad.affine(coef as f64, 0.0).map(|scaled| *grad = scaled);
+            crate::gpt::device::on_cpu_pool(|| grads.par_iter_mut().try_for_each(scale))?;
         }
         return Tensor::new(norm, &candle_core::Device::Cpu);
     }
@@ -77,16 +76,17 @@ fn cpu_grad_norm(grads: &[Tensor]) -> candle_core::Result<Option<f32>> {
     if !grads.iter().all(|g| g.device().is_cpu() && g.dtype() == DType::F32 && g.is_contiguous()) {
         return Ok(None);
     }
+    // Each gradient's sum in parallel, the sums added in order: the same total every time.
     let sum_of_squares = || -> candle_core::Result<Option<f64>> {
-        let mut sum = 0f64;
-        for grad in grads {
+        let sums = grads.par_iter().map(|grad| {
             let (storage, layout) = grad.storage_and_layout();
             let candle_core::Storage::Cpu(storage) = &*storage else { return Ok(None) };
             let data = cpu(storage, layout)?;
             let squares = |chunk: &[f32]| simd::sum_of_squares(chunk) as f64;
-            sum += data.par_chunks(CHUNK).map(squares).collect::<Vec<f64>>().iter().sum::<f64>();
-        }
-        Ok(Some(sum))
+            Ok(Some(data.par_chunks(CHUNK).map(squares).collect::<Vec<f64>>().iter().sum::<f64>()))
+        });
+        let sums = sums.collect::<candle_core::Result<Option<Vec<f64>>>>()?;
+        Ok(sums.map(|sums| sums.iter().sum()))
     };
     Ok(crate::gpt::device::on_cpu_pool(sum_of_squares)?.map(|sum| sum.sqrt() as f32))
 }
@@ -202,27 +202,35 @@ impl AdamW {
         let bias_correction2 = 1.0 - beta2.powi(self.step as i32);
         let step_size = lr / bias_correction1;
         let (vars, m, v) = (&self.vars, &mut self.m, &mut self.v);
-        let mut update = || -> candle_core::Result<()> {
-            for (i, ((_, var, decay), grad)) in vars.iter().zip(grads).enumerate() {
-                let decayed = *decay && weight_decay != 0.0;
-                let constants = Constants {
-                    decay: decayed.then_some(1.0 - lr * weight_decay),
-                    beta1,
-                    beta2,
-                    inverse_sqrt_bc2: 1.0 / bias_correction2.sqrt(),
-                    eps,
-                    step_size,
-                };
-                if !step_cpu(var, grad, &m[i], &v[i], &constants)? {
-                    (m[i], v[i]) = step_ops(var, grad, &m[i], &v[i], &constants)?;
-                }
-            }
-            Ok(())
+        let constants = |decay: bool| Constants {
+            decay: (decay && weight_decay != 0.0).then_some(1.0 - lr * weight_decay),
+            beta1,
+            beta2,
+            inverse_sqrt_bc2: 1.0 / bias_correction2.sqrt(),
+            eps,
+            step_size,
         };
-        match vars.iter().all(|(_, var, _)| var.device().is_cpu()) {
-            true => crate::gpt::device::on_cpu_pool(update),
-            false => update(),
+        let cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
+        let mut all = vars.iter().zip(grads).zip(m.iter().zip(v.iter()));
+        if all.all(|(((_, var, _), grad), (m, v))| [var.as_tensor(), grad, m, v].into_iter().all(cpu))
+            && grads.len() == vars.len()
+        {
+            // All in place on the CPU: the parameters side by side (the CPU recipe's 27 are each
+            // too small to split well), each split further where it is large.
+            let update = || {
+                let all = vars.par_iter().zip(grads).zip(m.par_iter().zip(v.par_iter()));
+                all.try_for_each(|(((_, var, decay), grad), (m, v))| {
+                    step_cpu(var, grad, m, v, &constants(*decay)).map(|_| ())
+                })
+            };
+            return crate::gpt::device::on_cpu_pool(update);
         }
+        for (i, ((_, var, decay), grad)) in vars.iter().zip(grads).enumerate() {
+            if !step_cpu(var, grad, &m[i], &v[i], &constants(*decay))? {
+                (m[i], v[i]) = step_ops(var, grad, &m[i], &v[i], &constants(*decay))?;
+            }
+        }
+        Ok(())
     }
 
     /// Writes the moments (`exp_avg.NAME`, `exp_avg_sq.NAME`) and the step count (`step`) as
