@@ -110,9 +110,9 @@ pub enum Event<'a> {
     EndOfSample,
 }
 
-/// How many samples to decode side by side: a step reads the weights once for all of them (the
-/// time of a step of GPT-2 124M on a CPU is the time to read its 0.5 GB of weights), up to 16
-/// and to 1 GiB of keys and values. Sample k draws from `Rng::stream(seed, k)` and no sample's
+/// How many samples to decode side by side: a step reads the weights once for all of them (0.5
+/// GB for GPT-2 124M) and a window's matmuls have more rows, up to 16 samples and to 1 GiB of
+/// keys and values. Sample k draws from `Rng::stream(seed, k)` and no sample's
 /// tokens depend on the others', so the text is the same however many go together.
 fn side_by_side(model: &GptConfig, samples: usize) -> usize {
     let cache = 2 * 4 * model.n_layer * model.block_size * model.n_embd;

@@ -56,7 +56,8 @@ struct Activations {
     qkv: Vec<Vec<f32>>,
     atty: Vec<Vec<f32>>,
     lse: Vec<Vec<f32>>,
-    /// The MLP's hidden layer before and after GELU, and the tanh inside GELU (N, F).
+    /// The MLP's hidden layer before and after GELU, and the tanh inside GELU (N, F; kept for a
+    /// backward pass only).
     fch: Vec<Vec<f32>>,
     fcg: Vec<Vec<f32>>,
     fct: Vec<Vec<f32>>,
@@ -111,7 +112,7 @@ impl Activations {
             lse: layers(b * config.n_head * t),
             fch: layers(4 * n * c),
             fcg: layers(4 * n * c),
-            fct: layers(4 * n * c),
+            fct: layers(if backward { 4 * n * c } else { 0 }),
             lnf: vec![0f32; n * c],
             lnf_stats: vec![0f32; 2 * n],
             logits: vec![0f32; logits_rows * config.vocab_size],
@@ -217,10 +218,15 @@ fn data<'a>((storage, layout): &'a (candle_core::StorageRef<'_>, &candle_core::L
 /// The (B, T) u32 token ids of a CPU tensor, checked against the vocabulary.
 fn tokens(ids: &Tensor, vocab: usize, what: &str) -> Result<Vec<u32>> {
     let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-        bail!("{what}: token {bad} is outside the vocabulary of {vocab}")
-    }
+    in_vocabulary(&ids, vocab, what)?;
     Ok(ids)
+}
+
+fn in_vocabulary(ids: &[u32], vocab: usize, what: &str) -> Result<()> {
+    match ids.iter().find(|&&id| id as usize >= vocab) {
+        Some(&bad) => bail!("{what}: token {bad} is outside the vocabulary of {vocab}"),
+        None => Ok(()),
+    }
 }
 
 /// One micro-batch: the mean loss of `idx` against `targets`, and with `backward` = (weight,
@@ -257,8 +263,7 @@ pub(crate) fn run(
         workspace.shape = (b, t);
     }
     let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
-    let slices = guards.iter().map(data).collect::<Result<Vec<&[f32]>>>()?;
-    let p = Params::from_list(config, slices);
+    let p = Params::from_list(config, param_slices(&guards)?);
     let threads = rayon::current_num_threads();
     let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size, threads };
     let dropout = match backward {
@@ -346,7 +351,7 @@ fn param_slices<'a>(guards: &'a [(candle_core::StorageRef<'_>, &candle_core::Lay
 /// (B, T), which follow the `past` positions the decoder holds; their keys and values join those.
 pub(crate) fn decode(decoder: &mut Decoder, model: &Gpt, idx: &Tensor, past: usize) -> Result<Tensor> {
     let (b, _) = idx.dims2()?;
-    let ids = idx.flatten_all()?.to_vec1::<u32>()?;
+    let ids = tokens(idx, model.config.vocab_size, "the input")?;
     let params = model.parameters();
     let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
     let p = Params::from_list(&model.config, param_slices(&guards)?);
@@ -392,9 +397,7 @@ impl NextLogits for Explicit<'_> {
         for row in tokens.chunks_exact(stride) {
             self.ids.extend_from_slice(&row[start..len]);
         }
-        if let Some(&bad) = self.ids.iter().find(|&&id| id as usize >= v) {
-            bail!("the input: token {bad} is outside the vocabulary of {v}")
-        }
+        in_vocabulary(&self.ids, v, "the input")?;
         if decoding {
             let logits = decode_step(&mut self.decoder, &self.p, self.config, &self.ids, b, start)?;
             self.cached = len;
@@ -415,8 +418,9 @@ impl NextLogits for Explicit<'_> {
     }
 }
 
-/// The logits (B, V) of the last of the new positions `ids` (B rows of T), which follow the
-/// `past` positions the decoder holds; their keys and values join those.
+/// The logits (B, V) of the last of the new positions `ids` (B rows of T, each in the
+/// vocabulary), which follow the `past` positions the decoder holds; their keys and values join
+/// those.
 fn decode_step<'d>(
     d: &'d mut Decoder,
     p: &Params<&[f32]>,
@@ -429,9 +433,6 @@ fn decode_step<'d>(
     let t = ids.len() / b;
     if past + t > block {
         bail!("cannot forward a sequence of length {}, block size is only {block}", past + t)
-    }
-    if let Some(&bad) = ids.iter().find(|&&id| id as usize >= v) {
-        bail!("the input: token {bad} is outside the vocabulary of {v}")
     }
     if d.batch != b || d.keys.len() != config.n_layer {
         if past != 0 {
@@ -654,6 +655,8 @@ fn forward(
         let (branch, mid) = (Rows::of(&mut a.branch, c), Rows::of(&mut a.mid[k], c));
         let (ln2, stats2) = (Rows::of(&mut a.ln2[k], c), Rows::of(&mut a.ln2_stats[k], 2));
         let (fch, fcg, fct) = (Rows::of(&mut a.fch[k], f), Rows::of(&mut a.fcg[k], f), Rows::of(&mut a.fct[k], f));
+        // Only a backward pass needs GELU's tanh (the same GELU either way, bit for bit).
+        let keep_tanh = !a.fct[k].is_empty();
         let (res, out) = read_write(&mut a.res, input, output);
         let out = Rows::of(out, c);
         let atty = &a.atty[k];
@@ -664,7 +667,10 @@ fn forward(
             residual(mid.get(&rows), rows_of(res, c, &rows), branch.get(&rows), attn_mask, first);
             layer_norm_rows(ln2.get(&rows), stats2.get(&rows), mid.get(&rows), &layer.ln_2, c);
             linear_rows(fch.get(&rows), ln2.get(&rows), &layer.c_fc, c, f);
-            simd::gelu_keeping_tanh(fcg.get(&rows), fct.get(&rows), fch.get(&rows));
+            match keep_tanh {
+                true => simd::gelu_keeping_tanh(fcg.get(&rows), fct.get(&rows), fch.get(&rows)),
+                false => simd::gelu(fcg.get(&rows), fch.get(&rows)),
+            }
             linear_rows(branch.get(&rows), fcg.get(&rows), &layer.mlp_proj, f, c);
             residual(out.get(&rows), mid.get(&rows), branch.get(&rows), mlp_mask, first);
         };
