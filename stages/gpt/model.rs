@@ -659,7 +659,6 @@ impl Draw<'_, '_> {
             }
             (self.on_tokens)(&next)?;
         }
-        self.len = self.stride;
         Ok(())
     }
 }

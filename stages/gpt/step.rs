@@ -408,14 +408,18 @@ impl NextLogits for Explicit<'_> {
             self.window = Some(((b, t), Activations::new(self.config, b, t, Outputs::LastLogits)));
         }
         let acts = &mut self.window.as_mut().expect("made above").1;
-        let threads = match self.config.num_params(false) * b * t < 1 << 27 {
-            true => 1,
-            false => rayon::current_num_threads(),
-        };
+        let threads = if small_step(self.config, b * t) { 1 } else { rayon::current_num_threads() };
         let dims = Dims { b, t, c: self.config.n_embd, h: self.config.n_head, v, threads };
         forward(acts, &self.p, &dims, &self.ids, Head::LastLogits, None);
         Ok(&acts.logits[..b * v])
     }
+}
+
+/// Whether a decoding step over `rows` positions is one task: handing a small step's dozens of
+/// short loops (the CPU recipe's model, a token for each of a few sequences: ~0.01 GFLOP) to a
+/// second thread cost more than they took.
+fn small_step(config: &GptConfig, rows: usize) -> bool {
+    config.num_params(false) * rows < 1 << 27
 }
 
 /// The logits (B, V) of the last of the new positions `ids` (B rows of T, each in the
@@ -445,9 +449,7 @@ fn decode_step<'d>(
     let n = b * t;
     let hs = c / heads;
     let scale = 1.0 / (hs as f32).sqrt();
-    // A small step (the CPU recipe's model, a token for each of a few sequences: ~0.01 GFLOP)
-    // is one task: handing its dozens of short loops to a second thread cost more than they took.
-    let task = if config.num_params(false) * n < 1 << 27 { usize::MAX } else { TASK };
+    let task = if small_step(config, n) { usize::MAX } else { TASK };
     let x = at_least(&mut d.x, n * c);
     for (row, x) in x.chunks_exact_mut(c).enumerate() {
         let (token, pos) = (ids[row] as usize, past + row % t);
