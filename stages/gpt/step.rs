@@ -28,7 +28,7 @@ use rayon::prelude::*;
 
 use crate::gpt::device::on_cpu_pool;
 use crate::gpt::model::{Draw, Gpt, GptConfig, LAYER_NORM_EPS, NextLogits};
-use crate::gpt::ops::simd;
+use crate::gpt::ops::{simd, tiles};
 use crate::gpt::rng::DropoutMask;
 
 /// The step's buffers for one batch shape, and the gradient sums (one per `Gpt::parameters`).
@@ -159,13 +159,16 @@ fn read_write<T>(v: &mut [T], read: usize, write: usize) -> (&T, &mut T) {
 struct Weights<T> {
     w: T,
     b: Option<T>,
+    /// A linear layer's weight (O, I) transposed to (I, O), where a copy was made: `tiles`
+    /// reads it as it lies, where `gemm` copies (I, O) out of the weight at every call.
+    t: Option<T>,
 }
 
 impl<T> Weights<T> {
     /// The next weight of a list, and its bias if the model has biases.
     fn next(bias: bool, next: &mut impl FnMut() -> T) -> Weights<T> {
         let w = next();
-        Weights { w, b: bias.then(next) }
+        Weights { w, b: bias.then(next), t: None }
     }
 }
 
@@ -369,10 +372,20 @@ pub(crate) fn generate(model: &Gpt, draw: &mut Draw, kv_cache: bool) -> Result<(
     let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
     let p = Params::from_list(&model.config, param_slices(&guards)?);
     let config = &model.config;
+    // A small model's windows spend as long copying weights in `gemm` as multiplying (K = 128):
+    // its weights are transposed once here instead (GPT-2's 340 MB are not).
+    let copies = match config.num_params(false) <= SMALL_MODEL {
+        true => transposed(&p, config.n_embd),
+        false => Vec::new(),
+    };
+    let p = if copies.is_empty() { p } else { p.with_copies(&copies) };
     let mut logits =
         Explicit { p, config, kv_cache, decoder: Decoder::default(), cached: 0, window: None, ids: Vec::new() };
     on_cpu_pool(|| draw.run(&mut logits))
 }
+
+/// Parameters up to which sampling keeps transposed copies of the weights (64 MiB of them).
+const SMALL_MODEL: usize = 1 << 24;
 
 /// `NextLogits` on the CPU.
 struct Explicit<'a> {
@@ -503,7 +516,7 @@ fn decode_step<'d>(
     let (ln, stats) = (&mut ln[..b * c], &mut stats[..2 * b]);
     layer_norm_rows(ln, stats, last, &p.ln_f, c);
     let logits = at_least(&mut d.logits, b * v);
-    decode_linear(logits, turned, ln, &Weights { w: p.wte, b: None }, c, v, task);
+    decode_linear(logits, turned, ln, &Weights { w: p.wte, b: None, t: None }, c, v, task);
     Ok(logits)
 }
 
@@ -689,7 +702,7 @@ fn forward(
     }
     let (lnf, stats, logits) = (Rows::of(&mut a.lnf, c), Rows::of(&mut a.lnf_stats, 2), Rows::of(&mut a.logits, d.v));
     let (losses, last) = (Rows::of(&mut a.losses, 1), &a.res[a.slots(p.h.len() - 1).2]);
-    let wte = Weights { w: p.wte, b: None };
+    let wte = Weights { w: p.wte, b: None, t: None };
     let y = match head {
         Head::Loss(y) => y,
         Head::LastLogits => {
@@ -922,9 +935,10 @@ fn linear_rows(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize
     if let Some(bias) = layer.b {
         out.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias));
     }
-    let weight_t = View { ptr: layer.w.as_ptr(), rs: 1, cs: i as isize };
     // SAFETY: the views stay inside `input` (rows, I) and the weight (O, I); `out` holds (rows, O).
-    unsafe { gemm_one(rows, o, i, out.as_mut_ptr(), o, View::rows(input, i), weight_t, layer.b.is_some()) };
+    unsafe {
+        gemm_one(rows, o, i, out.as_mut_ptr(), o, View::rows(input, i), weight_t(layer, i, o), layer.b.is_some())
+    };
 }
 
 /// dinput (rows, I) = dout (rows, O) · weight (O, I), one thread.
@@ -939,7 +953,7 @@ fn dinput_rows(dinput: &mut [f32], dout: &[f32], weight: &[f32], i: usize, o: us
 fn weight_gradient(dweight: &mut [f32], dout: &[f32], input: &[f32], i: usize, o: usize) {
     let n = input.len() / i;
     assert!(dout.len() == n * o && dweight.len() == o * i);
-    let dout_t = View { ptr: dout.as_ptr(), rs: 1, cs: o as isize };
+    let dout_t = View { ptr: dout.as_ptr(), rs: 1, cs: o as isize, turned: None };
     // SAFETY: the views stay inside dout (N, O) and input (N, I); dweight holds (O, I).
     unsafe { matmul(o, i, n, dweight.as_mut_ptr(), i, dout_t, View::rows(input, i), true) };
 }
@@ -963,10 +977,48 @@ fn linear(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: 
             .for_each(|rows| rows.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias)));
     }
     let a = View::rows(input, i);
-    let b = View { ptr: layer.w.as_ptr(), rs: 1, cs: i as isize }; // weightᵀ
     assert!(out.len() >= n * o && layer.w.len() >= o * i);
     // SAFETY: the views stay inside `input` (N, I) and the weight (O, I); `out` holds (N, O).
-    unsafe { matmul(n, o, i, out.as_mut_ptr(), o, a, b, layer.b.is_some()) };
+    unsafe { matmul(n, o, i, out.as_mut_ptr(), o, a, weight_t(layer, i, o), layer.b.is_some()) };
+}
+
+/// A linear layer's weight (O, I) as the (I, O) right-hand matrix of input · weightᵀ: its
+/// transposed copy where there is one.
+fn weight_t(layer: &Weights<&[f32]>, i: usize, o: usize) -> View {
+    match layer.t {
+        Some(t) if tiles::available() => {
+            assert!(t.len() == i * o);
+            View { turned: Some(o), ..View::rows(t, o) }
+        }
+        _ => View { ptr: layer.w.as_ptr(), rs: 1, cs: i as isize, turned: None },
+    }
+}
+
+/// Transposed copies (I, O) of the linear layers' weights (O, I), in the order of `with_copies`.
+fn transposed(p: &Params<&[f32]>, c: usize) -> Vec<Vec<f32>> {
+    let transpose = |w: &[f32], i: usize| {
+        let o = w.len() / i;
+        let mut t = vec![0f32; w.len()];
+        for (r, row) in w.chunks_exact(i).enumerate() {
+            row.iter().enumerate().for_each(|(k, &x)| t[k * o + r] = x);
+        }
+        t
+    };
+    let layers = p.h.iter().flat_map(|l| [(l.c_attn.w, c), (l.attn_proj.w, c), (l.c_fc.w, c), (l.mlp_proj.w, 4 * c)]);
+    layers.map(|(w, i)| transpose(w, i)).collect()
+}
+
+impl<'a> Params<&'a [f32]> {
+    /// The parameters with the linear layers' transposed `copies` (from `transposed`).
+    fn with_copies(mut self, copies: &'a [Vec<f32>]) -> Params<&'a [f32]> {
+        let mut copies = copies.iter();
+        for l in &mut self.h {
+            for layer in [&mut l.c_attn, &mut l.attn_proj, &mut l.c_fc, &mut l.mlp_proj] {
+                layer.t = Some(copies.next().expect("a copy per linear layer"));
+            }
+        }
+        self
+    }
 }
 
 /// A matrix in memory: element (r, k) at `ptr + r·rs + k·cs`.
@@ -975,12 +1027,14 @@ struct View {
     ptr: *const f32,
     rs: isize,
     cs: isize,
+    /// A weight's transposed copy, its rows this far apart: `tiles` multiplies by it.
+    turned: Option<usize>,
 }
 
 impl View {
     /// A row-major matrix whose rows are `stride` apart.
     fn rows(data: &[f32], stride: usize) -> View {
-        View { ptr: data.as_ptr(), rs: stride as isize, cs: 1 }
+        View { ptr: data.as_ptr(), rs: stride as isize, cs: 1, turned: None }
     }
 
     /// The view moved to element (r, k).
@@ -991,7 +1045,7 @@ impl View {
 
     /// The transpose.
     fn t(self) -> View {
-        View { ptr: self.ptr, rs: self.cs, cs: self.rs }
+        View { ptr: self.ptr, rs: self.cs, cs: self.rs, turned: None }
     }
 }
 
@@ -1072,6 +1126,12 @@ impl SendView {
 unsafe fn gemm_one(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a: View, b: View, accumulate: bool) {
     if m == 0 || n == 0 {
         return;
+    }
+    if let (true, Some(ldb)) = (a.cs == 1, b.turned) {
+        // A row-major input times a transposed copy of a weight: no copy of either (see
+        // `tiles`).
+        // SAFETY: as the caller's.
+        return unsafe { tiles::matmul(m, n, k, dst, dst_rs, a.ptr, a.rs, a.cs, b.ptr, ldb, accumulate) };
     }
     // SAFETY: as the caller's; gemm reads dst only when `accumulate`.
     unsafe {

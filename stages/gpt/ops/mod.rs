@@ -14,6 +14,7 @@ mod cpu;
 mod cuda;
 pub mod plain;
 pub(crate) mod simd;
+pub(crate) mod tiles;
 
 use candle_core::{DType, Result, Tensor};
 
