@@ -379,8 +379,16 @@ pub(crate) fn generate(model: &Gpt, draw: &mut Draw, kv_cache: bool) -> Result<(
         false => Vec::new(),
     };
     let p = if copies.is_empty() { p } else { p.with_copies(&copies) };
-    let mut logits =
-        Explicit { p, config, kv_cache, decoder: Decoder::default(), cached: 0, window: None, ids: Vec::new() };
+    let mut logits = Explicit {
+        p,
+        config,
+        kv_cache,
+        decoder: Decoder::default(),
+        cached: 0,
+        window: None,
+        first: None,
+        ids: Vec::new(),
+    };
     on_cpu_pool(|| draw.run(&mut logits))
 }
 
@@ -397,6 +405,8 @@ struct Explicit<'a> {
     cached: usize,
     /// A recomputed window's (B, T) and buffers (a forward pass's, for the last logits only).
     window: Option<((usize, usize), Activations)>,
+    /// Layer 0's qkv for every (token, position), made at the first window where it is small.
+    first: Option<Option<FirstQkv>>,
     /// The token ids of the step's positions, row after row.
     ids: Vec<u32>,
 }
@@ -420,11 +430,50 @@ impl NextLogits for Explicit<'_> {
         if self.window.as_ref().is_none_or(|(shape, _)| *shape != (b, t)) {
             self.window = Some(((b, t), Activations::new(self.config, b, t, Outputs::LastLogits)));
         }
+        let first = self.first.get_or_insert_with(|| FirstQkv::new(&self.p, self.config)).as_ref();
         let acts = &mut self.window.as_mut().expect("made above").1;
         let threads = if small_step(self.config, b * t) { 1 } else { rayon::current_num_threads() };
         let dims = Dims { b, t, c: self.config.n_embd, h: self.config.n_head, v, threads };
-        forward(acts, &self.p, &dims, &self.ids, Head::LastLogits, None);
+        forward(acts, &self.p, &dims, &self.ids, Head::LastLogits(first), None);
         Ok(&acts.logits[..b * v])
+    }
+}
+
+/// Layer 0's qkv (3C) for every (token, position), row token·block + position: it depends on
+/// those two alone (LayerNorm of their embeddings' sum, times c_attn), so a window's first
+/// layer is looked up, not computed (of the CPU recipe's window, 8% of the multiply-adds), with
+/// the same bits.
+struct FirstQkv {
+    rows: Vec<f32>,
+    block: usize,
+}
+
+/// Floats up to which `FirstQkv` makes its table (64 MiB; the CPU recipe's is 6.4 MB, GPT-2's
+/// would be 475 GB).
+const FIRST_QKV_MAX: usize = 1 << 24;
+
+impl FirstQkv {
+    fn new(p: &Params<&[f32]>, config: &GptConfig) -> Option<FirstQkv> {
+        let (v, block, c) = (config.vocab_size, config.block_size, config.n_embd);
+        let n = v.checked_mul(block)?;
+        if n.checked_mul(3 * c)? > FIRST_QKV_MAX {
+            return None;
+        }
+        let mut x = vec![0f32; n * c];
+        for (row, x) in x.chunks_exact_mut(c).enumerate() {
+            let (token, pos) = (row / block, row % block);
+            simd::add(x, &p.wte[token * c..][..c], &p.wpe[pos * c..][..c]);
+        }
+        let (mut ln, mut stats) = (vec![0f32; n * c], vec![0f32; 2 * n]);
+        layer_norm_rows(&mut ln, &mut stats, &x, &p.h[0].ln_1, c);
+        let mut rows = vec![0f32; n * 3 * c];
+        linear(&mut rows, &ln, &p.h[0].c_attn, c, 3 * c);
+        Some(FirstQkv { rows, block })
+    }
+
+    /// The qkv (`width` = 3C) of `token` at `pos`.
+    fn get(&self, token: u32, pos: usize, width: usize) -> &[f32] {
+        &self.rows[(token as usize * self.block + pos) * width..][..width]
     }
 }
 
@@ -628,8 +677,9 @@ fn rows_of<'a>(buffer: &'a [f32], width: usize, rows: &Range<usize>) -> &'a [f32
 enum Head<'a> {
     /// The mean cross-entropy against these targets (N), returned, with each row's logits kept.
     Loss(&'a [u32]),
-    /// The logits of each sequence's last position only, in `logits`' first B rows.
-    LastLogits,
+    /// The logits of each sequence's last position only, in `logits`' first B rows; layer 0's
+    /// qkv from the table where there is one.
+    LastLogits(Option<&'a FirstQkv>),
 }
 
 /// The forward pass over (B, T) tokens `x`: the activations into `a`, then `head`.
@@ -662,9 +712,22 @@ fn forward(
         let (ln1, stats1, qkv) =
             (Rows::of(&mut a.ln1[k], c), Rows::of(&mut a.ln1_stats[k], 2), Rows::of(&mut a.qkv[k], 3 * c));
         let res = &a.res[input];
+        let table = match head {
+            Head::LastLogits(Some(table)) if l == 0 => Some(table),
+            _ => None,
+        };
         in_row_blocks(d, n, |rows| unsafe {
-            layer_norm_rows(ln1.get(&rows), stats1.get(&rows), rows_of(res, c, &rows), &layer.ln_1, c);
-            linear_rows(qkv.get(&rows), ln1.get(&rows), &layer.c_attn, c, 3 * c);
+            match table {
+                Some(table) => {
+                    for (row, out) in rows.clone().zip(qkv.get(&rows).chunks_exact_mut(3 * c)) {
+                        out.copy_from_slice(table.get(x[row], row % t, 3 * c));
+                    }
+                }
+                None => {
+                    layer_norm_rows(ln1.get(&rows), stats1.get(&rows), rows_of(res, c, &rows), &layer.ln_1, c);
+                    linear_rows(qkv.get(&rows), ln1.get(&rows), &layer.c_attn, c, 3 * c);
+                }
+            }
         });
         attention(&mut a.atty[k], &mut a.lse[k], &mut a.scratch, &a.qkv[k], d, mask(dropout, 3 * l + 1));
         let (branch, mid) = (Rows::of(&mut a.branch, c), Rows::of(&mut a.mid[k], c));
@@ -692,7 +755,7 @@ fn forward(
         match head {
             // Decoding needs the last layer's output at each sequence's last position only (of
             // the CPU recipe's 4 layers that skips a fifth of the work).
-            Head::LastLogits if l + 1 == p.h.len() => {
+            Head::LastLogits(_) if l + 1 == p.h.len() => {
                 in_row_blocks(d, d.b, |seqs| seqs.for_each(|seq| chain(seq * t + t - 1..seq * t + t)));
             }
             _ => {
@@ -705,7 +768,7 @@ fn forward(
     let wte = Weights { w: p.wte, b: None, t: None };
     let y = match head {
         Head::Loss(y) => y,
-        Head::LastLogits => {
+        Head::LastLogits(_) => {
             in_row_blocks(d, d.b, |seqs| unsafe {
                 for seq in seqs {
                     let (row, logits) = (seq * t + t - 1..seq * t + t, logits.get(&(seq..seq + 1)));
@@ -1358,5 +1421,39 @@ mod tests {
         let bad = Tensor::new(&[[1u32, 50]], &Device::Cpu).unwrap();
         let error = model.loss(&bad, &bad).unwrap_err().to_string();
         assert!(error.contains("token 50 is outside the vocabulary of 50"), "{error}");
+    }
+
+    #[test]
+    fn a_window_from_the_first_layers_table_and_weight_copies_has_the_same_logits() {
+        for bias in [false, true] {
+            let config =
+                GptConfig { block_size: 16, vocab_size: 37, n_layer: 2, n_head: 2, n_embd: 48, dropout: 0.0, bias };
+            let model = Gpt::init(&config, &VarMap::new(), &Device::Cpu, 9).unwrap();
+            let params = model.parameters();
+            let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
+            let (b, t) = (3, config.block_size);
+            let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % config.vocab_size) as u32).collect();
+            let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size, threads: 2 };
+            let logits = |copies: bool, table: bool| {
+                let p = Params::from_list(&config, param_slices(&guards).unwrap());
+                let turned = if copies { transposed(&p, config.n_embd) } else { Vec::new() };
+                let p = if copies { p.with_copies(&turned) } else { p };
+                let first = table.then(|| FirstQkv::new(&p, &config).expect("a small table"));
+                let mut acts = Activations::new(&config, b, t, Outputs::LastLogits);
+                on_cpu_pool(|| forward(&mut acts, &p, &dims, &ids, Head::LastLogits(first.as_ref()), None));
+                acts.logits[..b * config.vocab_size].to_vec()
+            };
+            // The table holds the bits the window would compute: the same kernels, each element's
+            // sum independent of how the rows are split.
+            let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let copies = logits(true, false);
+            assert_eq!(bits(&logits(true, true)), bits(&copies), "bias {bias}: the first layer's table");
+            // The copies go through `tiles` where the CPU has it: its sums' order, not gemm's.
+            let plain = logits(false, false);
+            for other in [copies, logits(false, true)] {
+                let error = other.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(error < 1e-5, "bias {bias}: {error}");
+            }
+        }
     }
 }

@@ -8,10 +8,12 @@
 //! loaded and each of MR rows' element of a is broadcast against them, into MR × NR sums held in
 //! registers. Nothing is copied, and nothing is allocated.
 //!
-//! Each element is one fused multiply-add chain over k in order, from zero, then added to dst's
-//! value when accumulating: `gemm`'s arithmetic, so that where `gemm` does not split k the bits
-//! are the same. Kernels exist for AVX-512 and for AVX2 with FMA; on other CPUs `available` is
-//! false and the caller keeps `gemm`.
+//! Each element is one fused multiply-add chain over k in order (in passes of 256, each pass's
+//! chain added to dst), from zero, then added to dst's value when accumulating: the same bits
+//! however the rows and columns are split between calls or threads, as `gemm`'s large kernels
+//! sum (not its small ones: at some shapes the two differ in the last bits). Kernels exist for
+//! AVX-512 and for AVX2 with FMA; on other CPUs `available` is false and the caller keeps
+//! `gemm`.
 
 /// k per pass over dst: b's rows of a panel (32 columns, 128 bytes) for 256 values of k are 32
 /// KiB, within a core's first-level cache.
@@ -353,6 +355,7 @@ mod tests {
     use super::*;
 
     /// dst (+)= a · b, each element's products summed in order with fused multiply-adds.
+    #[allow(clippy::too_many_arguments)]
     fn reference(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_t: bool, b: &[f32], accumulate: bool) {
         for i in 0..m {
             for j in 0..n {
