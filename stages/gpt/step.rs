@@ -729,7 +729,11 @@ fn forward(
                 }
             }
         });
-        attention(&mut a.atty[k], &mut a.lse[k], &mut a.scratch, &a.qkv[k], d, mask(dropout, 3 * l + 1));
+        match head {
+            // Nothing reads the last layer's other positions.
+            Head::LastLogits(_) if l + 1 == p.h.len() => last_queries(&mut a.atty[k], &mut a.scratch, &a.qkv[k], d),
+            _ => attention(&mut a.atty[k], &mut a.lse[k], &mut a.scratch, &a.qkv[k], d, mask(dropout, 3 * l + 1)),
+        }
         let (branch, mid) = (Rows::of(&mut a.branch, c), Rows::of(&mut a.mid[k], c));
         let (ln2, stats2) = (Rows::of(&mut a.ln2[k], c), Rows::of(&mut a.ln2_stats[k], 2));
         let (fch, fcg, fct) = (Rows::of(&mut a.fch[k], f), Rows::of(&mut a.fcg[k], f), Rows::of(&mut a.fct[k], f));
@@ -1266,6 +1270,28 @@ fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d
     });
 }
 
+/// Attention for each sequence's last query only, into its row of y (the heads' outputs side by
+/// side), a (sequence, head) at a time on each thread: decoding's last layer, of whose positions
+/// only the last goes on (a quarter of the CPU recipe's attention).
+fn last_queries(y: &mut [f32], scratch: &mut [f32], qkv: &[f32], d: &Dims) {
+    let (t, c, heads) = (d.t, d.c, d.h);
+    let hs = c / heads;
+    let scale = 1.0 / (hs as f32).sqrt();
+    let pairs = d.b * heads;
+    let threads = d.threads.clamp(1, scratch.len() / t);
+    let y = SendPtr(y.as_mut_ptr());
+    scratch.par_chunks_exact_mut(t).take(threads).enumerate().for_each(|(thread, scores)| {
+        for pair in (thread..pairs).step_by(threads) {
+            let (b, h) = (pair / heads, pair % heads);
+            let rows = &qkv[b * t * 3 * c..][..t * 3 * c];
+            let q = &rows[(t - 1) * 3 * c + h * hs..][..hs];
+            // SAFETY: head h's columns of sequence b's last row are this pair's alone.
+            let out = unsafe { std::slice::from_raw_parts_mut(y.get().add((b * t + t - 1) * c + h * hs), hs) };
+            simd::attend(out, scores, q, &rows[c + h * hs..], &rows[2 * c + h * hs..], 3 * c, scale);
+        }
+    });
+}
+
 /// The row blocks `(start, end)` of a causal (T, T) product.
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..t.div_ceil(BLOCK)).map(move |i| (i * BLOCK, ((i + 1) * BLOCK).min(t)))
@@ -1424,7 +1450,7 @@ mod tests {
     }
 
     #[test]
-    fn a_window_from_the_first_layers_table_and_weight_copies_has_the_same_logits() {
+    fn a_windows_last_logits_match_the_full_forward_pass_with_table_and_copies() {
         for bias in [false, true] {
             let config =
                 GptConfig { block_size: 16, vocab_size: 37, n_layer: 2, n_head: 2, n_embd: 48, dropout: 0.0, bias };
@@ -1450,7 +1476,14 @@ mod tests {
             assert_eq!(bits(&logits(true, true)), bits(&copies), "bias {bias}: the first layer's table");
             // The copies go through `tiles` where the CPU has it: its sums' order, not gemm's.
             let plain = logits(false, false);
-            for other in [copies, logits(false, true)] {
+            // And the full forward pass's logits at each sequence's last position (every layer at
+            // every position, attention through `attention`, not `last_queries`).
+            let p = Params::from_list(&config, param_slices(&guards).unwrap());
+            let mut acts = Activations::new(&config, b, t, Outputs::Loss);
+            on_cpu_pool(|| forward(&mut acts, &p, &dims, &ids, Head::Loss(&ids), None));
+            let v = config.vocab_size;
+            let full: Vec<f32> = (0..b).flat_map(|seq| acts.logits[(seq * t + t - 1) * v..][..v].to_vec()).collect();
+            for other in [copies, logits(false, true), full] {
                 let error = other.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(error < 1e-5, "bias {bias}: {error}");
             }
