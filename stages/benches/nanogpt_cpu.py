@@ -10,7 +10,8 @@ same shapes, nanoGPT's own model.py (PyTorch, CPU, no compile), the same measure
   block 1024 (vocab 50304); the two large shapes: 3 iterations after 1 warm-up.
 - sample: tokens/s of sample.py's loop (5 samples one after another, model.generate
   recomputing the context for every token) for the shakespeare-char shape (500 tokens each) and
-  GPT-2 124M's shape (100 tokens each), random weights, temperature 0.8, top_k 200.
+  GPT-2 124M's shape (100 tokens each), random weights, temperature 0.8, top_k 200; the
+  shakespeare-char shape's median of 3 timed runs after an untimed one, GPT-2's one run.
 """
 
 import statistics
@@ -61,21 +62,24 @@ if "train" in which:
 if "sample" in which:
     gpt2 = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257, dropout=0.0, bias=True)
     samples = 5
-    for key, name, shape, new_tokens in [
-        ("recipe", "shakespeare-char shape", cpu_recipe, 500),
-        ("gpt2", "GPT-2 124M shape", gpt2, 100),
+    for key, name, shape, new_tokens, warm_up, timed in [
+        ("recipe", "shakespeare-char shape", cpu_recipe, 500, 1, 3),
+        ("gpt2", "GPT-2 124M shape", gpt2, 100, 0, 1),
     ]:
         if key not in shapes:
             continue
         model = GPT(GPTConfig(**shape)).eval()
         idx = torch.zeros((1, 1), dtype=torch.long)
+        rates = []
         with torch.no_grad():
-            started = time.perf_counter()
-            # sample.py's loop: one sample after another.
-            for _ in range(samples):
-                model.generate(idx, new_tokens, temperature=0.8, top_k=200)
-            seconds = time.perf_counter() - started
+            for run in range(warm_up + timed):
+                started = time.perf_counter()
+                # sample.py's loop: one sample after another.
+                for _ in range(samples):
+                    model.generate(idx, new_tokens, temperature=0.8, top_k=200)
+                if run >= warm_up:
+                    rates.append(samples * new_tokens / (time.perf_counter() - started))
         print(
             f"sample, {name}, {samples} x {new_tokens} new tokens (recomputing the context): "
-            f"{samples * new_tokens / seconds:.1f} tokens/s"
+            f"{statistics.median(rates):.1f} tokens/s"
         )

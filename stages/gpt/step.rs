@@ -268,7 +268,7 @@ pub(crate) fn run(
     let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
     let p = Params::from_list(config, param_slices(&guards)?);
     let threads = rayon::current_num_threads();
-    let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size, threads };
+    let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size, threads, decoding: false };
     let dropout = match backward {
         Some((_, seed)) if config.dropout > 0.0 => Some((config.dropout as f32, seed)),
         _ => None,
@@ -433,7 +433,7 @@ impl NextLogits for Explicit<'_> {
         let first = self.first.get_or_insert_with(|| FirstQkv::new(&self.p, self.config)).as_ref();
         let acts = &mut self.window.as_mut().expect("made above").1;
         let threads = if small_step(self.config, b * t) { 1 } else { rayon::current_num_threads() };
-        let dims = Dims { b, t, c: self.config.n_embd, h: self.config.n_head, v, threads };
+        let dims = Dims { b, t, c: self.config.n_embd, h: self.config.n_head, v, threads, decoding: true };
         forward(acts, &self.p, &dims, &self.ids, Head::LastLogits(first), None);
         Ok(&acts.logits[..b * v])
     }
@@ -615,6 +615,8 @@ struct Dims {
     v: usize,
     /// Threads to split the rows between.
     threads: usize,
+    /// A decoding window's forward pass (no backward pass to follow).
+    decoding: bool,
 }
 
 impl Dims {
@@ -1094,7 +1096,8 @@ struct View {
     ptr: *const f32,
     rs: isize,
     cs: isize,
-    /// A weight's transposed copy, its rows this far apart: `tiles` multiplies by it.
+    /// Where the matrix's rows lie in order, this far apart, and the caller chose `tiles` for
+    /// it (a weight's transposed copy, a window's V or Kᵀ): `gemm_one` multiplies by it there.
     turned: Option<usize>,
 }
 
@@ -1234,13 +1237,16 @@ const BLOCK: usize = 32;
 /// task's scratch: S = Q Kᵀ, P = softmax(S / √hs) (causal, then dropout), Y = P V.
 fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d: &Dims, mask: Option<DropoutMask>) {
     let (t, c, heads) = (d.t, d.c, d.h);
+    // Decoding's windows multiply by `tiles` (Kᵀ into the scratch's free 2T² first, where it
+    // fits: hs ≤ 2T); training keeps `gemm`'s sums, so that no loss moved.
+    let tiled = d.decoding && tiles::available() && c / heads <= 2 * t;
     let hs = c / heads;
     let scale = 1.0 / (hs as f32).sqrt();
     let threads = d.threads.min(scratch.len() / (3 * t * t));
     let pairs = d.b * heads;
     let (y, lse) = (SendPtr(y.as_mut_ptr()), SendPtr(lse.as_mut_ptr()));
     scratch.par_chunks_mut(3 * t * t).take(threads).enumerate().for_each(|(thread, scratch)| {
-        let p = &mut scratch[..t * t];
+        let (p, kt) = scratch.split_at_mut(t * t);
         for pair in (thread..pairs).step_by(threads) {
             let (b, h) = (pair / heads, pair % heads);
             let base = View::rows(&qkv[b * t * 3 * c..], 3 * c);
@@ -1252,8 +1258,20 @@ fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d
             unsafe {
                 let lse = std::slice::from_raw_parts_mut(lse.get().add(pair * t), t);
                 let y = y.get().add(b * t * c + h * hs);
+                // Kᵀ (hs, T), for `tiles`.
+                let kt = match tiled {
+                    true => {
+                        let kt = &mut kt[..hs * t];
+                        for (j, key) in qkv[b * t * 3 * c + c + h * hs..].chunks(3 * c).take(t).enumerate() {
+                            key[..hs].iter().enumerate().for_each(|(d, &x)| kt[d * t + j] = x);
+                        }
+                        View { turned: Some(t), ..View::rows(kt, t) }
+                    }
+                    false => k.t(),
+                };
+                let v = View { turned: tiled.then_some(3 * c), ..v };
                 for (start, end) in blocks(t) {
-                    gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), k.t(), false);
+                    gemm_one(end - start, end, hs, p.as_mut_ptr().add(start * t), t, q.at(start, 0), kt, false);
                     for i in start..end {
                         let row = &mut p[i * t..][..end];
                         lse[i] = simd::softmax(&mut row[..=i], scale);
@@ -1451,15 +1469,18 @@ mod tests {
 
     #[test]
     fn a_windows_last_logits_match_the_full_forward_pass_with_table_and_copies() {
-        for bias in [false, true] {
+        // Windows shorter than the block too (the first tokens without the cache): at T = 1 and 5
+        // the scratch has no room for Kᵀ beside P, and the attention keeps `gemm`.
+        for (bias, t) in [(false, 16), (true, 16), (false, 1), (true, 5)] {
             let config =
                 GptConfig { block_size: 16, vocab_size: 37, n_layer: 2, n_head: 2, n_embd: 48, dropout: 0.0, bias };
             let model = Gpt::init(&config, &VarMap::new(), &Device::Cpu, 9).unwrap();
             let params = model.parameters();
             let guards: Vec<_> = params.iter().map(|p| p.storage_and_layout()).collect();
-            let (b, t) = (3, config.block_size);
+            let b = 3;
             let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % config.vocab_size) as u32).collect();
-            let dims = Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size, threads: 2 };
+            let dims =
+                Dims { b, t, c: config.n_embd, h: config.n_head, v: config.vocab_size, threads: 2, decoding: true };
             let logits = |copies: bool, table: bool| {
                 let p = Params::from_list(&config, param_slices(&guards).unwrap());
                 let turned = if copies { transposed(&p, config.n_embd) } else { Vec::new() };
@@ -1473,19 +1494,20 @@ mod tests {
             // sum independent of how the rows are split.
             let bits = |l: &[f32]| l.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             let copies = logits(true, false);
-            assert_eq!(bits(&logits(true, true)), bits(&copies), "bias {bias}: the first layer's table");
+            assert_eq!(bits(&logits(true, true)), bits(&copies), "bias {bias}, T {t}: the first layer's table");
             // The copies go through `tiles` where the CPU has it: its sums' order, not gemm's.
             let plain = logits(false, false);
-            // And the full forward pass's logits at each sequence's last position (every layer at
-            // every position, attention through `attention`, not `last_queries`).
+            // And the training forward pass's logits at each sequence's last position (every layer
+            // at every position, attention through `attention` and `gemm`, not `last_queries`).
             let p = Params::from_list(&config, param_slices(&guards).unwrap());
             let mut acts = Activations::new(&config, b, t, Outputs::Loss);
-            on_cpu_pool(|| forward(&mut acts, &p, &dims, &ids, Head::Loss(&ids), None));
+            let training = Dims { decoding: false, ..dims };
+            on_cpu_pool(|| forward(&mut acts, &p, &training, &ids, Head::Loss(&ids), None));
             let v = config.vocab_size;
             let full: Vec<f32> = (0..b).flat_map(|seq| acts.logits[(seq * t + t - 1) * v..][..v].to_vec()).collect();
             for other in [copies, logits(false, true), full] {
                 let error = other.iter().zip(&plain).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-                assert!(error < 1e-5, "bias {bias}: {error}");
+                assert!(error < 1e-5, "bias {bias}, T {t}: {error}");
             }
         }
     }
