@@ -714,18 +714,29 @@ fn forward(
         let (ln1, stats1, qkv) =
             (Rows::of(&mut a.ln1[k], c), Rows::of(&mut a.ln1_stats[k], 2), Rows::of(&mut a.qkv[k], 3 * c));
         let res = &a.res[input];
+        let last = l + 1 == p.h.len();
         let table = match head {
             Head::LastLogits(Some(table)) if l == 0 => Some(table),
             _ => None,
         };
         in_row_blocks(d, n, |rows| unsafe {
-            match table {
-                Some(table) => {
+            match (table, head) {
+                (Some(table), _) => {
                     for (row, out) in rows.clone().zip(qkv.get(&rows).chunks_exact_mut(3 * c)) {
                         out.copy_from_slice(table.get(x[row], row % t, 3 * c));
                     }
                 }
-                None => {
+                // Decoding's last layer: keys and values at every position, the query at each
+                // sequence's last (`last_queries` reads no other).
+                (None, Head::LastLogits(_)) if last => {
+                    layer_norm_rows(ln1.get(&rows), stats1.get(&rows), rows_of(res, c, &rows), &layer.ln_1, c);
+                    linear_columns(qkv.get(&rows), ln1.get(&rows), &layer.c_attn, c, 3 * c, c..3 * c);
+                    for row in rows.clone().filter(|row| row % t == t - 1) {
+                        let one = row..row + 1;
+                        linear_columns(qkv.get(&one), ln1.get(&one), &layer.c_attn, c, 3 * c, 0..c);
+                    }
+                }
+                _ => {
                     layer_norm_rows(ln1.get(&rows), stats1.get(&rows), rows_of(res, c, &rows), &layer.ln_1, c);
                     linear_rows(qkv.get(&rows), ln1.get(&rows), &layer.c_attn, c, 3 * c);
                 }
@@ -733,7 +744,7 @@ fn forward(
         });
         match head {
             // Nothing reads the last layer's other positions.
-            Head::LastLogits(_) if l + 1 == p.h.len() => last_queries(&mut a.atty[k], &mut a.scratch, &a.qkv[k], d),
+            Head::LastLogits(_) if last => last_queries(&mut a.atty[k], &mut a.scratch, &a.qkv[k], d),
             _ => attention(&mut a.atty[k], &mut a.lse[k], &mut a.scratch, &a.qkv[k], d, mask(dropout, 3 * l + 1)),
         }
         let (branch, mid) = (Rows::of(&mut a.branch, c), Rows::of(&mut a.mid[k], c));
@@ -999,15 +1010,21 @@ fn layer_norm_backward_rows(
 
 /// out (rows, O) = input (rows, I) · weightᵀ + bias, one thread.
 fn linear_rows(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize) {
+    linear_columns(out, input, layer, i, o, 0..o);
+}
+
+/// Columns `cols` of out (rows, O) = input (rows, I) · weightᵀ + bias, one thread; the other
+/// columns as they were.
+fn linear_columns(out: &mut [f32], input: &[f32], layer: &Weights<&[f32]>, i: usize, o: usize, cols: Range<usize>) {
     let rows = input.len() / i;
-    assert!(out.len() == rows * o && layer.w.len() == o * i);
+    assert!(out.len() == rows * o && layer.w.len() == o * i && cols.end <= o);
     if let Some(bias) = layer.b {
-        out.chunks_exact_mut(o).for_each(|row| row.copy_from_slice(bias));
+        out.chunks_exact_mut(o).for_each(|row| row[cols.clone()].copy_from_slice(&bias[cols.clone()]));
     }
-    // SAFETY: the views stay inside `input` (rows, I) and the weight (O, I); `out` holds (rows, O).
-    unsafe {
-        gemm_one(rows, o, i, out.as_mut_ptr(), o, View::rows(input, i), weight_t(layer, i, o), layer.b.is_some())
-    };
+    let (dst, weight) = (out[cols.start..].as_mut_ptr(), weight_t(layer, i, o).at(0, cols.start));
+    // SAFETY: the views stay inside `input` (rows, I) and the weight (O, I) (its columns `cols`);
+    // dst holds columns `cols` of `out`'s rows.
+    unsafe { gemm_one(rows, cols.len(), i, dst, o, View::rows(input, i), weight, layer.b.is_some()) };
 }
 
 /// dinput (rows, I) = dout (rows, O) · weight (O, I), one thread.
