@@ -1217,8 +1217,9 @@ unsafe fn gemm_one(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a
     if let (true, Some(ldb)) = (a.cs == 1, b.turned) {
         // A row-major input times a transposed copy of a weight: no copy of either (see
         // `tiles`).
+        let (ldc, a_rs, a_cs, a, b) = (dst_rs, a.rs, a.cs, a.ptr, b.ptr);
         // SAFETY: as the caller's.
-        return unsafe { tiles::matmul(m, n, k, dst, dst_rs, a.ptr, a.rs, a.cs, b.ptr, ldb, accumulate) };
+        return unsafe { tiles::matmul(tiles::Product { m, n, k, dst, ldc, a, a_rs, a_cs, b, ldb, accumulate }) };
     }
     // SAFETY: as the caller's; gemm reads dst only when `accumulate`.
     unsafe {

@@ -61,95 +61,64 @@ fn kernel(level: Level) -> Option<(usize, usize, Tile)> {
     }
 }
 
-/// One tile: `rows` (≤ MR) rows × `cols` (≤ NR) columns of dst over `k`.
-type Tile = unsafe fn(
-    rows: usize,
-    k: usize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    b: *const f32,
-    ldb: usize,
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
-    accumulate: bool,
-);
-
 /// dst (m, n), its rows `ldc` apart, = a (m, k) · b (k, n), plus dst's values when `accumulate`;
 /// a's element (i, p) at `a + i·a_rs + p·a_cs`, b's (p, j) at `b + p·ldb + j`.
+#[derive(Clone, Copy)]
+pub(crate) struct Product {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub dst: *mut f32,
+    pub ldc: usize,
+    pub a: *const f32,
+    pub a_rs: isize,
+    pub a_cs: isize,
+    pub b: *const f32,
+    pub ldb: usize,
+    pub accumulate: bool,
+}
+
+/// One tile: a `Product` of at most MR rows and NR columns.
+type Tile = unsafe fn(Product);
+
+/// Computes `product` on this thread.
 ///
 /// # Safety
 /// `available()`; the matrices lie inside live allocations, and dst overlaps neither a nor b.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    ldc: usize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    b: *const f32,
-    ldb: usize,
-    accumulate: bool,
-) {
+pub(crate) unsafe fn matmul(product: Product) {
     let tile = kernel(level()).expect("tiles::matmul on a CPU without AVX2");
     // SAFETY: as the caller's.
-    unsafe { blocked(tile, m, n, k, dst, ldc, a, a_rs, a_cs, b, ldb, accumulate) }
+    unsafe { blocked(tile, product) }
 }
 
 /// `matmul` in tiles of `tile`.
 ///
 /// # Safety
 /// As `matmul`'s, the CPU running `tile`'s kernel.
-#[allow(clippy::too_many_arguments)]
-unsafe fn blocked(
-    (mr, nr, tile): (usize, usize, Tile),
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    ldc: usize,
-    a: *const f32,
-    a_rs: isize,
-    a_cs: isize,
-    b: *const f32,
-    ldb: usize,
-    accumulate: bool,
-) {
-    if k == 0 && !accumulate {
-        for i in 0..m {
+unsafe fn blocked((mr, nr, tile): (usize, usize, Tile), p: Product) {
+    if p.k == 0 && !p.accumulate {
+        for i in 0..p.m {
             // SAFETY: row i of dst, as the caller vouches.
-            unsafe { std::slice::from_raw_parts_mut(dst.add(i * ldc), n).fill(0.0) };
+            unsafe { std::slice::from_raw_parts_mut(p.dst.add(i * p.ldc), p.n).fill(0.0) };
         }
     }
-    for p0 in (0..k).step_by(KC) {
-        let kc = KC.min(k - p0);
-        let accumulate = accumulate || p0 > 0;
-        for i0 in (0..m).step_by(MC) {
-            let i1 = (i0 + MC).min(m);
-            for j in (0..n).step_by(nr) {
-                let cols = nr.min(n - j);
+    for p0 in (0..p.k).step_by(KC) {
+        for i0 in (0..p.m).step_by(MC) {
+            let i1 = (i0 + MC).min(p.m);
+            for j in (0..p.n).step_by(nr) {
                 for i in (i0..i1).step_by(mr) {
-                    let rows = mr.min(i1 - i);
                     // SAFETY: the tile lies inside the matrices the caller vouches for.
                     unsafe {
-                        let a = a.offset(i as isize * a_rs + p0 as isize * a_cs);
-                        tile(
-                            rows,
-                            kc,
-                            a,
-                            a_rs,
-                            a_cs,
-                            b.add(p0 * ldb + j),
-                            ldb,
-                            dst.add(i * ldc + j),
-                            ldc,
-                            cols,
-                            accumulate,
-                        )
+                        tile(Product {
+                            m: mr.min(i1 - i),
+                            n: nr.min(p.n - j),
+                            k: KC.min(p.k - p0),
+                            dst: p.dst.add(i * p.ldc + j),
+                            a: p.a.offset(i as isize * p.a_rs + p0 as isize * p.a_cs),
+                            b: p.b.add(p0 * p.ldb + j),
+                            accumulate: p.accumulate || p0 > 0,
+                            ..p
+                        })
                     }
                 }
             }
@@ -161,7 +130,9 @@ unsafe fn blocked(
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// Calls `$kernel::<R>` for R = `$rows` (1 to `$mr`).
+    use super::Product;
+
+    /// Calls `$kernel::<R>($args)` for R = `$rows`, one of the literals listed.
     macro_rules! by_rows {
         ($kernel:ident, $rows:expr, $($r:literal)+; $args:tt) => {
             match $rows {
@@ -171,41 +142,16 @@ mod x86 {
         };
     }
 
-    /// AVX-512: up to 8 rows × 32 columns (two vectors), the columns past `cols` masked off.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile_avx512(
-        rows: usize,
-        k: usize,
-        a: *const f32,
-        a_rs: isize,
-        a_cs: isize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    /// AVX-512: up to 8 rows × 32 columns (two vectors), the columns past n masked off.
+    pub(super) unsafe fn tile_avx512(p: Product) {
         // SAFETY: as `matmul`'s; `level()` found AVX-512F.
-        unsafe { by_rows!(avx512, rows, 1 2 3 4 5 6 7 8; (k, a, a_rs, a_cs, b, ldb, c, ldc, cols, accumulate)) }
+        unsafe { by_rows!(avx512, p.m, 1 2 3 4 5 6 7 8; (p)) }
     }
 
     #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx512<const R: usize>(
-        k: usize,
-        a: *const f32,
-        a_rs: isize,
-        a_cs: isize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn avx512<const R: usize>(p: Product) {
         let mask = |from: usize| -> __mmask16 {
-            match cols.saturating_sub(from) {
+            match p.n.saturating_sub(from) {
                 n if n >= 16 => 0xffff,
                 n => ((1u32 << n) - 1) as __mmask16,
             }
@@ -216,135 +162,95 @@ mod x86 {
         // SAFETY: masked-off lanes are neither read nor written (nor fault), so the pointers may
         // run past a matrix's last column; the rest lies inside the caller's matrices.
         unsafe {
-            for p in 0..k {
-                let bp = b.wrapping_add(p * ldb);
-                let b0 = _mm512_maskz_loadu_ps(m0, bp);
-                let b1 = _mm512_maskz_loadu_ps(m1, bp.wrapping_add(16));
-                let ap = a.wrapping_offset(p as isize * a_cs);
+            for k in 0..p.k {
+                let b = p.b.wrapping_add(k * p.ldb);
+                let (b0, b1) = (_mm512_maskz_loadu_ps(m0, b), _mm512_maskz_loadu_ps(m1, b.wrapping_add(16)));
+                let a = p.a.wrapping_offset(k as isize * p.a_cs);
                 for r in 0..R {
-                    let x = _mm512_set1_ps(*ap.wrapping_offset(r as isize * a_rs));
+                    let x = _mm512_set1_ps(*a.wrapping_offset(r as isize * p.a_rs));
                     c0[r] = _mm512_fmadd_ps(x, b0, c0[r]);
                     c1[r] = _mm512_fmadd_ps(x, b1, c1[r]);
                 }
             }
             for r in 0..R {
-                let cp = c.wrapping_add(r * ldc);
-                if accumulate {
-                    c0[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, cp), c0[r]);
-                    c1[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, cp.wrapping_add(16)), c1[r]);
+                let dst = p.dst.wrapping_add(r * p.ldc);
+                if p.accumulate {
+                    c0[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m0, dst), c0[r]);
+                    c1[r] = _mm512_add_ps(_mm512_maskz_loadu_ps(m1, dst.wrapping_add(16)), c1[r]);
                 }
-                _mm512_mask_storeu_ps(cp, m0, c0[r]);
-                _mm512_mask_storeu_ps(cp.wrapping_add(16), m1, c1[r]);
+                _mm512_mask_storeu_ps(dst, m0, c0[r]);
+                _mm512_mask_storeu_ps(dst.wrapping_add(16), m1, c1[r]);
             }
         }
     }
 
     /// AVX2 with FMA: up to 6 rows × 16 columns (two vectors); a tile narrower than 16 columns
-    /// goes through masked loads and stores.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn tile_avx2(
-        rows: usize,
-        k: usize,
-        a: *const f32,
-        a_rs: isize,
-        a_cs: isize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    /// goes through masked loads and stores (AMD's masked stores are slow: the edge only).
+    pub(super) unsafe fn tile_avx2(p: Product) {
         // SAFETY: as `matmul`'s; `level()` found AVX2 and FMA.
         unsafe {
-            match cols == 16 {
-                true => by_rows!(avx2_full, rows, 1 2 3 4 5 6; (k, a, a_rs, a_cs, b, ldb, c, ldc, accumulate)),
-                false => by_rows!(avx2_part, rows, 1 2 3 4 5 6; (k, a, a_rs, a_cs, b, ldb, c, ldc, cols, accumulate)),
+            match p.n == 16 {
+                true => by_rows!(avx2_full, p.m, 1 2 3 4 5 6; (p)),
+                false => by_rows!(avx2_part, p.m, 1 2 3 4 5 6; (p)),
             }
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx2_full<const R: usize>(
-        k: usize,
-        a: *const f32,
-        a_rs: isize,
-        a_cs: isize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        accumulate: bool,
-    ) {
-        let mut c0 = [_mm256_setzero_ps(); R];
-        let mut c1 = [_mm256_setzero_ps(); R];
-        // SAFETY: every element read or written lies inside the caller's matrices.
-        unsafe {
-            for p in 0..k {
-                let bp = b.add(p * ldb);
-                let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
-                let ap = a.wrapping_offset(p as isize * a_cs);
-                for r in 0..R {
-                    let x = _mm256_broadcast_ss(&*ap.wrapping_offset(r as isize * a_rs));
-                    c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
-                    c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
-                }
-            }
-            for r in 0..R {
-                let cp = c.add(r * ldc);
-                if accumulate {
-                    c0[r] = _mm256_add_ps(_mm256_loadu_ps(cp), c0[r]);
-                    c1[r] = _mm256_add_ps(_mm256_loadu_ps(cp.add(8)), c1[r]);
-                }
-                _mm256_storeu_ps(cp, c0[r]);
-                _mm256_storeu_ps(cp.add(8), c1[r]);
-            }
-        }
+    unsafe fn avx2_full<const R: usize>(p: Product) {
+        // SAFETY: as `avx2`'s.
+        unsafe { avx2::<R, true>(p) }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn avx2_part<const R: usize>(
-        k: usize,
-        a: *const f32,
-        a_rs: isize,
-        a_cs: isize,
-        b: *const f32,
-        ldb: usize,
-        c: *mut f32,
-        ldc: usize,
-        cols: usize,
-        accumulate: bool,
-    ) {
+    unsafe fn avx2_part<const R: usize>(p: Product) {
+        // SAFETY: as `avx2`'s.
+        unsafe { avx2::<R, false>(p) }
+    }
+
+    /// R rows × 16 columns: all of them (`FULL`: plain loads and stores) or the first n.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn avx2<const R: usize, const FULL: bool>(p: Product) {
         let mask = |from: usize| {
-            let lanes: [i32; 8] = std::array::from_fn(|i| if from + i < cols { -1 } else { 0 });
+            let lanes: [i32; 8] = std::array::from_fn(|i| if from + i < p.n { -1 } else { 0 });
             // SAFETY: eight i32s.
             unsafe { _mm256_loadu_si256(lanes.as_ptr().cast()) }
         };
         let (m0, m1) = (mask(0), mask(8));
         let mut c0 = [_mm256_setzero_ps(); R];
         let mut c1 = [_mm256_setzero_ps(); R];
-        // SAFETY: as in `avx512`: masked-off lanes are neither read nor written.
+        // SAFETY: as in `avx512`, masked-off lanes are neither read nor written; the rest of the
+        // tile lies inside the caller's matrices. (Plain branches on `FULL`, not closures, so
+        // that every intrinsic is compiled for AVX2.)
         unsafe {
-            for p in 0..k {
-                let bp = b.wrapping_add(p * ldb);
-                let (b0, b1) = (_mm256_maskload_ps(bp, m0), _mm256_maskload_ps(bp.wrapping_add(8), m1));
-                let ap = a.wrapping_offset(p as isize * a_cs);
+            for k in 0..p.k {
+                let b = p.b.wrapping_add(k * p.ldb);
+                let (b0, b1) = match FULL {
+                    true => (_mm256_loadu_ps(b), _mm256_loadu_ps(b.add(8))),
+                    false => (_mm256_maskload_ps(b, m0), _mm256_maskload_ps(b.wrapping_add(8), m1)),
+                };
+                let a = p.a.wrapping_offset(k as isize * p.a_cs);
                 for r in 0..R {
-                    let x = _mm256_broadcast_ss(&*ap.wrapping_offset(r as isize * a_rs));
+                    let x = _mm256_broadcast_ss(&*a.wrapping_offset(r as isize * p.a_rs));
                     c0[r] = _mm256_fmadd_ps(x, b0, c0[r]);
                     c1[r] = _mm256_fmadd_ps(x, b1, c1[r]);
                 }
             }
             for r in 0..R {
-                let cp = c.wrapping_add(r * ldc);
-                if accumulate {
-                    c0[r] = _mm256_add_ps(_mm256_maskload_ps(cp, m0), c0[r]);
-                    c1[r] = _mm256_add_ps(_mm256_maskload_ps(cp.wrapping_add(8), m1), c1[r]);
+                let dst = p.dst.wrapping_add(r * p.ldc);
+                let (d0, d1) = (dst, dst.wrapping_add(8));
+                if p.accumulate {
+                    let (x0, x1) = match FULL {
+                        true => (_mm256_loadu_ps(d0), _mm256_loadu_ps(d1)),
+                        false => (_mm256_maskload_ps(d0, m0), _mm256_maskload_ps(d1, m1)),
+                    };
+                    (c0[r], c1[r]) = (_mm256_add_ps(x0, c0[r]), _mm256_add_ps(x1, c1[r]));
                 }
-                _mm256_maskstore_ps(cp, m0, c0[r]);
-                _mm256_maskstore_ps(cp.wrapping_add(8), m1, c1[r]);
+                match FULL {
+                    true => (_mm256_storeu_ps(d0, c0[r]), _mm256_storeu_ps(d1, c1[r])),
+                    false => (_mm256_maskstore_ps(d0, m0, c0[r]), _mm256_maskstore_ps(d1, m1, c1[r])),
+                };
             }
         }
     }
@@ -404,10 +310,9 @@ mod tests {
                     let (mut want, mut got) = (start.clone(), start.clone());
                     reference(m, n, k, &mut want, &a, a_t, &b, accumulate);
                     let (a_rs, a_cs) = if a_t { (1, m as isize) } else { (k as isize, 1) };
+                    let (dst, a, b, ldc, ldb) = (got.as_mut_ptr(), a.as_ptr(), b.as_ptr(), n, n);
                     // SAFETY: the matrices are the vectors above, of these sizes.
-                    unsafe {
-                        blocked(tile, m, n, k, got.as_mut_ptr(), n, a.as_ptr(), a_rs, a_cs, b.as_ptr(), n, accumulate)
-                    };
+                    unsafe { blocked(tile, Product { m, n, k, dst, ldc, a, a_rs, a_cs, b, ldb, accumulate }) };
                     for (w, g) in want.iter().zip(&got) {
                         match k <= KC {
                             true => assert_eq!(
