@@ -772,7 +772,7 @@ fn forward(
         match head {
             // Decoding needs the last layer's output at each sequence's last position only (of
             // the CPU recipe's 4 layers that skips a fifth of the work).
-            Head::LastLogits(_) if l + 1 == p.h.len() => {
+            Head::LastLogits(_) if last => {
                 in_row_blocks(d, d.b, |seqs| seqs.for_each(|seq| chain(seq * t + t - 1..seq * t + t)));
             }
             _ => {
@@ -1215,8 +1215,8 @@ unsafe fn gemm_one(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, a
         return;
     }
     if let (true, Some(ldb)) = (a.cs == 1, b.turned) {
-        // A row-major input times a transposed copy of a weight: no copy of either (see
-        // `tiles`).
+        // A row-major input times a matrix whose rows lie in order (a weight's transposed copy,
+        // a window's V or Kᵀ): no copy of either (see `tiles`).
         let (ldc, a_rs, a_cs, a, b) = (dst_rs, a.rs, a.cs, a.ptr, b.ptr);
         // SAFETY: as the caller's.
         return unsafe { tiles::matmul(tiles::Product { m, n, k, dst, ldc, a, a_rs, a_cs, b, ldb, accumulate }) };
