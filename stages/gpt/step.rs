@@ -373,8 +373,9 @@ pub(crate) fn generate(model: &Gpt, draw: &mut Draw, kv_cache: bool) -> Result<(
     let p = Params::from_list(&model.config, param_slices(&guards)?);
     let config = &model.config;
     // A small model's windows spend as long copying weights in `gemm` as multiplying (K = 128):
-    // its weights are transposed once here instead (GPT-2's 340 MB are not).
-    let copies = match config.num_params(false) <= SMALL_MODEL {
+    // its weights are transposed once here instead, for `tiles` (GPT-2's 340 MB are not, nor
+    // any on a CPU without `tiles`, where nothing would read them).
+    let copies = match config.num_params(false) <= SMALL_MODEL && tiles::available() {
         true => transposed(&p, config.n_embd),
         false => Vec::new(),
     };
@@ -1255,10 +1256,10 @@ const BLOCK: usize = 32;
 /// task's scratch: S = Q Kᵀ, P = softmax(S / √hs) (causal, then dropout), Y = P V.
 fn attention(y: &mut [f32], lse: &mut [f32], scratch: &mut [f32], qkv: &[f32], d: &Dims, mask: Option<DropoutMask>) {
     let (t, c, heads) = (d.t, d.c, d.h);
+    let hs = c / heads;
     // Decoding's windows multiply by `tiles` (Kᵀ into the scratch's free 2T² first, where it
     // fits: hs ≤ 2T); training keeps `gemm`'s sums, so that no loss moved.
-    let tiled = d.decoding && tiles::available() && c / heads <= 2 * t;
-    let hs = c / heads;
+    let tiled = d.decoding && tiles::available() && hs <= 2 * t;
     let scale = 1.0 / (hs as f32).sqrt();
     let threads = d.threads.min(scratch.len() / (3 * t * t));
     let pairs = d.b * heads;
