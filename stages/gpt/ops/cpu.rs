@@ -57,31 +57,62 @@ fn softmax_in_place(row: &mut [f32]) {
     row.iter_mut().for_each(|p| *p *= inverse);
 }
 
-/// e^x, within ~2e-7 relative for |x| < 87, in plain arithmetic the compiler vectorizes (libm's
-/// `expf`/`tanhf` are calls, one element at a time).
+/// Values per pass of the exp-based kernels (GELU, softmax): e^x is a chain of ~20 dependent
+/// operations, and a loop over one vector at a time waits on each one's latency; a step at a time
+/// over 64 values keeps the pipelines full (GELU 31% faster on AMD Zen 1, the same bits).
+pub(crate) const LANES: usize = 64;
+
+/// e^x of each of L values in place, within ~2e-7 relative for |x| < 87, in plain arithmetic
+/// the compiler vectorizes (libm's `expf`/`tanhf` are calls, one element at a time), a step at
+/// a time across the values: each value's operations are the same whatever L, so are its bits.
 #[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
+pub(crate) fn exp_lanes<const L: usize>(x: &mut [f32; L]) {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer, kept in the bits
-    let x = x.clamp(-87.0, 87.0);
-    let shifted = x * LOG2E + ROUND;
-    let n = shifted - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO; // |r| <= ln2/2
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    // 2^n, built in the exponent bits: the low bits of `shifted` hold n.
-    let scale = f32::from_bits(shifted.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
-    p * scale
+    let (mut shifted, mut r) = ([0f32; L], [0f32; L]);
+    for k in 0..L {
+        x[k] = x[k].clamp(-87.0, 87.0);
+        shifted[k] = x[k] * LOG2E + ROUND;
+        let n = shifted[k] - ROUND;
+        r[k] = x[k] - n * LN2_HI - n * LN2_LO; // |r| <= ln2/2
+    }
+    // Σ r^i / i! for i <= 7, innermost first.
+    let mut p = [1.0 / 5040.0; L];
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        for k in 0..L {
+            p[k] = c + r[k] * p[k];
+        }
+    }
+    for k in 0..L {
+        // 2^n, built in the exponent bits: the low bits of `shifted` hold n.
+        x[k] = p[k] * f32::from_bits(shifted[k].to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
+    }
 }
 
-/// tanh(u) = 1 - 2 / (e^2u + 1), within ~2e-7 absolute.
+/// e^x (`exp_lanes` of one value).
 #[inline(always)]
+pub(crate) fn exp(x: f32) -> f32 {
+    let mut x = [x];
+    exp_lanes(&mut x);
+    x[0]
+}
+
+/// tanh(u) = 1 - 2 / (e^2u + 1) of each of L values in place, within ~2e-7 absolute.
+#[inline(always)]
+fn tanh_lanes<const L: usize>(u: &mut [f32; L]) {
+    u.iter_mut().for_each(|u| *u = 2.0 * u.clamp(-9.0, 9.0));
+    exp_lanes(u);
+    u.iter_mut().for_each(|e| *e = 1.0 - 2.0 / (*e + 1.0));
+}
+
+/// tanh(u) (`tanh_lanes` of one value), for the tests against libm's.
+#[cfg(test)]
 pub(super) fn tanh(u: f32) -> f32 {
-    1.0 - 2.0 / (exp(2.0 * u.clamp(-9.0, 9.0)) + 1.0)
+    let mut u = [u];
+    tanh_lanes(&mut u);
+    u[0]
 }
 
 /// GELU (tanh approximation) of one value.
@@ -90,10 +121,21 @@ pub(crate) fn gelu_at(x: f32) -> f32 {
     0.5 * x * (1.0 + gelu_tanh(x))
 }
 
+/// The tanh inside GELU of each of L values `x`, into `t`.
+#[inline(always)]
+pub(crate) fn gelu_tanh_lanes<const L: usize>(t: &mut [f32; L], x: &[f32; L]) {
+    for k in 0..L {
+        t[k] = GELU_K * (x[k] + GELU_C * x[k] * x[k] * x[k]);
+    }
+    tanh_lanes(t);
+}
+
 /// The tanh inside GELU at `x`.
 #[inline(always)]
 pub(crate) fn gelu_tanh(x: f32) -> f32 {
-    tanh(GELU_K * (x + GELU_C * x * x * x))
+    let mut t = [0.0];
+    gelu_tanh_lanes(&mut t, &[x]);
+    t[0]
 }
 
 /// dL/dx of GELU at `x`, given dL/dy = `g`.

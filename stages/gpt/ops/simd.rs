@@ -8,7 +8,7 @@
 //! Sums and maxima run in 16 lanes at every level and no multiply-add is fused, so a kernel gives
 //! the same bits on every CPU.
 
-use super::cpu::{exp, gelu_at, gelu_grad_with_tanh, gelu_tanh};
+use super::cpu::{LANES, exp, exp_lanes, gelu_at, gelu_grad_with_tanh, gelu_tanh, gelu_tanh_lanes};
 
 /// Compiles a function for AVX-512, for AVX2 + FMA and for the baseline, and calls the widest
 /// one this CPU runs.
@@ -106,11 +106,22 @@ fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
     (max, lanes.iter().sum::<f32>() + tail)
 }
 
+/// e^(x · scale - shift) of each value x of `row`, in place, `LANES` at a time.
+#[inline(always)]
+fn exp_scaled(row: &mut [f32], scale: f32, shift: f32) {
+    let (passes, rest) = row.as_chunks_mut::<LANES>();
+    for x in passes {
+        x.iter_mut().for_each(|x| *x = *x * scale - shift);
+        exp_lanes(x);
+    }
+    rest.iter_mut().for_each(|x| *x = exp(*x * scale - shift));
+}
+
 /// Softmax of `row · scale` in place; returns its log-sum-exp.
 #[inline(always)]
 fn softmax_inline(row: &mut [f32], scale: f32) -> f32 {
     let max = max16(row, scale);
-    row.iter_mut().for_each(|p| *p = exp(*p * scale - max));
+    exp_scaled(row, scale, max);
     let sum = sum16(row);
     let inverse = 1.0 / sum;
     row.iter_mut().for_each(|p| *p *= inverse);
@@ -199,7 +210,7 @@ widest! {
     /// e^(s · scale - lse) for each score s of a row, in place: a softmax again from its
     /// log-sum-exp.
     pub(crate) fn softmax_from_lse(row: &mut [f32], scale: f32, lse: f32) {
-        row.iter_mut().for_each(|s| *s = exp(*s * scale - lse));
+        exp_scaled(row, scale, lse);
     }
 }
 
@@ -233,7 +244,14 @@ widest! {
 widest! {
     /// GELU (tanh approximation) of `x` into `out`.
     pub(crate) fn gelu(out: &mut [f32], x: &[f32]) {
-        out.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu_at(x));
+        let ((outs, out_rest), (xs, x_rest)) = (out.as_chunks_mut::<LANES>(), x.as_chunks::<LANES>());
+        for (out, x) in outs.iter_mut().zip(xs) {
+            gelu_tanh_lanes(out, x);
+            for k in 0..LANES {
+                out[k] = 0.5 * x[k] * (1.0 + out[k]);
+            }
+        }
+        out_rest.iter_mut().zip(x_rest).for_each(|(y, &x)| *y = gelu_at(x));
     }
 }
 
@@ -241,7 +259,15 @@ widest! {
     /// GELU of `x` into `out`, keeping the tanh of each input in `tanh` for the backward pass
     /// (the exp and the division are most of GELU's cost).
     pub(crate) fn gelu_keeping_tanh(out: &mut [f32], tanh: &mut [f32], x: &[f32]) {
-        for ((y, t), &x) in out.iter_mut().zip(tanh.iter_mut()).zip(x) {
+        let (outs, out_rest) = out.as_chunks_mut::<LANES>();
+        let ((tanhs, tanh_rest), (xs, x_rest)) = (tanh.as_chunks_mut::<LANES>(), x.as_chunks::<LANES>());
+        for ((out, t), x) in outs.iter_mut().zip(tanhs.iter_mut()).zip(xs) {
+            gelu_tanh_lanes(t, x);
+            for k in 0..LANES {
+                out[k] = 0.5 * x[k] * (1.0 + t[k]);
+            }
+        }
+        for ((y, t), &x) in out_rest.iter_mut().zip(tanh_rest.iter_mut()).zip(x_rest) {
             *t = gelu_tanh(x);
             *y = 0.5 * x * (1.0 + *t);
         }
@@ -389,6 +415,24 @@ mod tests {
         let plain_var = row.iter().map(|&x| (x - plain_mean).powi(2)).sum::<f32>() / 37.0;
         assert!((mean - plain_mean).abs() < 1e-5 && (rstd - 1.0 / (plain_var + 1e-5).sqrt()).abs() < 1e-4);
         assert!((out[5] - ((row[5] - plain_mean) * rstd * w[5] + b[5])).abs() < 1e-5);
+    }
+
+    #[test]
+    fn exp_kernels_give_each_value_its_own_bits_in_passes_and_alone() {
+        use crate::gpt::ops::cpu::gelu_at;
+        // Two passes of 64 values and a rest of 22.
+        let x: Vec<f32> = (0..150).map(|i| ((i * 7919) % 1001) as f32 / 100.0 - 5.0).collect();
+        let (mut out, mut kept, mut tanh) = (vec![0f32; 150], vec![0f32; 150], vec![0f32; 150]);
+        gelu(&mut out, &x);
+        gelu_keeping_tanh(&mut kept, &mut tanh, &x);
+        let mut shifted = x.clone();
+        softmax_from_lse(&mut shifted, 0.5, 1.0);
+        for i in 0..150 {
+            assert_eq!(out[i].to_bits(), gelu_at(x[i]).to_bits(), "gelu({})", x[i]);
+            assert_eq!(kept[i].to_bits(), out[i].to_bits(), "gelu_keeping_tanh({})", x[i]);
+            assert_eq!(tanh[i].to_bits(), gelu_tanh(x[i]).to_bits(), "tanh at {}", x[i]);
+            assert_eq!(shifted[i].to_bits(), exp(x[i] * 0.5 - 1.0).to_bits(), "exp({} / 2 - 1)", x[i]);
+        }
     }
 
     #[test]
