@@ -106,7 +106,8 @@ fn logsumexp_parts(row: &[f32]) -> (f32, f32) {
     (max, lanes.iter().sum::<f32>() + tail)
 }
 
-/// e^(x · scale - shift) of each value x of `row`, in place, `LANES` at a time.
+/// e^(x · scale - shift) of each value x of `row`, in place, `LANES` at a time, the rest (a
+/// causal row's scores are often fewer) 16 at a time, the last pass padded.
 #[inline(always)]
 fn exp_scaled(row: &mut [f32], scale: f32, shift: f32) {
     let (passes, rest) = row.as_chunks_mut::<LANES>();
@@ -114,7 +115,12 @@ fn exp_scaled(row: &mut [f32], scale: f32, shift: f32) {
         x.iter_mut().for_each(|x| *x = *x * scale - shift);
         exp_lanes(x);
     }
-    rest.iter_mut().for_each(|x| *x = exp(*x * scale - shift));
+    for rest in rest.chunks_mut(16) {
+        let mut pass = [0f32; 16];
+        pass.iter_mut().zip(rest.iter()).for_each(|(p, &x)| *p = x * scale - shift);
+        exp_lanes(&mut pass);
+        rest.copy_from_slice(&pass[..rest.len()]);
+    }
 }
 
 /// Softmax of `row · scale` in place; returns its log-sum-exp.
