@@ -118,7 +118,13 @@ pub(super) fn tanh(u: f32) -> f32 {
 /// GELU (tanh approximation) of one value.
 #[inline(always)]
 pub(crate) fn gelu_at(x: f32) -> f32 {
-    0.5 * x * (1.0 + gelu_tanh(x))
+    gelu_with_tanh(x, gelu_tanh(x))
+}
+
+/// GELU at `x` whose inner tanh `t` is known.
+#[inline(always)]
+pub(crate) fn gelu_with_tanh(x: f32, t: f32) -> f32 {
+    0.5 * x * (1.0 + t)
 }
 
 /// The tanh inside GELU of each of L values `x`, into `t`.

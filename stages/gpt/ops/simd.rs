@@ -8,7 +8,7 @@
 //! Sums and maxima run in 16 lanes at every level and no multiply-add is fused, so a kernel gives
 //! the same bits on every CPU.
 
-use super::cpu::{LANES, exp, exp_lanes, gelu_at, gelu_grad_with_tanh, gelu_tanh, gelu_tanh_lanes};
+use super::cpu::{LANES, exp, exp_lanes, gelu_at, gelu_grad_with_tanh, gelu_tanh, gelu_tanh_lanes, gelu_with_tanh};
 
 /// Compiles a function for AVX-512, for AVX2 + FMA and for the baseline, and calls the widest
 /// one this CPU runs.
@@ -254,7 +254,7 @@ widest! {
         for (out, x) in outs.iter_mut().zip(xs) {
             gelu_tanh_lanes(out, x);
             for k in 0..LANES {
-                out[k] = 0.5 * x[k] * (1.0 + out[k]);
+                out[k] = gelu_with_tanh(x[k], out[k]);
             }
         }
         out_rest.iter_mut().zip(x_rest).for_each(|(y, &x)| *y = gelu_at(x));
@@ -270,12 +270,12 @@ widest! {
         for ((out, t), x) in outs.iter_mut().zip(tanhs.iter_mut()).zip(xs) {
             gelu_tanh_lanes(t, x);
             for k in 0..LANES {
-                out[k] = 0.5 * x[k] * (1.0 + t[k]);
+                out[k] = gelu_with_tanh(x[k], t[k]);
             }
         }
         for ((y, t), &x) in out_rest.iter_mut().zip(tanh_rest.iter_mut()).zip(x_rest) {
             *t = gelu_tanh(x);
-            *y = 0.5 * x * (1.0 + *t);
+            *y = gelu_with_tanh(x, *t);
         }
     }
 }
