@@ -13,7 +13,9 @@
 //! `--iters` sets the CPU recipe's timed iterations (30); the two large shapes take 1 warm-up and
 //! 3 timed ones (a step of each is seconds on a laptop).
 //!
-//! nanoGPT's side of the comparison (PyTorch on the same machine) is `benches/nanogpt_cpu.py`.
+//! nanoGPT's side of the comparison (PyTorch on the same machine) is `benches/nanogpt_cpu.py`;
+//! `benches/torch_matmuls.py` times torch's matmuls alone for the GPT-2 step's linear layers (the
+//! floor under that step on a CPU, whoever runs it).
 
 use std::collections::HashMap;
 use std::time::Instant;
