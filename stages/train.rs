@@ -453,6 +453,11 @@ fn run_rank(
         trainer.resume(&ctx.out, name, state.loss_scale)?;
         if writes {
             repair_best(&trainer, &ctx.out, &state)?;
+            // Resumed from `ckpt`: `last` is missing or damaged (it is never older). Written again
+            // now, or a run resumed at `max_iters` would publish the damaged one.
+            if name == "ckpt" {
+                trainer.save(&ctx.out, "last", state.clone())?;
+            }
         }
         iter = state.iter;
         resumed_val_loss = state.val_loss;
@@ -1014,6 +1019,23 @@ pub(crate) mod tests {
         assert_eq!(report.metrics["resumed_from_iter"], 6);
         let files = |dir: &Path| checkpoint::load_state(dir, "last").unwrap().unwrap().files;
         assert_eq!(files(&out.out), files(&whole.out));
+        Ok(())
+    }
+
+    /// A finished run's partial output whose `last` is damaged (issue 28, item 5): the resume at
+    /// `max_iters` writes `last` again from `ckpt` rather than publishing the damaged file.
+    #[test]
+    fn a_damaged_last_at_max_iters_is_written_again_before_publishing() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = tiny(char_data(dir.path()));
+        let out = context(dir.path(), "out");
+        train(&config, &out, &Hooks::default())?;
+        let expected = checkpoint::load_state(&out.out, "last")?.unwrap();
+        fs_err::write(out.out.join("last.safetensors"), [0u8; 50])?;
+        assert!(checkpoint::load_state(&out.out, "last")?.is_none(), "damaged");
+        train(&config, &out, &Hooks::default())?;
+        let last = checkpoint::load_state(&out.out, "last")?.expect("`last` verifies again");
+        assert_eq!((last.iter, &last.files), (8, &expected.files));
         Ok(())
     }
 
