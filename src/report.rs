@@ -310,7 +310,7 @@ fn machine() -> Vec<Vec<String>> {
         .lines()
         .find_map(|line| Some(line.strip_prefix("PRETTY_NAME=")?.trim_matches('"').to_string()))
         .unwrap_or_else(|| std::env::consts::OS.into());
-    let host = crate::executor::hostname();
+    let host = crate::host::hostname();
     [
         ("host", host),
         ("CPU", format!("{cpu}, {cores} cores available")),
@@ -323,13 +323,17 @@ fn machine() -> Vec<Vec<String>> {
     .collect()
 }
 
+/// The report as markdown. Params, metrics, summaries and samples are whatever a stage wrote, so
+/// nothing of theirs is read as markup: `<`, `>` and `&` become entities outside code spans (a
+/// viewer that renders HTML in markdown runs none of it), a `|` in a cell cannot end it, and a
+/// sample is fenced by more backticks than it holds in a row.
 pub fn markdown(blocks: &[Block]) -> String {
     let mut text = String::new();
-    let cell = |cell: &str| cell.replace('|', "\\|").replace('\n', " ");
+    let cell = |cell: &str| markdown_inline(&cell.replace('\n', " ")).replace('|', "\\|");
     for block in blocks {
         match block {
-            Block::Heading(level, title) => writeln!(text, "{} {title}\n", "#".repeat(*level)),
-            Block::Paragraph(paragraph) => writeln!(text, "{paragraph}\n"),
+            Block::Heading(level, title) => writeln!(text, "{} {}\n", "#".repeat(*level), markdown_inline(title)),
+            Block::Paragraph(paragraph) => writeln!(text, "{}\n", markdown_inline(paragraph)),
             Block::Table(header, rows) => {
                 let line =
                     |cells: &[String]| format!("| {} |", cells.iter().map(|c| cell(c)).collect::<Vec<_>>().join(" | "));
@@ -341,7 +345,11 @@ pub fn markdown(blocks: &[Block]) -> String {
                 writeln!(text)
             }
             Block::Image { file, alt } => writeln!(text, "![{alt}]({file})\n"),
-            Block::Code(code) => writeln!(text, "```text\n{code}\n```\n"),
+            Block::Code(code) => {
+                let longest = code.split(|c| c != '`').map(str::len).max().unwrap_or(0);
+                let fence = "`".repeat(longest.max(2) + 1);
+                writeln!(text, "{fence}text\n{code}\n{fence}\n")
+            }
         }
         .expect("writing to a String");
     }
@@ -408,6 +416,22 @@ fn escape(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
+/// Markdown text whose `<`, `>` and `&` outside `code` spans are entities: shown as written,
+/// never read as HTML. (Inside a code span markdown shows them as they are.)
+fn markdown_inline(text: &str) -> String {
+    text.split('`')
+        .enumerate()
+        .map(|(i, part)| {
+            if i % 2 == 1 {
+                part.to_string()
+            } else {
+                part.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("`")
+}
+
 /// A paragraph's text with `code` spans, as markdown writes them.
 fn inline(text: &str) -> String {
     escape(text)
@@ -431,12 +455,31 @@ mod tests {
         ];
         assert_eq!(
             markdown(&blocks),
-            "## train (train)\n\nKey `abc`, ran <fast>.\n\n| param | value |\n| --- | --- |\n| a\\|b | 1 |\n\n```text\nROMEO:\n<3\n```\n\n"
+            "## train (train)\n\nKey `abc`, ran &lt;fast&gt;.\n\n| param | value |\n| --- | --- |\n| a\\|b | 1 |\n\n```text\nROMEO:\n<3\n```\n\n"
         );
         let page = html("t", &blocks, Path::new(".")).unwrap();
         assert!(page.contains("<h2>train (train)</h2>\n<p>Key <code>abc</code>, ran &lt;fast&gt;.</p>"));
         assert!(page.contains("<tr><th>param</th><th>value</th></tr>\n<tr><td>a|b</td><td>1</td></tr>"));
         assert!(page.contains("<pre>ROMEO:\n&lt;3</pre>"));
+    }
+
+    /// Issue 28, item 7: what stages wrote cannot become markup in `report.md`.
+    #[test]
+    fn markdown_shows_params_and_samples_as_written_never_as_html() {
+        let blocks = vec![
+            Block::Table(
+                vec!["param".into(), "value".into()],
+                vec![vec!["start".into(), "<img src=x onerror=alert(1)> | a & b".into()]],
+            ),
+            Block::Paragraph("The first lines of <b>samples</b> in `<dir>`:".into()),
+            Block::Code("<script>alert(1)</script>\n```\n# not a heading".into()),
+        ];
+        assert_eq!(
+            markdown(&blocks),
+            "| param | value |\n| --- | --- |\n| start | &lt;img src=x onerror=alert(1)&gt; \\| a &amp; b |\n\n\
+             The first lines of &lt;b&gt;samples&lt;/b&gt; in `<dir>`:\n\n\
+             ````text\n<script>alert(1)</script>\n```\n# not a heading\n````\n\n"
+        );
     }
 
     #[test]
