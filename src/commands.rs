@@ -282,11 +282,26 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
         Err(Error::NoPipeline { .. }) if file.is_none() => None,
         Err(error) => return Err(error),
     };
+    // The arguments are checked as a sample stage's params would be, before any model loads; a
+    // stage named is checked as `model: ${stage}` would be (a tokenize stage is not a model).
+    let invalid_argument = |invalid: nanoflow_stages::Invalid| {
+        let option = match invalid.key.as_str() {
+            "model" => "STAGE_OR_MODEL".to_string(),
+            "start" => "PROMPT".to_string(),
+            key => format!("--{}", key.replace('_', "-")),
+        };
+        Error::InvalidArgument { option, message: invalid.message }
+    };
     let (asked, mut stage_names) = (config.model.clone(), Vec::new());
     if let Some(path) = pipeline {
         let (plan, store) = load(Some(&path), &[])?;
         stage_names = plan.stages.iter().map(|stage| stage.name.clone()).collect();
-        if plan.index(&config.model).is_some() {
+        if let Some(index) = plan.index(&config.model) {
+            let kind = plan.stages[index].kind.name();
+            let kind_of = |_: &str| Some(kind);
+            let named = nanoflow_stages::sample::Config { model: format!("${{{asked}}}"), ..config.clone() };
+            nanoflow_stages::sample::check(&named, &nanoflow_stages::Upstream::new(&kind_of))
+                .map_err(invalid_argument)?;
             let dir = store.current(&config.model).ok_or_else(|| Error::NoOutput { stage: config.model.clone() })?;
             config.model = dir.join(OUT).to_string_lossy().into_owned();
         } else if !nanoflow_stages::gpt::GptConfig::PRESETS.contains(&config.model.as_str()) {
@@ -298,15 +313,7 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
             config.start = format!("FILE:{}", cwd.join(prompt).display());
         }
     }
-    // The arguments are checked as a sample stage's params would be, before any model loads.
-    nanoflow_stages::sample::check(&config, &nanoflow_stages::Upstream::none()).map_err(|invalid| {
-        let option = match invalid.key.as_str() {
-            "model" => "STAGE_OR_MODEL".to_string(),
-            "start" => "PROMPT".to_string(),
-            key => format!("--{}", key.replace('_', "-")),
-        };
-        Error::InvalidArgument { option, message: invalid.message }
-    })?;
+    nanoflow_stages::sample::check(&config, &nanoflow_stages::Upstream::none()).map_err(invalid_argument)?;
     let is_model =
         nanoflow_stages::gpt::GptConfig::PRESETS.contains(&config.model.as_str()) || root.join(&config.model).exists();
     if !is_model {
@@ -426,7 +433,10 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
             if keep {
                 continue;
             }
-            let size = store::disk_usage(&path).max(path.symlink_metadata().map(|m| m.len()).unwrap_or(0));
+            // A link (a `.current-*` an interrupted `set_current` left) is the link's few bytes,
+            // not the entry it points at, which stays.
+            let link = path.symlink_metadata().map(|m| m.len()).unwrap_or(0);
+            let size = if path.is_symlink() { link } else { store::disk_usage(&path).max(link) };
             printer.data(&format!("{}  {}", show_path(&path).display(), format_bytes(size as f64)));
             removed += 1;
             bytes += size;

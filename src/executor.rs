@@ -18,7 +18,7 @@ use nanoflow_stages::progress::{self, Line, Unit};
 use crate::cache_key::KeyMaterial;
 use crate::error::Error;
 use crate::freshness::{self, Freshness};
-use crate::manifest::{LOG, Manifest, OUT, check_outputs, hash_outputs, output_digest};
+use crate::manifest::{LOG, Manifest, OUT, check_outputs, hash_outputs, output_digest, own_copies};
 use crate::plan::Plan;
 use crate::printer::{Printer, Style, show_path};
 use crate::reference;
@@ -325,10 +325,11 @@ impl<'a> Executor<'a> {
         // A resumable kind continues from an interrupted run's partial output, unless forced:
         // `--force` starts over (also from a partial output too damaged to resume from).
         let partial = self.store.partial_dir(&stage.name, key);
-        // A job that an earlier nanoflow submitted for this key and that still runs (that
-        // nanoflow was killed, or its login session dropped) is followed, not run a second time.
+        // A job that an earlier nanoflow submitted for this key and never saw end (that nanoflow
+        // was killed, or its login session dropped) is taken up, not run a second time: followed
+        // while it runs, published if it finished meanwhile.
         let live_job = match self.options.executor {
-            ExecutorKind::Slurm => JobFiles::new(&partial).live_job(),
+            ExecutorKind::Slurm => JobFiles::new(&partial).earlier_job(),
             ExecutorKind::Local => None,
         };
         if live_job.is_none() && (!stage.kind.resumable() || self.options.force.contains(&stage.name)) {
@@ -341,7 +342,10 @@ impl<'a> Executor<'a> {
             *text = reference::substitute(text, |name| upstream[name].out.display().to_string());
         });
         let report_path = self.store.stage_dir(&stage.name).join(format!(".report-{key}.json"));
-        let _ = fs_err::remove_file(&report_path);
+        // An earlier job's report is its own (it may have written it already).
+        if live_job.is_none() {
+            let _ = fs_err::remove_file(&report_path);
+        }
         let spec = StageSpec {
             stage: stage.name.clone(),
             kind: stage.kind.name().to_string(),
@@ -383,6 +387,9 @@ impl<'a> Executor<'a> {
         if let Err(message) = check_outputs(&out) {
             return Ok(Outcome::Failed { message, tail, log: log_path });
         }
+        for relative in own_copies(&out)? {
+            self.printer.verbose(&format!("      `$OUT/{relative}` had other hard links: stored as a copy of its own"));
+        }
         let outputs = hash_outputs(&out)?;
         let digest = output_digest(&outputs);
         let manifest = Manifest {
@@ -397,7 +404,7 @@ impl<'a> Executor<'a> {
             finished_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
             duration_s: (clock.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
             exit_status: 0,
-            host: hostname(),
+            host: crate::host::hostname(),
             summary: report.summary.clone(),
             metrics: report.metrics,
         };
@@ -425,7 +432,8 @@ impl<'a> Executor<'a> {
                 return Ok(None);
             }
             if !announced {
-                self.printer.status(&format!("      waiting for another nanoflow process running `{stage}`"));
+                let holder = self.store.key_holder(stage, key);
+                self.printer.status(&format!("      waiting for another nanoflow process running `{stage}`: {holder}"));
                 announced = true;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -533,7 +541,7 @@ impl<'a> Executor<'a> {
         stage: &str,
         resources: &Resources,
         spec: &StageSpec,
-        (partial, mut live_job): (&Path, Option<String>),
+        (partial, mut live_job): (&Path, Option<(String, crate::slurm::JobState)>),
         log_path: &Path,
     ) -> std::io::Result<(Ended, Vec<String>)> {
         let files = JobFiles::new(partial);
@@ -549,7 +557,14 @@ impl<'a> Executor<'a> {
                 return Ok((Ended { success: false, reason: "interrupted".into() }, tail_lines(tail)));
             }
             let id = match live_job.take() {
-                Some(id) => {
+                Some((id, state)) if state.is_final() => {
+                    let line = format!(
+                        "Slurm job {id}, which an earlier nanoflow submitted, ended while nanoflow was away; taking up its output"
+                    );
+                    self.printer.stage_line(stage, &line);
+                    id
+                }
+                Some((id, _)) => {
                     self.printer
                         .stage_line(stage, &format!("following Slurm job {id}, which an earlier nanoflow submitted"));
                     id
@@ -602,16 +617,14 @@ impl<'a> Executor<'a> {
                 let reason = format!("Slurm lost track of job {id} (neither `scontrol` nor `sacct` knows it)");
                 return Ok((Ended { success: false, reason }, tail_lines(tail)));
             };
-            let checkpointed = state.exit_code == Some(i32::from(nanoflow_stages::interrupt::CHECKPOINTED));
-            let again = (checkpointed && state.state != "CANCELLED") || state.state == "PREEMPTED";
-            if again && !interrupted() && submissions <= RESUBMITS {
+            if state.stopped_to_resume() && !interrupted() && submissions <= RESUBMITS {
                 self.printer.stage_line(
                     stage,
                     &format!("Slurm job {id} stopped before its end with a checkpoint; submitting it again"),
                 );
                 continue;
             }
-            let success = state.state == "COMPLETED" && state.exit_code == Some(0);
+            let success = state.succeeded();
             let reason = match state.state.as_str() {
                 "COMPLETED" | "FAILED" => format!("Slurm job {id}: exit status {}", state.exit_code.unwrap_or(-1)),
                 "CANCELLED" => format!("Slurm job {id} was cancelled (`scancel`)"),
@@ -643,17 +656,6 @@ impl<'a> Executor<'a> {
 enum Prepared {
     Cached(Outcome),
     Run { key: String, material: KeyMaterial, reasons: Vec<String> },
-}
-
-pub fn hostname() -> String {
-    let mut buffer = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
-    let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
-    if result != 0 {
-        return "unknown".to_string();
-    }
-    let end = buffer.iter().position(|&byte| byte == 0).unwrap_or(buffer.len());
-    String::from_utf8_lossy(&buffer[..end]).into_owned()
 }
 
 /// Reads a file another machine appends to, a whole line at a time.

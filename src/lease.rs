@@ -2,8 +2,10 @@
 //! mount without lockd, `nolock`, some FUSE filesystems): a lease file created with `O_EXCL`
 //! (atomic on NFSv3 and later) naming its holder, which a thread of the holder touches every
 //! few seconds. Another process takes it over only when it is stale: its holder is a dead
-//! process on this machine, or nobody touched it for `STALE` (its machine died, or lost the
-//! filesystem). Breaking a stale lease renames it away first, so of two breakers only one wins.
+//! process on this machine (or its pid now belongs to a process that started later), nobody
+//! touched it for `STALE` (its machine died, or lost the filesystem), or it names no holder and
+//! is older than `UNREADABLE` (its writer died between creating and writing it, or something
+//! else wrote it). Breaking a stale lease renames it away first, so of two breakers only one wins.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -19,16 +21,44 @@ use crate::atomic::unique;
 const REFRESH: Duration = Duration::from_secs(10);
 /// A lease untouched this long is stale (clocks of a cluster's machines agree far better).
 const STALE: Duration = Duration::from_secs(120);
+/// A lease that names no holder this long after it was made is nobody's: its holder writes its
+/// name right after creating it.
+const UNREADABLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 pub struct Holder {
     pub host: String,
     pub pid: u32,
+    /// When the holder started (`host::started`), so that its pid given to another process
+    /// later is not taken for it. Absent in leases of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started: Option<u64>,
 }
 
 impl Holder {
     fn this_process() -> Holder {
-        Holder { host: crate::executor::hostname(), pid: std::process::id() }
+        let pid = std::process::id();
+        Holder { host: crate::host::hostname(), pid, started: crate::host::started(pid) }
+    }
+
+    /// Whether the holder runs on this machine and is gone: no process has its pid, or the
+    /// one that has it started at another time.
+    fn gone_from_here(&self) -> bool {
+        if self.host != crate::host::hostname() {
+            return false;
+        }
+        !crate::host::alive(self.pid)
+            || self.started.is_some_and(|started| crate::host::started(self.pid) != Some(started))
+    }
+}
+
+/// Who holds the lease at `path`, for a person waiting on it: `pid 12 on login2 (lease
+/// `artifacts/.nanoflow/locks/train-….lease`)`.
+pub fn describe(path: &Path) -> String {
+    let shown = crate::printer::show_path(path);
+    match holder(path) {
+        Some(holder) => format!("pid {} on {} (lease `{}`)", holder.pid, holder.host, shown.display()),
+        None => format!("a process that has not written its name yet (lease `{}`)", shown.display()),
     }
 }
 
@@ -89,18 +119,10 @@ fn is_stale(path: &Path) -> bool {
         return true;
     }
     match holder(path) {
-        // A holder on this machine that is gone.
-        Some(holder) if holder.host == crate::executor::hostname() => !alive(holder.pid),
-        Some(_) => false,
-        // Being written (its holder writes right after creating it), unless long untouched.
-        None => false,
+        Some(holder) => holder.gone_from_here(),
+        // Being written (its holder writes right after creating it), unless it has been a while.
+        None => untouched.is_some_and(|untouched| untouched > UNREADABLE),
     }
-}
-
-fn alive(pid: u32) -> bool {
-    let Ok(pid) = i32::try_from(pid) else { return false };
-    // SAFETY: signal 0 sends nothing; it asks whether the process exists.
-    unsafe { libc::kill(pid, 0) == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) }
 }
 
 /// Touches the lease every `REFRESH` until it is dropped.
@@ -148,7 +170,7 @@ mod tests {
     fn another_machines_fresh_lease_holds_and_a_stale_one_is_broken() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.lease");
-        write_holder(&path, &Holder { host: "login2".into(), pid: 1 });
+        write_holder(&path, &Holder { host: "login2".into(), pid: 1, started: None });
         assert!(try_take(&path).unwrap().is_none(), "a live lease of another machine");
         assert!(is_held(&path));
         let file = fs_err::OpenOptions::new().write(true).open(&path).unwrap();
@@ -166,8 +188,36 @@ mod tests {
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let pid = child.id();
         child.wait().unwrap();
-        write_holder(&path, &Holder { host: crate::executor::hostname(), pid });
+        write_holder(&path, &Holder { host: crate::host::hostname(), pid, started: None });
         assert!(!is_held(&path));
         assert!(try_take(&path).unwrap().is_some());
+    }
+
+    /// Issue 28, item 10: a live pid that another process took since is not the holder.
+    #[test]
+    fn a_reused_pid_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.lease");
+        let this = Holder::this_process();
+        assert!(this.started.is_some(), "/proc says when this process started");
+        write_holder(&path, &Holder { started: this.started.map(|started| started + 1), ..this });
+        assert!(!is_held(&path), "the pid is alive, but it started at another time");
+        write_holder(&path, &Holder::this_process());
+        assert!(is_held(&path));
+    }
+
+    /// Issue 28, item 10: an empty or garbage lease is taken over once a few seconds old.
+    #[test]
+    fn an_unreadable_lease_is_taken_over_once_a_few_seconds_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.lease");
+        for contents in ["", "garbage"] {
+            fs_err::write(&path, contents).unwrap();
+            assert!(is_held(&path), "just made: its writer may be writing it");
+            let file = fs_err::OpenOptions::new().write(true).open(&path).unwrap();
+            file.file().set_modified(SystemTime::now() - UNREADABLE - Duration::from_secs(1)).unwrap();
+            assert!(!is_held(&path));
+            drop(try_take(&path).unwrap().expect("taken over"));
+        }
     }
 }

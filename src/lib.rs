@@ -9,6 +9,7 @@ mod commands;
 mod error;
 mod executor;
 mod freshness;
+mod host;
 mod lease;
 mod manifest;
 mod metrics;

@@ -136,23 +136,72 @@ pub fn list_outputs(dir: &Path) -> io::Result<Vec<String>> {
     Ok(files_under(dir)?.into_iter().map(|path| path.to_string_lossy().into_owned()).collect())
 }
 
-/// Outputs are regular files in folders. A symbolic link would publish what it points to (and
-/// make it read-only, wherever on the machine it is); a named pipe or a device would hang the
-/// hashing. Either is refused before anything is read, naming it.
+/// Outputs are regular files in folders, under `$OUT` itself a folder. A symbolic link (`$OUT`
+/// or one inside it) would publish what it points to and make it read-only, wherever on the
+/// machine it is; a named pipe or a device would hang the hashing; a name that is not UTF-8
+/// cannot be written in the manifest. Each is refused before anything is read or sealed, naming
+/// it. Nothing outside `dir` is touched: `$OUT` is looked at with `lstat`, never followed.
 pub fn check_outputs(dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::FileTypeExt;
+    match fs_err::symlink_metadata(dir) {
+        Ok(metadata) if metadata.is_dir() => {}
+        Ok(metadata) => {
+            return Err(format!(
+                "`$OUT` is {}, not a folder: a stage writes its outputs into the folder it is given",
+                describe(metadata.file_type())
+            ));
+        }
+        Err(error) if error.kind() == io::ErrorKind::NotFound => {
+            return Err("`$OUT` is gone: the stage removed the folder it was given to write into".to_string());
+        }
+        Err(error) => return Err(error.to_string()),
+    }
     let entries = entries_under(dir).map_err(|error| error.to_string())?;
+    if let Some((path, _)) = entries.iter().find(|(path, _)| path.to_str().is_none()) {
+        return Err(format!(
+            "`$OUT/{}` has a name that is not UTF-8: output names must be UTF-8 (the manifest records them)",
+            path.display()
+        ));
+    }
     let Some((path, kind)) = entries.into_iter().find(|(_, kind)| !kind.is_file()) else { return Ok(()) };
-    let what = match () {
-        _ if kind.is_symlink() => "a symbolic link",
-        _ if kind.is_fifo() => "a named pipe",
-        _ if kind.is_socket() => "a socket",
-        _ => "a device",
-    };
+    let what = describe(kind);
     Err(format!(
         "`$OUT/{}` is {what}: outputs must be regular files and folders (copy what a link points to)",
         path.display()
     ))
+}
+
+/// Gives every output with other hard links (`ln a $OUT/b`, `cp -l`) its own copy, so that sealing
+/// it read-only and keeping it immutable leaves the other name, perhaps a file of the project,
+/// as it was. A copy rather than a refusal: a hard link is a legitimate way to make an output
+/// (tools make them to save space) and the copy costs what a `cp` would have. The outputs copied.
+pub fn own_copies(dir: &Path) -> io::Result<Vec<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut copied = Vec::new();
+    for relative in list_outputs(dir)? {
+        let path = dir.join(&relative);
+        if fs_err::symlink_metadata(&path)?.nlink() > 1 {
+            let copy = path.with_file_name(crate::atomic::unique(".link-copy"));
+            fs_err::copy(&path, &copy)?;
+            fs_err::rename(&copy, &path).inspect_err(|_| {
+                let _ = fs_err::remove_file(&copy);
+            })?;
+            copied.push(relative);
+        }
+    }
+    Ok(copied)
+}
+
+/// What a file type is, in words: `a named pipe`.
+pub fn describe(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    match () {
+        _ if kind.is_file() => "a regular file",
+        _ if kind.is_dir() => "a folder",
+        _ if kind.is_symlink() => "a symbolic link",
+        _ if kind.is_fifo() => "a named pipe",
+        _ if kind.is_socket() => "a socket",
+        _ => "a device",
+    }
 }
 
 /// Hashes every output in `dir`.

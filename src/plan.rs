@@ -230,6 +230,16 @@ fn resolve_stage(
     let mut merged = serde_yaml::Mapping::new();
     let mut origins: Vec<(String, Origin)> = Vec::new();
     for param in params {
+        // JSON has no NaN or infinity: serde would turn `.nan` into null (the default, silently)
+        // or fail later; no param of any kind means either.
+        if let Some(number) = non_finite(&param.value) {
+            return Err(Error::InvalidParam {
+                stage: raw.name.clone(),
+                key: param.key,
+                origin: param.origin,
+                message: format!("must be a finite number, not `{number}`"),
+            });
+        }
         if !kind.fields().contains(&param.key.as_str()) {
             return Err(Error::UnknownKey {
                 place: format!("in stage `{}`", raw.name),
@@ -266,6 +276,15 @@ fn resolve_stage(
         let mut value = value.clone();
         let mut error = None;
         reference::strings_mut(&mut value, &mut |text| {
+            if reference::unclosed(text) && error.is_none() {
+                error = Some(Error::InvalidParam {
+                    stage: raw.name.clone(),
+                    key: key.clone(),
+                    origin: origin_of(key),
+                    message: "a `${` is not closed: write `${stage}` for a stage's output, `$${` for a literal `${`"
+                        .to_string(),
+                });
+            }
             for name in reference::references(text) {
                 if names.contains(&name) {
                     inputs.insert(name.to_string());
@@ -309,14 +328,16 @@ fn resolve_stage(
                 message: format!("`{path}` is outside the pipeline's folder; deps are files of the project"),
             });
         }
-        check_exists("`deps` path", raw, path, origin, root)?;
+        check_exists(("`deps` path", "deps"), raw, path, origin, root)?;
+        check_inside(raw, path, origin, root)?;
         deps.push(path.clone());
     }
     for path in kind.local_inputs(&params) {
         if reference::references(&path).is_empty() {
             let key = params.as_object().into_iter().flatten().find(|(_, value)| value.as_str() == Some(path.as_str()));
             let origin = key.map_or_else(|| Origin::File(raw.location.clone()), |(key, _)| origin_of(key));
-            check_exists("local input", raw, &path, &origin, root)?;
+            let key = key.map_or("input", |(key, _)| key.as_str());
+            check_exists(("local input", key), raw, &path, &origin, root)?;
             deps.push(path);
         }
     }
@@ -333,9 +354,24 @@ fn resolve_stage(
     })
 }
 
+/// The first NaN or infinity in `value` (`.nan`, `.inf`, `-.inf`), as YAML writes it.
+fn non_finite(value: &Value) -> Option<&'static str> {
+    match value {
+        Value::Number(number) => match number.as_f64() {
+            Some(x) if x.is_nan() => Some(".nan"),
+            Some(x) if x.is_infinite() => Some(if x > 0.0 { ".inf" } else { "-.inf" }),
+            _ => None,
+        },
+        Value::Sequence(items) => items.iter().find_map(non_finite),
+        Value::Mapping(mapping) => mapping.values().find_map(non_finite),
+        Value::Tagged(tagged) => non_finite(&tagged.value),
+        _ => None,
+    }
+}
+
 /// A `config:` file: a mapping of params, each located in that file.
 fn read_config(stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> Result<Vec<Param>, Error> {
-    check_exists("`config` file", stage, path, origin, root)?;
+    check_exists(("`config` file", "config"), stage, path, origin, root)?;
     let (value, map) = read_yaml(&root.join(path))?;
     let mapping = match value {
         Value::Mapping(mapping) => mapping,
@@ -362,11 +398,66 @@ fn read_config(stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> Re
         .collect()
 }
 
-fn check_exists(what: &'static str, stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> Result<(), Error> {
-    if root.join(path).exists() {
-        Ok(())
-    } else {
-        Err(Error::MissingFile { what, stage: stage.name.clone(), path: path.to_string(), origin: origin.clone() })
+/// What a local path of a stage may be.
+#[derive(Clone, Copy, PartialEq)]
+enum Local {
+    /// A regular file (`config:`).
+    File,
+    /// A regular file or a folder (`deps:`, a kind's local inputs).
+    FileOrFolder,
+}
+
+/// `path` exists and is what `allowed` says: a named pipe, a socket or a device would hang or
+/// fail the reading that follows, so it is refused here, before anything runs.
+fn check_exists(
+    (what, key): (&'static str, &str),
+    stage: &RawStage,
+    path: &str,
+    origin: &Origin,
+    root: &Path,
+) -> Result<(), Error> {
+    let allowed = if key == "config" { Local::File } else { Local::FileOrFolder };
+    let metadata = match fs_err::metadata(root.join(path)) {
+        Ok(metadata) => metadata,
+        Err(_) => {
+            return Err(Error::MissingFile {
+                what,
+                stage: stage.name.clone(),
+                path: path.to_string(),
+                origin: origin.clone(),
+            });
+        }
+    };
+    let expected = match allowed {
+        Local::File if !metadata.is_file() => "a regular file",
+        Local::FileOrFolder if !metadata.is_file() && !metadata.is_dir() => "a regular file or a folder",
+        _ => return Ok(()),
+    };
+    let found = crate::manifest::describe(metadata.file_type());
+    Err(Error::InvalidParam {
+        stage: stage.name.clone(),
+        key: key.to_string(),
+        origin: origin.clone(),
+        message: format!("`{path}` is {found}, not {expected}"),
+    })
+}
+
+/// A dep inside the folder as written may still lead out of it through a symbolic link: the
+/// path is resolved first, then held to the same rule.
+fn check_inside(stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> Result<(), Error> {
+    let resolved = fs_err::canonicalize(root.join(path));
+    let root = fs_err::canonicalize(root);
+    match (resolved, root) {
+        (Ok(resolved), Ok(root)) if !resolved.starts_with(&root) => Err(Error::InvalidParam {
+            stage: stage.name.clone(),
+            key: "deps".to_string(),
+            origin: origin.clone(),
+            message: format!(
+                "`{path}` leads outside the pipeline's folder (to `{}`) through a symbolic link; deps are files of the project",
+                resolved.display()
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

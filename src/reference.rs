@@ -42,6 +42,28 @@ fn pieces(text: &str) -> Vec<Piece<'_>> {
     pieces
 }
 
+/// Whether `text` opens a `${` that no `}` closes: a reference cut short (`${data/x.txt`), which
+/// the shell would only reject when the stage runs.
+pub fn unclosed(text: &str) -> bool {
+    let mut rest = text;
+    while let Some(start) = rest.find('$') {
+        let after = &rest[start + 1..];
+        if let Some(escaped) = after.strip_prefix("${") {
+            rest = escaped;
+            continue;
+        }
+        if let Some(inner) = after.strip_prefix('{') {
+            match inner.find('}') {
+                None => return true,
+                Some(end) => rest = &inner[end + 1..],
+            }
+            continue;
+        }
+        rest = after;
+    }
+    false
+}
+
 fn is_name(name: &str) -> bool {
     !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
@@ -96,6 +118,15 @@ mod tests {
         assert_eq!(references("cat ${a}/x.txt ${b-2} > $OUT/y"), vec!["a", "b-2"]);
         assert_eq!(references("no refs, ${} ${a b} $x ${OUT}"), Vec::<&str>::new());
         assert_eq!(references("$${HOME} ${HOME:-x}"), Vec::<&str>::new());
+    }
+
+    #[test]
+    fn finds_an_unclosed_reference() {
+        assert!(unclosed("cat ${a/x.txt"));
+        assert!(unclosed("cat ${a} ${b"));
+        assert!(unclosed("${"));
+        assert!(!unclosed("cat ${a}/x.txt $${HOME ${HOME:-x} $ $x"));
+        assert!(!unclosed("awk '{print $1}' ${a}"));
     }
 
     #[test]

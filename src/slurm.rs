@@ -244,10 +244,15 @@ impl JobFiles {
         self.dir.join("job-id")
     }
 
-    /// The job an earlier nanoflow submitted for this partial directory, if Slurm still runs it.
-    pub fn live_job(&self) -> Option<String> {
+    /// The job an earlier nanoflow submitted for this partial directory and never saw end (it was
+    /// killed, or its login dropped), when that job is worth taking up rather than submitting
+    /// the stage anew: Slurm still runs it (it is followed), or it ended meanwhile with the
+    /// stage done (its output is published, no new job) or stopped with a checkpoint (submitted
+    /// again, it resumes). A job that failed or that Slurm forgot is not taken up: the stage runs.
+    pub fn earlier_job(&self) -> Option<(String, JobState)> {
         let id = fs_err::read_to_string(self.current()).ok()?.trim().to_string();
-        Slurm::state(&id).filter(|state| !state.is_final()).map(|_| id)
+        let state = Slurm::state(&id)?;
+        (!state.is_final() || state.succeeded() || state.stopped_to_resume()).then_some((id, state))
     }
 
     /// The batch script: resources as `#SBATCH` lines, then every task runs the stage.
@@ -318,6 +323,18 @@ impl JobState {
                 | "STOPPED"
                 | "RESV_DEL_HOLD"
         )
+    }
+
+    /// Ended with the stage done: its output is complete.
+    pub fn succeeded(&self) -> bool {
+        self.state == "COMPLETED" && self.exit_code == Some(0)
+    }
+
+    /// Ended before the stage's end with a checkpoint (a time limit's warning, a preemption):
+    /// submitted again, the stage resumes.
+    pub fn stopped_to_resume(&self) -> bool {
+        let checkpointed = self.exit_code == Some(i32::from(nanoflow_stages::interrupt::CHECKPOINTED));
+        (checkpointed && self.state != "CANCELLED") || self.state == "PREEMPTED"
     }
 
     /// One line for people: `RUNNING on node1`, `PENDING (Resources)`.

@@ -79,9 +79,22 @@ impl SourceMap {
             stack: Vec::new(),
         };
         let mut parser = Parser::new_from_str(text);
-        parser.load(&mut walker, false).map_err(|error| SyntaxError {
-            location: walker.map.location(error.marker()),
-            message: error.info().to_string(),
+        parser.load(&mut walker, false).map_err(|error| {
+            let found = walker.map.location(error.marker());
+            // A `[` or `{` left open is found only where the parser gives up, often lines
+            // later: the error points at the bracket, and says where the parser stopped.
+            let open = walker.stack.iter().rev().find_map(|frame| {
+                let (Frame::Mapping { start, .. } | Frame::Sequence { start, .. }) = frame;
+                let bracket = text.chars().nth(start.index())?;
+                matches!(bracket, '[' | '{').then(|| (bracket, walker.map.location(start)))
+            });
+            match open {
+                Some((bracket, location)) if location.line < found.line => SyntaxError {
+                    message: format!("this `{bracket}` is not closed ({} at line {})", error.info(), found.line),
+                    location,
+                },
+                _ => SyntaxError { location: found, message: error.info().to_string() },
+            }
         })?;
         Ok(walker.map)
     }
@@ -115,8 +128,8 @@ fn owned(path: &[&str]) -> Vec<String> {
 }
 
 enum Frame {
-    Mapping { key: Option<String>, seen: HashMap<String, Location> },
-    Sequence { index: usize },
+    Mapping { key: Option<String>, seen: HashMap<String, Location>, start: Marker },
+    Sequence { index: usize, start: Marker },
 }
 
 struct Walker {
@@ -130,7 +143,7 @@ impl Walker {
             .iter()
             .filter_map(|frame| match frame {
                 Frame::Mapping { key, .. } => key.clone(),
-                Frame::Sequence { index } => Some(index.to_string()),
+                Frame::Sequence { index, .. } => Some(index.to_string()),
             })
             .collect()
     }
@@ -145,7 +158,7 @@ impl Walker {
     fn value_ends(&mut self) {
         match self.stack.last_mut() {
             Some(Frame::Mapping { key, .. }) => *key = None,
-            Some(Frame::Sequence { index }) => *index += 1,
+            Some(Frame::Sequence { index, .. }) => *index += 1,
             None => {}
         }
     }
@@ -162,7 +175,7 @@ impl MarkedEventReceiver for Walker {
                 let location = self.map.location(&marker);
                 let mut path = self.path();
                 path.push(text.clone());
-                let Some(Frame::Mapping { key, seen }) = self.stack.last_mut() else { return };
+                let Some(Frame::Mapping { key, seen, .. }) = self.stack.last_mut() else { return };
                 if let Some(first) = seen.get(&text) {
                     self.map.duplicates.push(Duplicate {
                         path: path.clone(),
@@ -188,11 +201,11 @@ impl MarkedEventReceiver for Walker {
             }
             Event::MappingStart(..) => {
                 self.value_starts(&marker);
-                self.stack.push(Frame::Mapping { key: None, seen: HashMap::new() });
+                self.stack.push(Frame::Mapping { key: None, seen: HashMap::new(), start: marker });
             }
             Event::SequenceStart(..) => {
                 self.value_starts(&marker);
-                self.stack.push(Frame::Sequence { index: 0 });
+                self.stack.push(Frame::Sequence { index: 0, start: marker });
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();
@@ -258,6 +271,15 @@ targets:
         let duplicate = &map.duplicates[0];
         assert_eq!(duplicate.path, vec!["stages", "a"]);
         assert_eq!((duplicate.first.line, duplicate.second.line), (2, 4));
+    }
+
+    /// Issue 28, item 10: a `[` left open is reported where it opens, not lines later.
+    #[test]
+    fn an_unclosed_bracket_is_reported_where_it_opens() {
+        let text = "stages:\n  a:\n    kind: command\n    deps: [x.txt, y.txt\n\n  b:\n    kind: command\n";
+        let error = SourceMap::parse(Path::new("p.yaml"), text).unwrap_err();
+        assert_eq!((error.location.line, error.location.column), (4, 11), "{error:?}");
+        assert_eq!(error.message, "this `[` is not closed (invalid indentation at line 6)");
     }
 
     #[test]

@@ -203,6 +203,11 @@ impl Store {
             .map(|lease| Lock { _file: file, _lease: Some(lease) }))
     }
 
+    /// Who holds the key's lock, for a person waiting on it (`lease::describe`).
+    pub fn key_holder(&self, stage: &str, key: &str) -> String {
+        crate::lease::describe(&self.key_lock_path(stage, key).with_extension("lease"))
+    }
+
     fn key_lock_path(&self, stage: &str, key: &str) -> PathBuf {
         self.meta().join("locks").join(format!("{stage}-{}.lock", &key[..SHORT_KEY]))
     }

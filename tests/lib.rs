@@ -8,6 +8,7 @@ mod check;
 mod cli;
 mod data;
 mod models;
+mod outside;
 mod process;
 mod report;
 mod slurm;

@@ -301,3 +301,86 @@ fn a_job_whose_nanoflow_was_killed_is_followed_by_the_next_run_not_run_twice() {
     assert!(job_ids(&output.stderr).is_empty(), "{}", output.stderr);
     assert_eq!(test.read("artifacts/slow/current/job").trim(), id);
 }
+
+/// Issue 28, item 1: the job outlives its nanoflow and completes before the next run, which
+/// publishes that job's output instead of submitting the stage again.
+#[test]
+fn a_job_that_finished_while_its_nanoflow_was_away_is_published_not_run_again() {
+    if !slurm() {
+        return;
+    }
+    let test = Test::with_pipeline(
+        "stages:\n  slow:\n    kind: command\n    run: echo $SLURM_JOB_ID >> ran.txt; sleep 4; echo $SLURM_JOB_ID > $OUT/job\n",
+    );
+    let mut child = test.spawn(&["run", "slow", "--executor", "slurm"]);
+    let id = running_job(&test, "slow");
+    wait_long("the job to run", || job(&id).1 == "RUNNING");
+    signal(child.id() as i32, libc::SIGKILL);
+    child.wait().unwrap();
+    wait_long("the job to complete", || job(&id).1 == "COMPLETED");
+    let output = test.expect(&["run", "slow", "--executor", "slurm"], 0);
+    let line = format!(
+        "[slow] Slurm job {id}, which an earlier nanoflow submitted, ended while nanoflow was away; taking up its output"
+    );
+    assert!(output.stderr.contains(&line), "{}", output.stderr);
+    assert!(job_ids(&output.stderr).is_empty(), "{}", output.stderr);
+    assert_eq!(test.read("ran.txt").lines().collect::<Vec<_>>(), [id.as_str()], "the script ran once");
+    assert_eq!(test.read("artifacts/slow/current/job").trim(), id);
+    test.expect(&["verify", "slow"], 0);
+}
+
+/// A job that failed while its nanoflow was away is not taken up: the next run submits the
+/// stage again (a command stage starts over).
+#[test]
+fn a_job_that_failed_while_its_nanoflow_was_away_is_run_again() {
+    if !slurm() {
+        return;
+    }
+    let test = Test::with_pipeline(
+        "stages:\n  flaky:\n    kind: command\n    run: echo $SLURM_JOB_ID >> ran.txt; sleep 3; test -e ok; echo done > $OUT/x\n",
+    );
+    let mut child = test.spawn(&["run", "flaky", "--executor", "slurm"]);
+    let id = running_job(&test, "flaky");
+    wait_long("the job to run", || job(&id).1 == "RUNNING");
+    signal(child.id() as i32, libc::SIGKILL);
+    child.wait().unwrap();
+    wait_long("the job to fail", || job(&id).1 == "FAILED");
+    test.write("ok", "");
+    let output = test.expect(&["run", "flaky", "--executor", "slurm"], 0);
+    assert_eq!(job_ids(&output.stderr).len(), 1, "{}", output.stderr);
+    assert_eq!(test.read("ran.txt").lines().count(), 2);
+}
+
+/// Issue 28, item 11: by default `sbatch` hands the job the submitter's environment (and slurmctld
+/// keeps it in its state directory); the README's `--export` recipe keeps a secret out of both.
+#[test]
+fn the_readmes_export_recipe_keeps_a_secret_out_of_the_job_and_slurms_state() {
+    if !slurm() {
+        return;
+    }
+    const SECRET: &str = "nanoflow-test-secret-4f1c9a";
+    let stage = "  env:\n    kind: command\n    run: env > $OUT/env.txt; sleep 3\n";
+    // slurmctld's files of job `id` (`StateSaveLocation/hash.<id % 10>/job.<id>/environment`).
+    let state_holds_secret = |id: &str| {
+        let dir = format!("/var/spool/slurmctld/hash.{}/job.{id}", id.parse::<u64>().unwrap() % 10);
+        let output = Command::new("grep").args(["-rqa", SECRET, &dir]).output().unwrap();
+        output.status.success()
+    };
+    for recipe in [false, true] {
+        let resources = if recipe { "resources: {sbatch: [\"--export=PATH,HOME\"]}\n" } else { "" };
+        let test = Test::with_pipeline(&format!("{resources}stages:\n{stage}"));
+        let mut child = test.command(&["run", "env", "--executor", "slurm"]);
+        let mut child = child.env("NANOFLOW_TEST_TOKEN", SECRET).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        let id = running_job(&test, "env");
+        // While the job exists, slurmctld holds its environment (where this test may read it).
+        let readable = fs_err::read_dir("/var/spool/slurmctld").is_ok();
+        let held = readable && state_holds_secret(&id);
+        assert!(child.wait().unwrap().success(), "job {id}");
+        let env = test.read("artifacts/env/current/env.txt");
+        assert_eq!(env.contains(SECRET), !recipe, "recipe {recipe}: the job's environment");
+        if readable {
+            assert_eq!(held, !recipe, "recipe {recipe}: Slurm's state directory");
+        }
+        assert!(env.contains("SLURM_JOB_ID="), "{env}");
+    }
+}

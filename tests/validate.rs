@@ -14,7 +14,8 @@ fn error(yaml: &str) -> String {
 fn yaml_syntax() {
     assert_eq!(
         error("stages:\n  a: {kind: command, run: 'x'\n"),
-        "error: invalid YAML at pipeline.yaml:3:1: while parsing a flow mapping, did not find expected ',' or '}'\n"
+        "error: invalid YAML at pipeline.yaml:2:6: this `{` is not closed (while parsing a flow mapping, did not find \
+         expected ',' or '}' at line 3)\n"
     );
 }
 
