@@ -67,6 +67,10 @@ pub fn run(printer: &Printer, file: Option<&Path>, names: &[String], flags: RunF
                 Freshness::Fresh { .. } => ("cached", String::new()),
                 Freshness::Restorable { reasons, .. } => ("restore", reasons.join("; ")),
                 Freshness::Stale { reasons, .. } => ("run", reasons.join("; ")),
+                // Never run: it runs once its inputs exist; no earlier output can make it cached.
+                Freshness::Waiting { upstream } if store.current(name).is_none() => {
+                    ("run", format!("never run (after `{}`)", upstream.join("`, `")))
+                }
                 Freshness::Waiting { upstream } => {
                     ("run?", format!("after `{}` (skipped if its output comes out the same)", upstream.join("`, `")))
                 }
@@ -93,9 +97,14 @@ pub fn run(printer: &Printer, file: Option<&Path>, names: &[String], flags: RunF
     let summary = Executor::new(&plan, &store, printer, options).run(&selected)?;
     let seconds = clock.elapsed().as_secs_f64();
     if summary.interrupted {
+        // Ctrl-C is how people stop a run: said as a stop, with what to type to go on.
+        let mut again = vec!["nanoflow run".to_string()];
+        again.extend(names.iter().cloned());
+        again.extend(sets.iter().map(|set| format!("--set {}", crate::slurm::shell_word(set))));
         printer.error(&format!(
-            "{} stopped by a signal; nothing half-done was published",
-            printer.paint(Style::Yellow, "interrupted:")
+            "{} nothing half-done was published; `{}` goes on where this run stopped",
+            printer.paint(Style::Yellow, "stopped:"),
+            again.join(" ")
         ));
         return Ok(ExitCode::from(INTERRUPTED));
     }
@@ -147,7 +156,11 @@ fn made(printer: &Printer, plan: &Plan, store: &Store, finished: &[String], name
 
 pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[String]) -> Result<ExitCode, Error> {
     let (plan, store) = load(file, sets)?;
-    let selected = select_or_all(&plan, names)?;
+    let (selected, untouched) = match names.is_empty() {
+        true if plan.targets.len() > 1 => touched(&plan, &store)?,
+        true => (plan.order().to_vec(), Vec::new()),
+        false => (plan.select(names)?, Vec::new()),
+    };
     for (index, freshness) in assess_all(&plan, &store, &selected)? {
         let name = &plan.stages[index].name;
         let (state, why) = match &freshness {
@@ -180,7 +193,37 @@ pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[
             printer.verbose(&format!("    key {}", manifest.key));
         }
     }
+    if !untouched.is_empty() {
+        let width = untouched.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
+        printer.data(&format!("{}never run:", if selected.is_empty() { "" } else { "\n" }));
+        for (name, stages) in untouched {
+            printer.data(&format!("  {name:<width$}  {} (`nanoflow status {name}`)", plural(stages, "stage")));
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a bare `status` shows of a pipeline file with several targets: the stages of every target that has been run (any stage of it
+/// has an output), and stages in no target that have one, in pipeline order; and, a line each,
+/// the targets never run (name, number of stages). A pipeline file ships many pipelines; the
+/// user cares about the ones they touched.
+fn touched(plan: &Plan, store: &Store) -> Result<(Vec<usize>, Vec<(String, usize)>), Error> {
+    let built = |index: &usize| store.current(&plan.stages[*index].name).is_some();
+    let mut shown = BTreeSet::new();
+    let mut untouched = Vec::new();
+    for target in &plan.targets {
+        let stages = plan.select(std::slice::from_ref(&target.name))?;
+        if stages.iter().any(built) {
+            shown.extend(stages);
+        } else {
+            untouched.push((target.name.clone(), stages.len()));
+        }
+    }
+    let in_targets: BTreeSet<usize> =
+        plan.targets.iter().flat_map(|target| plan.select(std::slice::from_ref(&target.name))).flatten().collect();
+    shown.extend(plan.order().iter().filter(|index| !in_targets.contains(index) && built(index)));
+    let selected = plan.order().iter().copied().filter(|index| shown.contains(index)).collect();
+    Ok((selected, untouched))
 }
 
 /// Every selected stage judged in order, each using the digests of the upstream ones that

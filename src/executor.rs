@@ -516,6 +516,10 @@ impl<'a> Executor<'a> {
                 self.printer.stage_detail(stage, line);
                 (line.to_string(), false)
             }
+            Line::Verbose(line) => {
+                self.printer.verbose(&format!("{} {line}", self.printer.paint(Style::Dim, &format!("[{stage}]"))));
+                (line.to_string(), false)
+            }
             Line::Text(line) => (line.to_string(), true),
         };
         if let Ok(mut log) = log.lock() {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
 use nanoflow_stages::progress::{PLAIN_EVERY, Unit, Update};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,6 +41,8 @@ pub struct Printer {
     /// Per stage: its bar and the label it shows, or (without bars) when its label's work
     /// started and when a plain line was last printed.
     progress: Mutex<HashMap<String, Shown>>,
+    /// Where lines go under the bars: stderr, or a test's in-memory terminal.
+    lines: Option<Box<dyn TermLike>>,
 }
 
 #[derive(Debug)]
@@ -60,7 +62,7 @@ impl Printer {
     }
 
     fn with_bars(verbosity: Verbosity, color: bool, live: Option<MultiProgress>) -> Printer {
-        Printer { verbosity, color, lock: Mutex::new(()), live, progress: Mutex::new(HashMap::new()) }
+        Printer { verbosity, color, lock: Mutex::new(()), live, progress: Mutex::new(HashMap::new()), lines: None }
     }
 
     pub fn paint(&self, style: Style, text: &str) -> String {
@@ -187,10 +189,17 @@ impl Printer {
     fn stderr(&self, line: &str) {
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         match &self.live {
-            // Printed above the bars, which are drawn again below it.
-            Some(live) => {
-                let _ = live.println(line);
-            }
+            // Printed above the bars, which are drawn again below it. A line of its own with a
+            // real newline (indicatif's `println` pads lines to the width instead, so a `script`
+            // or asciinema log of a run was one line, and a widened terminal joined them).
+            Some(live) => live.suspend(|| match &self.lines {
+                Some(term) => {
+                    let _ = term.write_line(line);
+                }
+                None => {
+                    let _ = writeln!(std::io::stderr().lock(), "{line}");
+                }
+            }),
             None => {
                 let _ = writeln!(std::io::stderr().lock(), "{line}");
             }
@@ -235,7 +244,8 @@ mod tests {
     fn a_terminal_gets_one_live_bar_per_stage_under_the_lines() {
         let term = InMemoryTerm::new(10, 120);
         let live = MultiProgress::with_draw_target(ProgressDrawTarget::term_like(Box::new(term.clone())));
-        let printer = Printer::with_bars(Verbosity::Normal, false, Some(live));
+        let printer =
+            Printer { lines: Some(Box::new(term.clone())), ..Printer::with_bars(Verbosity::Normal, false, Some(live)) };
         printer.progress("model", &update("train", Unit::Iters, 120, Some(2000), "loss 2.3100, 8.1k tokens/s"));
         printer.progress("text", &update("input.txt", Unit::Bytes, 1536, Some(3072), ""));
         printer.stage_line("model", "step 250: train loss 1.9000, val loss 2.0000");

@@ -285,7 +285,7 @@ impl JobFiles {
 }
 
 /// `text` quoted for bash when it needs it.
-fn shell_word(text: &str) -> String {
+pub fn shell_word(text: &str) -> String {
     if text.chars().all(|c| c.is_ascii_alphanumeric() || "/._-:+=,@%".contains(c)) {
         text.to_string()
     } else {

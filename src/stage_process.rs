@@ -42,8 +42,11 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
             // A stop on a signal is said once, by the stage's first process; its ranks and the
             // job's other tasks stop with it quietly.
             let quiet = std::env::var("SLURM_PROCID").is_ok_and(|rank| rank != "0") || RANK.get().is_some();
-            if status != nanoflow_stages::interrupt::CHECKPOINTED || !quiet {
+            if status != nanoflow_stages::interrupt::CHECKPOINTED {
                 eprintln!("error: {error:#}");
+            } else if !quiet {
+                // Asked for, and nothing lost: a stop, not an error.
+                eprintln!("{error:#}");
             }
             ExitCode::from(status)
         }

@@ -21,6 +21,7 @@ const SEND_EVERY: Duration = Duration::from_millis(100);
 pub const ENV: &str = "NANOFLOW_PROGRESS";
 const UPDATE: &str = "::nanoflow-progress::";
 const DETAIL: &str = "::nanoflow-detail::";
+const VERBOSE: &str = "::nanoflow-verbose::";
 
 /// What a count means, for printing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +91,8 @@ pub enum Line<'a> {
     Update(Update),
     /// A log line a live bar stands in for.
     Detail(&'a str),
+    /// A log line for `log.txt` and `-v` only (the resolved config, checkpoint paths).
+    Verbose(&'a str),
     Text(&'a str),
 }
 
@@ -98,6 +101,9 @@ pub fn parse(line: &str) -> Line<'_> {
         && let Ok(update) = serde_json::from_str(json)
     {
         return Line::Update(update);
+    }
+    if let Some(verbose) = line.strip_prefix(VERBOSE) {
+        return Line::Verbose(verbose);
     }
     match line.strip_prefix(DETAIL) {
         Some(detail) => Line::Detail(detail),
@@ -114,6 +120,13 @@ fn to_engine() -> bool {
 /// Writes a log line that a live progress bar stands in for (see the module's notes).
 pub fn detail(line: &str) {
     let mark = if to_engine() { DETAIL } else { "" };
+    let _ = writeln!(std::io::stderr().lock(), "{mark}{line}");
+}
+
+/// A line for the stage's `log.txt`, shown on screen only with `-v`: what a reader of the log
+/// wants and a person watching the run does not (the resolved config, where checkpoints go).
+pub fn verbose(line: &str) {
+    let mark = if to_engine() { VERBOSE } else { "" };
     let _ = writeln!(std::io::stderr().lock(), "{mark}{line}");
 }
 
@@ -227,6 +240,7 @@ mod tests {
         assert_eq!(open_ended.plain(), "input.txt: 2.0k, 1.0k/s, loss 2.3");
         assert_eq!(parse("::nanoflow-detail::iter 1: loss 4.2"), Line::Detail("iter 1: loss 4.2"));
         assert_eq!(parse("step 0: train loss 4.2"), Line::Text("step 0: train loss 4.2"));
+        assert_eq!(parse("::nanoflow-verbose::n_layer: 4"), Line::Verbose("n_layer: 4"));
         // A marked line that does not parse is shown as it is, not lost.
         assert_eq!(parse("::nanoflow-progress::{"), Line::Text("::nanoflow-progress::{"));
     }

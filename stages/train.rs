@@ -350,7 +350,10 @@ fn run_rank(
         ($($arg:tt)*) => { if main { eprintln!($($arg)*) } };
     }
     if main {
-        eprint!("{}", config_lines(config)?);
+        // In log.txt; on screen with `-v` (the manifest records it too).
+        for line in config_lines(config)?.lines() {
+            progress::verbose(line);
+        }
     }
 
     // -----------------------------------------------------------------------------
@@ -535,7 +538,10 @@ fn run_rank(
                 bail!("stopped between `last` and `ckpt` at iter {iter} (test hook)");
             }
             if save_best {
-                log!("saving checkpoint to {}", ctx.out.display());
+                if main {
+                    let out = ctx.out.strip_prefix(&ctx.root).unwrap_or(&ctx.out);
+                    progress::verbose(&format!("saving checkpoint to {}", out.display()));
+                }
                 trainer.save(&ctx.out, "ckpt", state)?;
             }
             metrics::plot_png(&ctx.out.join("loss.png"), &format!("{}: loss", ctx.stage), &rows)?;

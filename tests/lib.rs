@@ -7,6 +7,7 @@ mod cache;
 mod check;
 mod cli;
 mod data;
+mod first_hour;
 mod models;
 mod outside;
 mod process;

@@ -53,6 +53,9 @@ const FROM_THE_HUB: &str = "
     eval_iters: 2
     batch_size: 2
   never-run:
+    kind: export
+    model: ${finetuned}
+  samples-of-it:
     kind: sample
     model: ${finetuned}
 ";
@@ -125,6 +128,12 @@ fn hub_gpt2_finetunes_samples_and_evaluates_and_nanoflow_sample_prints() {
     let never = with_hub(&test, &server, &["sample", "never-run"]);
     assert_eq!(never.code, 1, "{never:?}");
     assert!(never.stderr.contains("never-run") && never.stderr.contains("nanoflow run never-run"), "{}", never.stderr);
+    // A stage that is not a model is refused for what it is, before anything loads.
+    assert_eq!(
+        with_hub(&test, &server, &["sample", "samples-of-it"]).stderr,
+        "error: invalid `STAGE_OR_MODEL`: must be a model (the output of a train, finetune, export or download \
+         stage), but `${samples-of-it}` is the output of a sample stage\n"
+    );
 }
 
 #[test]

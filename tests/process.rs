@@ -166,7 +166,7 @@ fn sigterm_stops_the_stages_exits_130_and_publishes_nothing() {
         "\
 [1/1] nap  running  (never run)
 [1/1] nap  stopped  (interrupted; nothing published)
-interrupted: stopped by a signal; nothing half-done was published
+stopped: nothing half-done was published; `nanoflow run nap` goes on where this run stopped
 "
     );
     wait_until(|| !alive(pid));
