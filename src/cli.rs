@@ -78,6 +78,10 @@ pub enum Command {
         /// Also remove interrupted runs' partial outputs (a train stage resumes from these)
         #[arg(long)]
         partial: bool,
+        /// Also remove the other runs of train, finetune and eval stages (kept by default: they
+        /// are what `nanoflow metrics` compares)
+        #[arg(long)]
+        all_runs: bool,
     },
     /// Re-hash current outputs against their manifests and report damage
     Verify {
@@ -104,6 +108,9 @@ pub enum Command {
         /// Print JSON (an array of rows)
         #[arg(long)]
         json: bool,
+        /// Every column, however wide (by default as many as fit `COLUMNS` or the terminal)
+        #[arg(long, conflicts_with_all = ["csv", "json"])]
+        wide: bool,
         /// Where to draw the loss curves [default: reports/STAGE-runs.png]
         #[arg(long, value_name = "PNG")]
         plot: Option<PathBuf>,

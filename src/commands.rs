@@ -450,7 +450,17 @@ pub fn metrics(
     crate::metrics::show(printer, &plan, &store, stage, format, plot)
 }
 
-pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) -> Result<ExitCode, Error> {
+/// The kinds whose other runs `gc` keeps unless `--all-runs`: the runs `nanoflow metrics`
+/// compares (a model's training record, an evaluation's table), costly to make again.
+const COMPARED: &[&str] = &["train", "finetune", "eval"];
+
+pub fn gc(
+    printer: &Printer,
+    file: Option<&Path>,
+    dry_run: bool,
+    partial: bool,
+    all_runs: bool,
+) -> Result<ExitCode, Error> {
     let (_, store) = load(file, &[])?;
     let _lock = store.try_lock_exclusive()?;
     let mut removed = 0;
@@ -461,8 +471,10 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
     };
     let mut stage_dirs: Vec<_> = stage_dirs.into_iter().filter(|dir| dir.is_dir() && !is_hidden(dir)).collect();
     stage_dirs.sort();
+    let mut kept: Vec<(String, usize)> = Vec::new();
     for stage_dir in stage_dirs {
-        let current = store.current(&stage_dir.file_name().unwrap_or_default().to_string_lossy());
+        let stage = stage_dir.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let current = store.current(&stage);
         let mut entries: Vec<_> =
             fs_err::read_dir(&stage_dir).map_err(store_error(&store))?.filter_map(Result::ok).collect();
         entries.sort_by_key(|entry| entry.file_name());
@@ -474,6 +486,16 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
                 || current.as_deref().is_some_and(|entry| entry == path)
                 || (name.starts_with(".partial-") && !partial);
             if keep {
+                continue;
+            }
+            let compared = !all_runs
+                && path.is_dir()
+                && Manifest::read(&path).ok().flatten().is_some_and(|manifest| COMPARED.contains(&manifest.material.kind.as_str()));
+            if compared {
+                match kept.last_mut() {
+                    Some((name, count)) if *name == stage => *count += 1,
+                    _ => kept.push((stage.clone(), 1)),
+                }
                 continue;
             }
             // A link (a `.current-*` an interrupted `set_current` left) is the link's few bytes,
@@ -498,6 +520,12 @@ pub fn gc(printer: &Printer, file: Option<&Path>, dry_run: bool, partial: bool) 
     }
     let verb = if dry_run { "would remove" } else { "removed" };
     printer.status(&format!("{verb} {}, {}", plural(removed, "entry"), format_bytes(bytes as f64)));
+    for (stage, count) in kept {
+        printer.status(&format!(
+            "kept {} of `{stage}` that `nanoflow metrics {stage}` compares (`gc --all-runs` removes them too)",
+            plural(count, "other run")
+        ));
+    }
     Ok(ExitCode::SUCCESS)
 }
 

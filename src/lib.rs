@@ -73,13 +73,14 @@ fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
         Command::Dag { names, dot } => commands::dag(printer, file, &names, dot),
         Command::Ls => commands::ls(printer, file),
         Command::Show { stage } => commands::show(printer, file, &stage),
-        Command::Gc { dry_run, partial } => commands::gc(printer, file, dry_run, partial),
+        Command::Gc { dry_run, partial, all_runs } => commands::gc(printer, file, dry_run, partial, all_runs),
         Command::Verify { names } => commands::verify(printer, file, &names),
         Command::Report { names, output } => commands::report(printer, file, &names, output.as_deref()),
-        Command::Metrics { stage, csv, json, plot } => {
-            let format = match (csv, json) {
-                (true, _) => metrics::Format::Csv,
-                (_, true) => metrics::Format::Json,
+        Command::Metrics { stage, csv, json, wide, plot } => {
+            let format = match (csv, json, wide) {
+                (true, _, _) => metrics::Format::Csv,
+                (_, true, _) => metrics::Format::Json,
+                (_, _, true) => metrics::Format::Wide,
                 _ => metrics::Format::Table,
             };
             commands::metrics(printer, file, &stage, format, plot.as_deref())

@@ -23,7 +23,10 @@ use crate::store::Store;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
+    /// As many columns as fit the terminal, the ones that tell runs apart first.
     Table,
+    /// Every column.
+    Wide,
     Csv,
     Json,
 }
@@ -44,7 +47,7 @@ pub fn show(
     plot_path: Option<&Path>,
 ) -> Result<ExitCode, Error> {
     plan.stage_named(stage)?;
-    if format == Format::Table {
+    if matches!(format, Format::Table | Format::Wide) {
         table_style();
     }
     let store_error = |source| Error::Store { path: store.root.clone(), source };
@@ -65,7 +68,7 @@ pub fn show(
     let failed =
         |error: PolarsError| Error::Failed { what: format!("`metrics` of stage `{stage}`"), source: error.into() };
     let table = table(&entries, &varying).map_err(failed)?;
-    print(printer, table, format).map_err(failed)?;
+    print(printer, table, format, &varying).map_err(failed)?;
 
     let curves = loss_curves(&entries, &varying).map_err(|error| Error::Failed {
         what: format!("reading the records of stage `{stage}`"),
@@ -191,15 +194,69 @@ fn eval_metrics(path: &Path) -> PolarsResult<Vec<Column>> {
     Ok(columns)
 }
 
-fn print(printer: &Printer, mut table: DataFrame, format: Format) -> PolarsResult<()> {
+fn print(printer: &Printer, mut table: DataFrame, format: Format, varying: &[String]) -> PolarsResult<()> {
     let mut bytes = Vec::new();
     match format {
         Format::Csv => CsvWriter::new(&mut bytes).finish(&mut table)?,
         Format::Json => JsonWriter::new(&mut bytes).with_json_format(JsonFormat::Json).finish(&mut table)?,
-        Format::Table => bytes = format!("{}", rounded(&table)?).into_bytes(),
+        Format::Wide => bytes = format!("{}", rounded(&table)?).into_bytes(),
+        Format::Table => {
+            let (shown, hidden) = fit(rounded(&table)?, varying, terminal_width())?;
+            bytes = format!("{shown}").into_bytes();
+            if !hidden.is_empty() {
+                printer.status(&format!("{} more: {} (`--wide` shows them)", hidden.len(), hidden.join(", ")));
+            }
+        }
     }
     printer.data(String::from_utf8_lossy(&bytes).trim_end());
     Ok(())
+}
+
+/// The columns people compare first: which run (key, current), what set it apart (the params
+/// that vary), how it did; then the rest.
+const FIRST: &[&str] = &["key", "current"];
+const RESULTS: &[&str] = &["val_loss", "best_val_loss", "train_loss", "tokens_per_s", "iters"];
+
+/// The table's columns in the order above, as many as fit in `width` characters (all of them
+/// without a width); and the names of those left out.
+fn fit(table: DataFrame, varying: &[String], width: Option<usize>) -> PolarsResult<(DataFrame, Vec<String>)> {
+    let names: Vec<String> = table.get_column_names().iter().map(|name| name.to_string()).collect();
+    let rank = |name: &String| {
+        let position = |list: &[&str]| list.iter().position(|item| item == name);
+        match (position(FIRST), varying.iter().position(|key| key == name), position(RESULTS)) {
+            (Some(at), _, _) => at,
+            (_, Some(at), _) => 10 + at,
+            (_, _, Some(at)) => 1000 + at,
+            // An eval's `<model> <metric>` columns before the bookkeeping (when, how long).
+            _ if ["finished", "took_s", "tokens"].contains(&name.as_str()) => 3000,
+            _ => 2000,
+        }
+    };
+    let mut ordered = names.clone();
+    ordered.sort_by_key(|name| rank(name));
+    let Some(width) = width else { return Ok((table.select(ordered)?, Vec::new())) };
+    let mut shown = ordered.len();
+    loop {
+        let candidate = table.select(ordered[..shown].iter().cloned())?;
+        let widest = format!("{candidate}").lines().map(|line| line.chars().count()).max().unwrap_or(0);
+        // The key and whether it is current always show.
+        if widest <= width || shown <= FIRST.len() + 1 {
+            return Ok((candidate, ordered[shown..].to_vec()));
+        }
+        shown -= 1;
+    }
+}
+
+/// Columns to fit a table in: `COLUMNS` where set, else the terminal's on stdout; none (every
+/// column) when stdout is a file or a pipe.
+fn terminal_width() -> Option<usize> {
+    if let Some(columns) = std::env::var("COLUMNS").ok().and_then(|columns| columns.parse().ok()) {
+        return Some(columns);
+    }
+    let mut size = libc::winsize { ws_row: 0, ws_col: 0, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCGWINSZ fills the winsize it is given; a non-terminal fails and leaves it.
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
 }
 
 /// polars' table without its shape and type rows, every row and column shown. polars reads

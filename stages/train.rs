@@ -484,7 +484,9 @@ fn run_rank(
     let mut pending: Vec<(usize, f64)> = Vec::new();
     let mut window = Instant::now();
     let mut running_mfu: Option<f64> = None;
-    let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
+    // Each step's time: the run's speed is the median step's (one figure everywhere: the
+    // summary, the manifest, `metrics`, the report), as nanoGPT's log lines read.
+    let mut step_times: Vec<f64> = Vec::new();
     let mut progress = Progress::new("train", Unit::Iters, Some(config.max_iters as u64));
     // What a checkpoint at `iter` records beside the weights and the optimizer.
     let state = |iter, val_loss, best_val_loss, best_iter, rng: &Rng, trainer: &Trainer| -> anyhow::Result<State> {
@@ -594,8 +596,7 @@ fn run_rank(
                 if !lossf.is_finite() && trainer.loss_scale().is_none() {
                     bail!(diverged(&format!("the training loss is {lossf}"), at, last_good));
                 }
-                step_seconds += dt;
-                step_tokens += tokens_per_iter;
+                step_times.push(dt);
                 steps_here += 1;
                 if let Some(peak_flops) = peak_flops.filter(|_| steps_here >= 5) {
                     // let the training loop settle a bit
@@ -639,10 +640,11 @@ fn run_rank(
     metrics::plot_png(&ctx.out.join("loss.png"), &format!("{}: loss", ctx.stage), &rows)?;
     let last = rows.iter().rev().find_map(|row| Some((row.train_loss?, row.val_loss?)));
     let (train_loss, val_loss) = last.unwrap_or((f64::NAN, f64::NAN));
-    let tokens_per_second = if step_seconds > 0.0 { step_tokens as f64 / step_seconds } else { 0.0 };
+    let median_step = median(&mut step_times);
+    let tokens_per_second = if median_step > 0.0 { tokens_per_iter as f64 / median_step } else { 0.0 };
     let mut report = Report {
         summary: format!(
-            "{} iters, val loss {val_loss:.4} (best {best_val_loss:.4}), {:.0} tokens/s",
+            "{} iters, val loss {val_loss:.4} (best {best_val_loss:.4}), {:.0} tokens/s (median step)",
             config.max_iters, tokens_per_second
         ),
         ..Report::default()
@@ -653,7 +655,7 @@ fn run_rank(
     metrics.insert("val_loss".into(), json_number(val_loss));
     metrics.insert("best_val_loss".into(), json_number(best_val_loss));
     metrics.insert("tokens_per_second".into(), json_number(tokens_per_second));
-    metrics.insert("ms_per_iter".into(), json_number(1000.0 * step_seconds / steps_here.max(1) as f64));
+    metrics.insert("ms_per_iter".into(), json_number(1000.0 * median_step));
     metrics.insert("parameters".into(), model_config.num_params(true).into());
     if let Some(iter) = resumed_from {
         metrics.insert("resumed_from_iter".into(), iter.into());
@@ -749,6 +751,16 @@ fn config_lines(config: &Config) -> anyhow::Result<String> {
         }
     }
     Ok(text)
+}
+
+/// The median of `values` (0 when there are none).
+fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 { values[middle] } else { (values[middle - 1] + values[middle]) / 2.0 }
 }
 
 /// The most advanced complete checkpoint in `dir`, if any.

@@ -51,7 +51,7 @@ fn a_run_ends_with_what_it_made_and_where() {
     assert_eq!(tail.len(), 7, "{}", output.stderr);
     assert_eq!(tail[1], "made:");
     assert!(tail[2].starts_with("  model    20 iters, val loss "), "{}", tail[2]);
-    assert!(tail[2].contains(" tokens/s; took "), "{}", tail[2]);
+    assert!(tail[2].contains(" tokens/s (median step); took "), "{}", tail[2]);
     assert_eq!(tail[3], "           artifacts/model/current/");
     assert!(tail[4].starts_with("  samples  2 samples of 20 tokens"), "{}", tail[4]);
     assert_eq!(tail[5], "           artifacts/samples/current/");
@@ -152,9 +152,28 @@ fn metrics_lists_every_stored_run_with_what_set_it_apart() {
     assert_eq!(csv.lines().count(), 3);
     assert!(csv.ends_with("\n"));
 
-    let table = test.expect(&["metrics", "model"], 0);
+    let table = test.expect(&["metrics", "model", "--wide"], 0);
     assert!(table.stdout.contains("learning_rate") && table.stdout.contains("best_val_loss"), "{}", table.stdout);
+    assert!(table.stdout.lines().next().unwrap().chars().count() > 100, "{}", table.stdout);
     assert_eq!(table.stderr, "loss curves of every run: reports/model-runs.png\n");
+    // At 80 columns (issue 29): the key, what set the runs apart and the losses first, the rest
+    // named on stderr.
+    let narrow = test.command(&["metrics", "model"]).env("COLUMNS", "80").output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&narrow.stdout), String::from_utf8_lossy(&narrow.stderr));
+    assert!(stdout.lines().all(|line| line.chars().count() <= 80), "{stdout}");
+    let header = stdout.lines().nth(1).unwrap();
+    let columns: Vec<&str> = header.split('┆').map(|cell| cell.trim_matches(|c: char| c == '│' || c.is_whitespace())).collect();
+    assert_eq!(columns[..4], ["key", "current", "learning_rate", "val_loss"], "{stdout}");
+    assert!(stderr.starts_with(&format!("{} more: ", 11 - columns.len())), "{stderr}");
+    assert!(stderr.contains("finished") && stderr.contains("(`--wide` shows them)"), "{stderr}");
+
+    // `gc` keeps the runs `metrics` compares unless asked, and says so (issue 29).
+    let gc = test.expect(&["gc", "-n"], 0);
+    assert_eq!(gc.stdout, "");
+    assert!(gc.stderr.contains("kept 1 other run of `model` that `nanoflow metrics model` compares"), "{}", gc.stderr);
+    let gc = test.expect(&["gc", "--all-runs"], 0);
+    assert_eq!(gc.stdout.lines().count(), 1, "{}", gc.stdout);
+    assert_eq!(test.entries("model").len(), 1);
     let bytes = fs_err::read(test.path("reports/model-runs.png")).unwrap();
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
 
