@@ -3,6 +3,7 @@
 //! built and written twice: `report.md` with its PNG plots beside it, and `report.html`, one
 //! self-contained page (plots inlined) to open in a browser or attach to an issue.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,9 +54,23 @@ pub fn write(
         return Err(Error::NothingBuilt { names: names.to_vec() });
     }
 
+    fn failed(stage: &Stored) -> impl Fn(anyhow::Error) -> Error + '_ {
+        move |error| Error::Failed { what: format!("the report on stage `{}`", stage.name), source: error.into() }
+    }
+    // The loss curves first: what a person opens the report for.
+    let mut plots = Vec::new();
+    for stage in &stages {
+        plots.extend(stage.plots(&dir).map_err(failed(stage))?);
+    }
     let mut blocks = vec![
         Block::Heading(1, format!("nanoflow report: {}", names.join(", "))),
         Block::Paragraph(provenance(plan)),
+    ];
+    if !plots.is_empty() {
+        blocks.push(Block::Heading(2, "Loss".into()));
+        blocks.extend(plots);
+    }
+    blocks.extend([
         Block::Heading(2, "Machine".into()),
         Block::Table(vec!["".into(), "".into()], machine()),
         Block::Heading(2, "Stages".into()),
@@ -63,13 +78,9 @@ pub fn write(
             ["stage", "kind", "state", "took", "result"].map(String::from).to_vec(),
             stages.iter().map(Stored::overview).collect(),
         ),
-    ];
+    ]);
     for stage in &stages {
-        let section = stage.section(&dir).map_err(|error| Error::Failed {
-            what: format!("the report on stage `{}`", stage.name),
-            source: error.into(),
-        })?;
-        blocks.extend(section);
+        blocks.extend(stage.section().map_err(failed(stage))?);
     }
 
     let markdown = markdown(&blocks);
@@ -122,7 +133,35 @@ impl Stored {
         ]
     }
 
-    fn section(&self, dir: &Path) -> anyhow::Result<Vec<Block>> {
+    /// The stage's loss curves, if it trained: against iterations, and against tokens only
+    /// where that is another picture (the tokens per iteration changed within the run).
+    fn plots(&self, dir: &Path) -> anyhow::Result<Vec<Block>> {
+        let Some(record) = self.out.as_ref().map(|out| out.join("metrics.parquet")).filter(|path| path.exists())
+        else {
+            return Ok(Vec::new());
+        };
+        let rows = metrics::read_parquet(&record)?;
+        let per_iter: BTreeSet<i64> =
+            rows.iter().filter(|row| row.iter > 0).map(|row| row.tokens / row.iter).collect();
+        let mut axes = vec![(Axis::Iteration, "iteration")];
+        if per_iter.len() > 1 {
+            axes.push((Axis::Tokens, "tokens"));
+        }
+        let mut blocks = Vec::new();
+        for (axis, against) in axes {
+            let file = format!("{}-loss-{against}.png", self.name);
+            let title = match per_iter.first() {
+                Some(tokens) if per_iter.len() == 1 => format!("{}: loss against iteration ({tokens} tokens each)", self.name),
+                _ => format!("{}: loss against {against}", self.name),
+            };
+            let chart = metrics::loss_chart(&title, &rows, axis);
+            plot::write_png(&dir.join(&file), &chart)?;
+            blocks.push(Block::Image { file, alt: format!("{}: train and val loss against {against}", self.name) });
+        }
+        Ok(blocks)
+    }
+
+    fn section(&self) -> anyhow::Result<Vec<Block>> {
         let mut blocks = vec![Block::Heading(2, format!("{} ({})", self.name, self.kind.name()))];
         let (Some(manifest), Some(out)) = (&self.manifest, &self.out) else {
             blocks.push(Block::Paragraph(format!("Not built yet: `nanoflow run {}` makes it.", self.name)));
@@ -156,16 +195,6 @@ impl Stored {
             blocks.push(Block::Paragraph(format!("`{name}`:")));
             blocks.push(Block::Table(header, rows));
         }
-        let record = out.join("metrics.parquet");
-        if record.exists() {
-            let rows = metrics::read_parquet(&record)?;
-            for (axis, against) in [(Axis::Iteration, "iteration"), (Axis::Tokens, "tokens")] {
-                let file = format!("{}-loss-{against}.png", self.name);
-                let chart = metrics::loss_chart(&format!("{}: loss against {against}", self.name), &rows, axis);
-                plot::write_png(&dir.join(&file), &chart)?;
-                blocks.push(Block::Image { file, alt: format!("{}: train and val loss against {against}", self.name) });
-            }
-        }
         let samples = out.join("samples.txt");
         if samples.exists() {
             let text = fs_err::read_to_string(&samples)?;
@@ -185,7 +214,14 @@ pub fn changed_params(kind: StageKind, config: &serde_json::Value) -> Vec<Vec<St
         .iter()
         .filter(|(key, value)| defaults.get(key.as_str()) != Some(value))
         .map(|(key, value)| {
-            let default = defaults.get(key.as_str()).map(value_text).unwrap_or_default();
+            let default = match defaults.get(key.as_str()) {
+                // An optional param's default is what the kind does without it, in words.
+                Some(serde_json::Value::Null) => {
+                    kind.unset().iter().find(|(name, _)| name == key).map_or("unset", |(_, what)| what).to_string()
+                }
+                Some(default) => value_text(default),
+                None => String::new(),
+            };
             vec![key.clone(), value_text(value), default]
         })
         .collect()

@@ -3,7 +3,7 @@
 //! non-semantic keys for the content key, and running it in the child process.
 //!
 //! Every kind module in `stages/` has the same items (`Config`, `VERSION`, `NON_SEMANTIC`,
-//! `RESUMABLE`, `local_inputs`, `check`, `run`), so one list below generates the enum and every
+//! `UNSET`, `RESUMABLE`, `local_inputs`, `check`, `run`), so one list below generates the enum and every
 //! `match`.
 
 use serde::Serialize;
@@ -68,6 +68,13 @@ macro_rules! stage_kinds {
             pub fn non_semantic(self) -> &'static [&'static str] {
                 match self {
                     $(StageKind::$variant => $module::NON_SEMANTIC),+
+                }
+            }
+
+            /// What each optional param means when it is unset (`n_layer`: "12 from scratch, …").
+            pub fn unset(self) -> &'static [(&'static str, &'static str)] {
+                match self {
+                    $(StageKind::$variant => $module::UNSET),+
                 }
             }
 

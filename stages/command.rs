@@ -17,6 +17,8 @@ pub const VERSION: u32 = 1;
 
 /// Every param can change what the script does.
 pub const NON_SEMANTIC: &[&str] = &[];
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = &[];
 
 /// A script that failed half-way starts again from an empty `$OUT`.
 pub const RESUMABLE: bool = false;

@@ -34,6 +34,14 @@ pub const VERSION: u32 = 1;
 
 /// Params that only say how patiently to fetch; the bytes that land are the same.
 pub const NON_SEMANTIC: &[&str] = &["retries", "backoff_ms"];
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = &[
+    ("url", "none"),
+    ("hf", "none"),
+    ("path", "none"),
+    ("filename", "the source's last segment"),
+    ("digest", "not pinned"),
+];
 
 /// A re-run of the same key keeps `$OUT`, so a `.part` file left by an interrupted run resumes.
 pub const RESUMABLE: bool = true;

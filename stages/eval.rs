@@ -28,6 +28,8 @@ use crate::{Context, Invalid, Progress, Report, Unit, Upstream, at_least_one, en
 pub const VERSION: u32 = 1;
 
 pub const NON_SEMANTIC: &[&str] = &[];
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = &[("block_size", "each model's context")];
 
 pub const RESUMABLE: bool = false;
 

@@ -18,6 +18,8 @@ use crate::{Context, Invalid, Report, Upstream};
 pub const VERSION: u32 = 1;
 
 pub const NON_SEMANTIC: &[&str] = &[];
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = &[];
 
 pub const RESUMABLE: bool = false;
 

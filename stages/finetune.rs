@@ -13,6 +13,8 @@ use crate::{Context, Invalid, Report, Upstream};
 pub const VERSION: u32 = train::VERSION;
 
 pub const NON_SEMANTIC: &[&str] = train::NON_SEMANTIC;
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = train::UNSET;
 
 pub const RESUMABLE: bool = train::RESUMABLE;
 

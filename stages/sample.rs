@@ -21,6 +21,8 @@ pub const VERSION: u32 = 4;
 
 /// The KV cache changes the speed, not the tokens (tested).
 pub const NON_SEMANTIC: &[&str] = &["kv_cache"];
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = &[];
 
 pub const RESUMABLE: bool = false;
 

@@ -26,6 +26,8 @@ pub const VERSION: u32 = 1;
 
 /// Params that cannot change the output: the shards are byte-identical at any thread count.
 pub const NON_SEMANTIC: &[&str] = &["threads"];
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = &[("val_fraction", "0.1 (0 with `val_input`)"), ("val_input", "none")];
 
 /// Tokenizing again from the start is cheap next to keeping partial shards consistent.
 pub const RESUMABLE: bool = false;

@@ -45,6 +45,15 @@ pub const VERSION: u32 = 5;
 /// iteration. (`eval_interval` and `eval_iters` do not change the trajectory either, but they
 /// choose which model is the best checkpoint and what its val loss is, so they stay in the key.)
 pub const NON_SEMANTIC: &[&str] = &["log_interval", "gpus"];
+/// What each optional param means when it is unset (the report shows it as the default).
+pub const UNSET: &[(&str, &str)] = &[
+    ("n_layer", "12 from scratch, else the checkpoint's"),
+    ("n_head", "12 from scratch, else the checkpoint's"),
+    ("n_embd", "768 from scratch, else the checkpoint's"),
+    ("block_size", "1024 from scratch, else the checkpoint's"),
+    ("bias", "false from scratch, else the checkpoint's"),
+    ("vocab_size", "the data's from scratch, else the checkpoint's"),
+];
 
 /// A re-run of an interrupted stage finds its checkpoints and continues from the latest.
 pub const RESUMABLE: bool = true;
