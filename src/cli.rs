@@ -147,11 +147,14 @@ pub enum Command {
         no_kv_cache: bool,
     },
     /// Time training steps of a model shape on random tokens (nanoGPT's bench.py): ms/iter,
-    /// tokens/s, MFU and peak memory
+    /// tokens/s, MFU (against a GPU's bfloat16 peak, or the CPU's measured f32 GEMM peak) and
+    /// peak memory
     Bench {
-        /// gpt2 (train_gpt2's 124M, T=1024, batch 12), gpt2-medium, gpt2-large, gpt2-xl or
-        /// shakespeare-char (6 layers, 384 wide, T=256, batch 64)
-        #[arg(value_name = "SHAPE", default_value = "gpt2")]
+        /// auto (gpt2 on a GPU, shakespeare-char-cpu on a CPU), gpt2 (train_gpt2's 124M, T=1024,
+        /// batch 12), gpt2-medium, gpt2-large, gpt2-xl, shakespeare-char (the GPU recipe on a GPU,
+        /// the laptop recipe on a CPU), shakespeare-char-gpu (6 layers, 384 wide, T=256, batch 64)
+        /// or shakespeare-char-cpu (4 layers, 128 wide, T=64, batch 12)
+        #[arg(value_name = "SHAPE", default_value = "auto")]
         shape: String,
         /// Sequences per iteration [default: the shape's]
         #[arg(long, value_name = "N")]

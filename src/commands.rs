@@ -207,7 +207,10 @@ pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[
 /// has an output), and stages in no target that have one, in pipeline order; and, a line each,
 /// the targets never run (name, number of stages). A pipeline file ships many pipelines; the
 /// user cares about the ones they touched.
-fn touched(plan: &Plan, store: &Store) -> Result<(Vec<usize>, Vec<(String, usize)>), Error> {
+/// Targets never run: each one's name and how many stages it has.
+type Untouched = Vec<(String, usize)>;
+
+fn touched(plan: &Plan, store: &Store) -> Result<(Vec<usize>, Untouched), Error> {
     let built = |index: &usize| store.current(&plan.stages[*index].name).is_some();
     let mut shown = BTreeSet::new();
     let mut untouched = Vec::new();
@@ -376,9 +379,14 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
     Ok(ExitCode::SUCCESS)
 }
 
-/// `nanoflow bench`: progress on stderr, the measurement on stdout.
+/// `nanoflow bench`: the shape and progress on stderr, the measurement on stdout. `shape`
+/// `auto` (no shape named) is the laptop recipe's on a CPU and GPT-2's on a GPU
+/// (`bench::Shape::pick`). The iterations move one live bar with an ETA on a terminal (a line
+/// every few seconds elsewhere), and a run that will take over a minute says so as soon as an
+/// iteration's time tells.
 #[allow(clippy::too_many_arguments)]
 pub fn bench(
+    printer: &Printer,
     shape: &str,
     batch_size: Option<usize>,
     block_size: Option<usize>,
@@ -388,19 +396,22 @@ pub fn bench(
     iters: usize,
     json: bool,
 ) -> Result<ExitCode, Error> {
-    use nanoflow_stages::gpt::bench::{self, Options};
+    use nanoflow_stages::gpt::bench::{self, Event, Shape};
+    use nanoflow_stages::progress::{PLAIN_EVERY, Unit, Update};
     let what = format!("benchmarking `{shape}`");
     let failed = |error: anyhow::Error| Error::Failed { what: what.clone(), source: error.into() };
-    let mut options = Options::preset(shape).map_err(failed)?;
+    let picked = Shape::pick(shape, &device).map_err(failed)?;
+    let mut options = picked.options;
     options.batch_size = batch_size.unwrap_or(options.batch_size);
     options.model.block_size = block_size.unwrap_or(options.model.block_size);
-    options.device = device;
     options.dtype = dtype;
     options.burn_in = burn_in;
     options.iters = iters;
     let model = &options.model;
-    eprintln!(
-        "{shape}: {} layers, {} heads, {} wide, block {}, vocab {}, batch {} ({:.2}M parameters)",
+    let why = picked.why.map_or(String::new(), |why| format!(": {why}"));
+    printer.status(&format!(
+        "{}: {} layers, {} heads, {} wide, block {}, vocab {}, batch {} ({:.2}M parameters){why}",
+        picked.name,
         model.n_layer,
         model.n_head,
         model.n_embd,
@@ -408,25 +419,100 @@ pub fn bench(
         model.vocab_size,
         options.batch_size,
         model.num_params(true) as f64 / 1e6
-    );
-    let measured = bench::run(&options, &mut |line| eprintln!("{line}")).map_err(failed)?;
+    ));
+    let untimed = match options.burn_in {
+        0 => "no burn-in".to_string(),
+        1 => "1 untimed burn-in iteration".to_string(),
+        n => format!("{n} untimed burn-in iterations"),
+    };
+    printer.status(&format!("{untimed}, then {} timed", options.iters));
+    let started = Instant::now();
+    // As `progress::Progress`: a plain line once the work has run for a while, not at once.
+    let mut last_line = Instant::now();
+    // The timed iterations so far, and their seconds: what the time left is judged by once
+    // there are some (the burn-in's are slower while the buffers grow).
+    let mut timed_so_far = (0, 0.0);
+    let mut on_event = |event: Event| match event {
+        Event::Step { done, total, timed, loss, seconds } => {
+            let phase = if timed { "" } else { " (burn-in)" };
+            let message = format!("loss {loss:.4}, {:.2}ms{phase}", seconds * 1e3);
+            let update = Update {
+                label: "bench".into(),
+                unit: Unit::Iters,
+                done: done as u64,
+                total: Some(total as u64),
+                elapsed: started.elapsed().as_secs_f64(),
+                message: message.clone(),
+                finished: done == total,
+            };
+            printer.progress("bench", &update);
+            // Where no bar is drawn: a line every few seconds, with the time left.
+            if timed {
+                timed_so_far = (timed_so_far.0 + 1, timed_so_far.1 + seconds);
+            }
+            if last_line.elapsed() >= PLAIN_EVERY && done < total {
+                last_line = Instant::now();
+                let per_iteration = match timed_so_far {
+                    (0, _) => seconds,
+                    (count, sum) => sum / count as f64,
+                };
+                let left = (total - done) as f64 * per_iteration;
+                let eta = crate::report::duration(left);
+                printer.stage_detail("bench", &format!("iter {done}/{total}: {message}, ETA {eta}"));
+            }
+        }
+        Event::Long { seconds, steps, step_seconds } => printer.error(&format!(
+            "{} this benchmark takes about {} more ({steps} iterations of ~{}); Ctrl-C stops it",
+            printer.paint(Style::Yellow, "warning:"),
+            crate::report::duration(seconds),
+            crate::report::duration(step_seconds)
+        )),
+    };
+    let measured = bench::run(&options, &mut on_event);
+    printer.end_progress("bench");
+    let measured = measured.map_err(failed)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&measured).expect("a measurement serializes"));
-    } else {
-        let memory = measured
-            .peak_memory_bytes
-            .map_or("unknown".into(), |bytes| format!("{:.2} GiB", bytes as f64 / 1073741824.0));
-        println!(
-            "time per iteration: {:.2}ms, {:.0} tokens/s, MFU: {:.2}% of {:.0} TFLOPS ({}, {}), peak memory {memory}",
-            measured.ms_per_iter,
-            measured.tokens_per_second,
-            measured.mfu * 100.0,
-            measured.peak_flops / 1e12,
-            measured.device,
-            measured.dtype
-        );
+        printer.data(&serde_json::to_string_pretty(&measured).expect("a measurement serializes"));
+        return Ok(ExitCode::SUCCESS);
     }
+    let memory =
+        measured.peak_memory_bytes.map_or("unknown".into(), |bytes| format!("{:.2} GiB", bytes as f64 / 1073741824.0));
+    // A GPU's peak is a bfloat16 table figure, shown as before with the device and dtype; a
+    // CPU's is measured in f32, and the line says so (and the matmuls' dtype where it differs).
+    let peak = match (measured.device.as_str(), measured.dtype.as_str()) {
+        ("cpu", "f32") => format!("{} ({})", format_flops(measured.peak_flops), measured.peak_flops_source),
+        ("cpu", dtype) => {
+            format!("{} ({}; matmuls in {dtype})", format_flops(measured.peak_flops), measured.peak_flops_source)
+        }
+        (device, dtype) => format!("{:.0} TFLOPS ({device}, {dtype})", measured.peak_flops / 1e12),
+    };
+    printer.data(&format!(
+        "time per iteration: {:.2}ms, {:.0} tokens/s, MFU: {} of {peak}, peak memory {memory}",
+        measured.ms_per_iter,
+        measured.tokens_per_second,
+        format_percent(measured.mfu),
+    ));
     Ok(ExitCode::SUCCESS)
+}
+
+/// `153e9` -> `153 GFLOPS`, `2.5e12` -> `2.5 TFLOPS`.
+fn format_flops(flops: f64) -> String {
+    match flops {
+        f if f >= 1e12 => format!("{:.1} TFLOPS", f / 1e12),
+        f if f >= 1e9 => format!("{:.0} GFLOPS", f / 1e9),
+        f => format!("{:.0} MFLOPS", f / 1e6),
+    }
+}
+
+/// A fraction as a percentage with two decimals, or three significant digits where smaller (a
+/// tiny shape's MFU is not `0.00%`): `0.3124` -> `31.24%`, `0.000123` -> `0.0123%`.
+fn format_percent(fraction: f64) -> String {
+    let percent = fraction * 100.0;
+    let decimals = match percent {
+        p if p >= 1.0 || p <= 0.0 || !p.is_finite() => 2,
+        p => (2.0 - p.log10().floor()) as usize,
+    };
+    format!("{percent:.decimals$}%")
 }
 
 pub fn report(

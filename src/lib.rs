@@ -110,7 +110,7 @@ fn run(cli: Cli, printer: &Printer) -> Result<ExitCode, Error> {
             commands::sample(file, config)
         }
         Command::Bench { shape, batch_size, block_size, device, dtype, burn_in, iters, json } => {
-            commands::bench(&shape, batch_size, block_size, device, dtype, burn_in, iters, json)
+            commands::bench(printer, &shape, batch_size, block_size, device, dtype, burn_in, iters, json)
         }
         Command::Stage { .. } | Command::Rank => unreachable!("handled before the printer exists"),
     }

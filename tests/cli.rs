@@ -62,33 +62,3 @@ fn file_flag_and_parent_directory_lookup() {
     assert_eq!(test.expect(&["-f", "other.yaml", "ls"], 0).stdout, "stages:\n  only  command\n");
 }
 
-#[test]
-fn bench_reports_what_bench_py_reports() {
-    let test = Test::new();
-    let args = ["bench", "shakespeare-char", "--device", "cpu", "--block-size", "16", "--batch-size", "2"];
-    let output = test.expect(&[&args[..], &["--burn-in", "1", "--iters", "3", "--json"]].concat(), 0);
-    assert!(
-        output.stderr.contains("shakespeare-char: 6 layers, 6 heads, 384 wide, block 16, vocab 65, batch 2"),
-        "{}",
-        output.stderr
-    );
-    assert!(
-        output.stderr.contains("burn-in 0/1 loss: ") && output.stderr.contains("benchmark 2/3 loss: "),
-        "{}",
-        output.stderr
-    );
-    let measured: serde_json::Value = serde_json::from_str(&output.stdout).unwrap();
-    assert_eq!(measured["tokens_per_iter"], 32);
-    assert_eq!(measured["device"], "cpu");
-    for key in ["ms_per_iter", "tokens_per_second", "mfu", "peak_memory_bytes"] {
-        assert!(measured[key].as_f64().unwrap() > 0.0, "{key}: {measured}");
-    }
-    let text = test.expect(&[&args[..], &["--burn-in", "0", "--iters", "1"]].concat(), 0);
-    assert!(
-        text.stdout.starts_with("time per iteration: ") && text.stdout.contains("tokens/s, MFU: "),
-        "{}",
-        text.stdout
-    );
-    let bad = test.expect(&["bench", "--dtype", "fp8", "--device", "cpu", "--iters", "1"], 1);
-    assert!(bad.stderr.contains("unknown `dtype` `fp8`"), "{}", bad.stderr);
-}

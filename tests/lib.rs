@@ -2,6 +2,7 @@
 //! temporary directory (just's `Test` builder). Stages append their name to `runs.log` in that
 //! directory, so a test can see exactly which stages ran.
 
+mod bench;
 mod browser;
 mod cache;
 mod check;

@@ -177,8 +177,9 @@ pub fn name(device: &Device) -> String {
     }
 }
 
-/// Dense bfloat16 peak FLOPS of a GPU by name, the denominator of MFU. `None` for a device this
-/// table does not know (the CPU included): reports then use nanoGPT's A100 figure.
+/// Dense bfloat16 peak FLOPS of a GPU by name, the denominator of MFU. `None` for a GPU this
+/// table does not know (reports then use nanoGPT's A100 figure) and for the CPU, whose peak
+/// `peak::cpu` measures.
 pub fn peak_bf16_flops(name: &str) -> Option<f64> {
     let name = name.to_ascii_uppercase();
     let table: &[(&str, f64)] = &[

@@ -23,6 +23,7 @@ pub(crate) mod hf;
 pub(crate) mod model;
 pub(crate) mod ops;
 pub mod optim;
+pub(crate) mod peak;
 pub(crate) mod ranks;
 pub(crate) mod rng;
 pub(crate) mod source;
