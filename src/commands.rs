@@ -375,7 +375,7 @@ pub fn sample(file: Option<&Path>, mut config: nanoflow_stages::sample::Config) 
         };
         let _ = stdout.flush();
     })
-    .map_err(|error| Error::Failed { what, source: error.into() })?;
+    .map_err(|error| Error::failed(what, error))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -576,7 +576,10 @@ pub fn gc(
             }
             let compared = !all_runs
                 && path.is_dir()
-                && Manifest::read(&path).ok().flatten().is_some_and(|manifest| COMPARED.contains(&manifest.material.kind.as_str()));
+                && Manifest::read(&path)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|manifest| COMPARED.contains(&manifest.material.kind.as_str()));
             if compared {
                 match kept.last_mut() {
                     Some((name, count)) if *name == stage => *count += 1,

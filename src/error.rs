@@ -82,7 +82,7 @@ pub enum Error {
     InvalidArgument { option: String, message: String },
 
     #[error("invalid `--set {argument}`: {message}")]
-    InvalidSet { argument: String, message: String },
+    InvalidSet { argument: String, message: String, suggestion: Option<String> },
 
     #[error("`--force {stage}` names a stage that this run does not include")]
     ForceOutsideRun { stage: String },
@@ -117,6 +117,11 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+
+    /// `Failed` because a host is not there (offline, most often): one line and what to do,
+    /// not the chain of what was being fetched.
+    #[error("{what} failed: {}", unreachable.message())]
+    Unreachable { what: String, unreachable: nanoflow_stages::fetch::Unreachable },
 }
 
 impl Error {
@@ -129,8 +134,17 @@ impl Error {
             | Error::NoOutput { .. }
             | Error::NothingBuilt { .. }
             | Error::Write { .. }
-            | Error::Failed { .. } => 1,
+            | Error::Failed { .. }
+            | Error::Unreachable { .. } => 1,
             _ => 2,
+        }
+    }
+
+    /// `what` (e.g. "sampling from `gpt2`") failed with `error`, from a kind's code.
+    pub fn failed(what: String, error: anyhow::Error) -> Error {
+        match nanoflow_stages::fetch::Unreachable::find(&error) {
+            Some(unreachable) => Error::Unreachable { what, unreachable: unreachable.clone() },
+            None => Error::Failed { what, source: error.into() },
         }
     }
 
@@ -160,9 +174,11 @@ impl Error {
             ),
             Error::MissingKey { key, what: Some(what), .. } => Some(format!("`{key}` is {what}")),
             Error::StoreBusy { .. } => Some("wait for it to finish, then try again".to_string()),
+            Error::InvalidSet { suggestion: Some(argument), .. } => Some(format!("did you mean `--set {argument}`?")),
             Error::InvalidSet { .. } => Some("write it as `--set stage.key=value`".to_string()),
             Error::NoOutput { stage } => Some(format!("run it with `nanoflow run {stage}`")),
             Error::NothingBuilt { names } => Some(format!("run it with `nanoflow run {}`", names.join(" "))),
+            Error::Unreachable { unreachable, .. } => unreachable.hint.clone(),
             _ => None,
         }
     }
@@ -181,18 +197,26 @@ pub fn plain_message(message: &str) -> String {
         .replace(" as u128, expected any YAML value", ", which is too large")
 }
 
-/// The closest of `candidates` to `name`, if it is close enough to be what was meant: a typo or
-/// two (edit distance) or a shared stem (Jaro-Winkler), as cargo and just judge it.
+/// The closest of `candidates` to `name`, if it is close enough to be what was meant: one that
+/// holds every word of `name` (`shakespeare-model` -> `shakespeare-char-model`, `layer` ->
+/// `n_layer`), else a typo or two away (edit distance) or sharing a stem (Jaro-Winkler), as
+/// cargo and just judge it. The fewest edits wins among equals.
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<String> {
+    fn words(text: &str) -> impl Iterator<Item = &str> {
+        text.split(['-', '_', '.']).filter(|word| !word.is_empty())
+    }
+    let typed: Vec<&str> = words(name).collect();
     candidates
         .into_iter()
         .filter_map(|candidate| {
             let distance = strsim::damerau_levenshtein(name, candidate);
+            let holds_every_word =
+                !typed.is_empty() && typed.iter().all(|word| words(candidate).any(|own| own == *word));
             let close =
                 distance <= (name.len().max(candidate.len()) / 3).max(1) || strsim::jaro_winkler(name, candidate) > 0.9;
-            close.then_some((distance, candidate))
+            (holds_every_word || close).then_some(((!holds_every_word, distance), candidate))
         })
-        .min_by_key(|(distance, _)| *distance)
+        .min_by_key(|(rank, _)| *rank)
         .map(|(_, candidate)| candidate.to_string())
 }
 
@@ -206,5 +230,17 @@ mod tests {
         assert_eq!(suggest("n_embed", keys).as_deref(), Some("n_embd"));
         assert_eq!(suggest("rn", ["run", "outs", "env"]).as_deref(), Some("run"));
         assert_eq!(suggest("learning_rate", keys), None);
+        assert_eq!(suggest("layer", keys).as_deref(), Some("n_layer"));
+    }
+
+    #[test]
+    fn prefers_the_name_that_holds_every_word_typed() {
+        // `shakespeare-text` is as few edits away (5), but holds no `model`.
+        let stages =
+            ["shakespeare-text", "shakespeare-char-data", "shakespeare-char-model", "finetune-shakespeare-model"];
+        assert_eq!(suggest("shakespeare-model", stages).as_deref(), Some("shakespeare-char-model"));
+        assert_eq!(suggest("char-model", stages).as_deref(), Some("shakespeare-char-model"));
+        assert_eq!(suggest("shakespeare-txt", stages).as_deref(), Some("shakespeare-text"));
+        assert_eq!(suggest("openwebtext", stages), None);
     }
 }

@@ -206,11 +206,20 @@ impl<'a> Executor<'a> {
                         done.insert(name, finished);
                     }
                     Outcome::Failed { message, tail, log } => {
-                        self.line(position, total, &name, Style::Red, "failed", &message);
+                        let last_words = |line: &&String| line.starts_with("error: ") || line.starts_with("hint: ");
                         if self.printer.verbosity == crate::printer::Verbosity::Quiet {
-                            for line in &tail {
+                            for line in tail.iter().filter(|line| !last_words(line)) {
                                 self.printer.error(&format!("[{name}] {line}"));
                             }
+                        }
+                        self.line(position, total, &name, Style::Red, "failed", &message);
+                        if let Some(hint) = tail
+                            .iter()
+                            .rev()
+                            .take_while(|line| last_words(line))
+                            .find(|line| line.starts_with("hint: "))
+                        {
+                            self.printer.error(&format!("      {hint}"));
                         }
                         self.printer.error(&format!("      log: {}", self.show_path(&log)));
                         summary.failed.push(name.clone());
@@ -469,13 +478,12 @@ impl<'a> Executor<'a> {
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(&json);
         }
-        let log = Mutex::new(fs_err::File::options().create(true).append(true).open(log_path)?);
-        let tail = Mutex::new(VecDeque::with_capacity(TAIL));
+        let output = Streamed::open(log_path)?;
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
         let status = std::thread::scope(|scope| {
-            scope.spawn(|| self.stream(stage, stdout, &log, &tail));
-            scope.spawn(|| self.stream(stage, stderr, &log, &tail));
+            scope.spawn(|| self.stream(stage, stdout, &output));
+            scope.spawn(|| self.stream(stage, stderr, &output));
             let status = child.wait();
             // Nothing of a stage outlives it: a script's background job or an orphaned worker
             // would otherwise hold the output pipes open (and the engine with them).
@@ -485,22 +493,36 @@ impl<'a> Executor<'a> {
         });
         self.printer.end_progress(stage);
         CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|&child| child != pid);
-        Ok((status?, tail.into_inner().unwrap_or_default().into()))
+        let status = status?;
+        Ok((status, self.finish(stage, output, status.success())))
     }
 
-    fn stream(&self, stage: &str, from: impl Read, log: &Mutex<fs_err::File>, tail: &Mutex<VecDeque<String>>) {
+    fn stream(&self, stage: &str, from: impl Read, output: &Streamed) {
         let mut reader = BufReader::new(from);
         let mut buffer = Vec::new();
         while reader.read_until(b'\n', &mut buffer).is_ok_and(|read| read > 0) {
-            self.handle(stage, &buffer, log, tail);
+            self.handle(stage, &buffer, output);
             buffer.clear();
         }
+    }
+
+    /// The stage's process ended: lines held back are shown if it succeeded (they were not its
+    /// last words after all); if it failed they are its error, which the `failed` line says.
+    /// The tail, for the failure summary.
+    fn finish(&self, stage: &str, output: Streamed, success: bool) -> Vec<String> {
+        let held = output.held.into_inner().unwrap_or_default();
+        if success {
+            for line in &held {
+                self.printer.stage_line(stage, line);
+            }
+        }
+        output.tail.into_inner().unwrap_or_default().into()
     }
 
     /// One line of a stage's output: a progress update is drawn, a detail line shown where
     /// details are, any other line printed with the stage's prefix; all but the updates go to
     /// `log.txt` and the tail kept for the failure summary.
-    fn handle(&self, stage: &str, bytes: &[u8], log: &Mutex<fs_err::File>, tail: &Mutex<VecDeque<String>>) {
+    fn handle(&self, stage: &str, bytes: &[u8], output: &Streamed) {
         let text = String::from_utf8_lossy(bytes);
         let text = text.trim_end_matches(['\n', '\r']);
         let (line, plain) = match progress::parse(text) {
@@ -522,13 +544,23 @@ impl<'a> Executor<'a> {
             }
             Line::Text(line) => (line.to_string(), true),
         };
-        if let Ok(mut log) = log.lock() {
+        if let Ok(mut log) = output.log.lock() {
             let _ = writeln!(log, "{line}");
         }
         if plain {
-            self.printer.stage_line(stage, &line);
+            // A stage's `error:` (and the `hint:` after it) is its last word when it fails:
+            // held back, and said once, by the `failed` line, if it does.
+            let mut held = output.held.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if line.starts_with("error: ") || (line.starts_with("hint: ") && !held.is_empty()) {
+                held.push(line.clone());
+            } else {
+                for earlier in held.drain(..) {
+                    self.printer.stage_line(stage, &earlier);
+                }
+                self.printer.stage_line(stage, &line);
+            }
         }
-        if let Ok(mut tail) = tail.lock() {
+        if let Ok(mut tail) = output.tail.lock() {
             if tail.len() == TAIL {
                 tail.pop_front();
             }
@@ -551,14 +583,12 @@ impl<'a> Executor<'a> {
         let files = JobFiles::new(partial);
         files.write_script(stage, resources)?;
         crate::atomic::write_atomic(&files.spec(), &serde_json::to_vec(spec).map_err(std::io::Error::other)?)?;
-        let log = Mutex::new(fs_err::File::options().create(true).append(true).open(log_path)?);
-        let tail = Mutex::new(VecDeque::with_capacity(TAIL));
-        let tail_lines =
-            |tail: Mutex<VecDeque<String>>| -> Vec<String> { tail.into_inner().unwrap_or_default().into() };
+        let output = Streamed::open(log_path)?;
+        let tail_lines = |output: Streamed, success: bool| self.finish(stage, output, success);
         let mut submissions = 0;
         loop {
             if interrupted() {
-                return Ok((Ended { success: false, reason: "interrupted".into() }, tail_lines(tail)));
+                return Ok((Ended { success: false, reason: "interrupted".into() }, tail_lines(output, false)));
             }
             let id = match live_job.take() {
                 Some((id, state)) if state.is_final() => {
@@ -579,11 +609,11 @@ impl<'a> Executor<'a> {
                         self.printer.stage_line(stage, &format!("submitted as Slurm job {id}"));
                         id
                     }
-                    Err(message) => return Ok((Ended { success: false, reason: message }, tail_lines(tail))),
+                    Err(message) => return Ok((Ended { success: false, reason: message }, tail_lines(output, false))),
                 },
             };
             submissions += 1;
-            let output = files.output(&id);
+            let job_output = files.output(&id);
             let mut follower = Follower::default();
             let mut shown = String::new();
             let mut cancelled = false;
@@ -601,7 +631,7 @@ impl<'a> Executor<'a> {
                         shown = described;
                     }
                 }
-                follower.read(&output, |line| self.handle(stage, line, &log, &tail));
+                follower.read(&job_output, |line| self.handle(stage, line, &output));
                 match state {
                     Some(state) if state.is_final() => break Some(state),
                     Some(_) => {}
@@ -613,13 +643,13 @@ impl<'a> Executor<'a> {
             };
             // What the job wrote last (a shared filesystem may show it a moment late).
             std::thread::sleep(POLL);
-            follower.read(&output, |line| self.handle(stage, line, &log, &tail));
-            follower.finish(|line| self.handle(stage, line, &log, &tail));
+            follower.read(&job_output, |line| self.handle(stage, line, &output));
+            follower.finish(|line| self.handle(stage, line, &output));
             self.printer.end_progress(stage);
             let _ = fs_err::remove_file(files.current());
             let Some(state) = state else {
                 let reason = format!("Slurm lost track of job {id} (neither `scontrol` nor `sacct` knows it)");
-                return Ok((Ended { success: false, reason }, tail_lines(tail)));
+                return Ok((Ended { success: false, reason }, tail_lines(output, false)));
             };
             if state.stopped_to_resume() && !interrupted() && submissions <= RESUBMITS {
                 self.printer.stage_line(
@@ -640,7 +670,7 @@ impl<'a> Executor<'a> {
                 }
                 other => format!("Slurm job {id} ended in state {other}"),
             };
-            return Ok((Ended { success, reason }, tail_lines(tail)));
+            return Ok((Ended { success, reason }, tail_lines(output, false)));
         }
     }
 
@@ -660,6 +690,24 @@ impl<'a> Executor<'a> {
 enum Prepared {
     Cached(Outcome),
     Run { key: String, material: KeyMaterial, reasons: Vec<String> },
+}
+
+/// What a stage's process (or job) printed, as it arrives: its log, the last lines for the
+/// failure summary, and the lines held back until it is known whether they were its last.
+struct Streamed {
+    log: Mutex<fs_err::File>,
+    tail: Mutex<VecDeque<String>>,
+    held: Mutex<Vec<String>>,
+}
+
+impl Streamed {
+    fn open(log: &Path) -> std::io::Result<Streamed> {
+        Ok(Streamed {
+            log: Mutex::new(fs_err::File::options().create(true).append(true).open(log)?),
+            tail: Mutex::new(VecDeque::with_capacity(TAIL)),
+            held: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 /// Reads a file another machine appends to, a whole line at a time.

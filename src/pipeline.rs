@@ -46,6 +46,8 @@ pub struct Param {
     pub value: Value,
     /// Where the key is written.
     pub origin: Origin,
+    /// Where the value is written (a wrong type points here); the argument for a `--set`.
+    pub value_origin: Origin,
 }
 
 #[derive(Debug)]
@@ -162,7 +164,13 @@ fn parse_stage(name: &str, body: &Value, map: &SourceMap) -> Result<RawStage, Er
             "deps" => stage.deps = string_list(value, &format!("`deps` of {what}"), map, &path)?,
             "config" => stage.configs = string_list(value, &format!("`config` of {what}"), map, &path)?,
             "resources" => stage.resources = Some((value.clone(), key_origin)),
-            _ => stage.params.push(Param { key: key.to_string(), value: value.clone(), origin: key_origin }),
+            _ => stage.params.push(Param {
+                key: key.to_string(),
+                value: value.clone(),
+                // An empty value has no place of its own (the parser marks the next token).
+                value_origin: if value.is_null() { key_origin.clone() } else { origin },
+                origin: key_origin,
+            }),
         }
     }
     if stage.kind.is_empty() {

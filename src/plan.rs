@@ -191,19 +191,21 @@ impl Plan {
 
 /// `train.max_iters=100` -> (index of `train`, the param).
 fn parse_set(argument: &str, names: &[&str]) -> Result<(usize, Param), Error> {
-    let invalid = |message: String| Error::InvalidSet { argument: argument.to_string(), message };
+    let invalid = |message: String| Error::InvalidSet { argument: argument.to_string(), message, suggestion: None };
     let (path, value) = argument.split_once('=').ok_or_else(|| invalid("no `=`".to_string()))?;
     let (stage, key) = path.split_once('.').ok_or_else(|| invalid("no `.` between stage and key".to_string()))?;
-    let index = names.iter().position(|name| *name == stage).ok_or_else(|| {
-        let hint =
-            suggest(stage, names.iter().copied()).map(|name| format!(" (did you mean `{name}`?)")).unwrap_or_default();
-        invalid(format!("no stage `{stage}`{hint}"))
+    let index = names.iter().position(|name| *name == stage).ok_or_else(|| Error::InvalidSet {
+        argument: argument.to_string(),
+        message: format!("no stage `{stage}`"),
+        // The whole argument again, with the stage's name spelled right.
+        suggestion: suggest(stage, names.iter().copied()).map(|name| format!("{name}.{key}={value}")),
     })?;
     if ENGINE_KEYS.contains(&key) {
         return Err(invalid(format!("`{key}` can only be set in the pipeline file")));
     }
     let value: Value = serde_yaml::from_str(value).map_err(|error| invalid(format!("value is not YAML: {error}")))?;
-    Ok((index, Param { key: key.to_string(), value, origin: Origin::CommandLine(argument.to_string()) }))
+    let origin = Origin::CommandLine(argument.to_string());
+    Ok((index, Param { key: key.to_string(), value, origin: origin.clone(), value_origin: origin }))
 }
 
 fn resolve_stage(
@@ -229,6 +231,7 @@ fn resolve_stage(
     params.extend(overrides);
     let mut merged = serde_yaml::Mapping::new();
     let mut origins: Vec<(String, Origin)> = Vec::new();
+    let mut value_origins: Vec<(String, Origin)> = Vec::new();
     for param in params {
         // JSON has no NaN or infinity: serde would turn `.nan` into null (the default, silently)
         // or fail later; no param of any kind means either.
@@ -250,6 +253,8 @@ fn resolve_stage(
         }
         origins.retain(|(key, _)| *key != param.key);
         origins.push((param.key.clone(), param.origin));
+        value_origins.retain(|(key, _)| *key != param.key);
+        value_origins.push((param.key.clone(), param.value_origin));
         merged.insert(Value::String(param.key), param.value);
     }
     let origin_of = |key: &str| {
@@ -266,8 +271,15 @@ fn resolve_stage(
         ParamError::Invalid { key, message } if key.is_empty() => {
             Error::InvalidParams { stage: raw.name.clone(), location: raw.location.clone(), message }
         }
+        // A wrong type is the value's: the error points at it.
         ParamError::Invalid { key, message } => {
-            Error::WrongType { stage: raw.name.clone(), origin: origin_of(&key), key, message }
+            let origin = value_origins.iter().find(|(name, _)| *name == key).map(|(_, origin)| origin.clone());
+            Error::WrongType {
+                stage: raw.name.clone(),
+                origin: origin.unwrap_or_else(|| origin_of(&key)),
+                key,
+                message,
+            }
         }
     })?;
 
@@ -393,7 +405,11 @@ fn read_config(stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> Re
                 origin: origin.clone(),
             })?;
             let origin = Origin::File(map.nearest(&[&key]));
-            Ok(Param { key, value, origin })
+            let value_origin = match value.is_null() {
+                true => origin.clone(),
+                false => Origin::File(map.value(&[&key]).unwrap_or_else(|| map.nearest(&[&key]))),
+            };
+            Ok(Param { key, value, origin, value_origin })
         })
         .collect()
 }

@@ -62,10 +62,8 @@ pub fn write(
     for stage in &stages {
         plots.extend(stage.plots(&dir).map_err(failed(stage))?);
     }
-    let mut blocks = vec![
-        Block::Heading(1, format!("nanoflow report: {}", names.join(", "))),
-        Block::Paragraph(provenance(plan)),
-    ];
+    let mut blocks =
+        vec![Block::Heading(1, format!("nanoflow report: {}", names.join(", "))), Block::Paragraph(provenance(plan))];
     if !plots.is_empty() {
         blocks.push(Block::Heading(2, "Loss".into()));
         blocks.extend(plots);
@@ -136,13 +134,11 @@ impl Stored {
     /// The stage's loss curves, if it trained: against iterations, and against tokens only
     /// where that is another picture (the tokens per iteration changed within the run).
     fn plots(&self, dir: &Path) -> anyhow::Result<Vec<Block>> {
-        let Some(record) = self.out.as_ref().map(|out| out.join("metrics.parquet")).filter(|path| path.exists())
-        else {
+        let Some(record) = self.out.as_ref().map(|out| out.join("metrics.parquet")).filter(|path| path.exists()) else {
             return Ok(Vec::new());
         };
         let rows = metrics::read_parquet(&record)?;
-        let per_iter: BTreeSet<i64> =
-            rows.iter().filter(|row| row.iter > 0).map(|row| row.tokens / row.iter).collect();
+        let per_iter: BTreeSet<i64> = rows.iter().filter(|row| row.iter > 0).map(|row| row.tokens / row.iter).collect();
         let mut axes = vec![(Axis::Iteration, "iteration")];
         if per_iter.len() > 1 {
             axes.push((Axis::Tokens, "tokens"));
@@ -151,7 +147,9 @@ impl Stored {
         for (axis, against) in axes {
             let file = format!("{}-loss-{against}.png", self.name);
             let title = match per_iter.first() {
-                Some(tokens) if per_iter.len() == 1 => format!("{}: loss against iteration ({tokens} tokens each)", self.name),
+                Some(tokens) if per_iter.len() == 1 => {
+                    format!("{}: loss against iteration ({tokens} tokens each)", self.name)
+                }
                 _ => format!("{}: loss against {against}", self.name),
             };
             let chart = metrics::loss_chart(&title, &rows, axis);

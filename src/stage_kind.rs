@@ -159,7 +159,9 @@ impl StageKind {
 }
 
 /// The params as written over the kind's defaults (a `finetune` is a `train` with other
-/// defaults), read into its `Config`.
+/// defaults), read into its `Config`. A float that is a whole number (`1e3`, `2000.0`) is read
+/// as the integer it is where the field is an integer; any other value there is "not a whole
+/// number", in those words.
 fn resolve<C: DeserializeOwned + Serialize + Default>(
     params: serde_yaml::Value,
 ) -> Result<serde_json::Value, ParamError> {
@@ -170,15 +172,105 @@ fn resolve<C: DeserializeOwned + Serialize + Default>(
     if let serde_yaml::Value::Mapping(written) = params {
         merged.extend(written);
     }
-    let config: C = serde_path_to_error::deserialize(serde_yaml::Value::Mapping(merged)).map_err(|error| {
+    let mut merged = serde_yaml::Value::Mapping(merged);
+    // Each pass turns one whole float into an integer, so this ends.
+    loop {
+        let error = match serde_path_to_error::deserialize::<_, C>(merged.clone()) {
+            Ok(config) => return Ok(serde_json::to_value(&config).expect("a Config always serializes to JSON")),
+            Err(error) => error,
+        };
         let key = error.path().iter().next().map(|segment| segment.to_string());
         let message = error.inner().to_string();
-        match (key, missing_field(&message)) {
+        if let Some(integer) = expected_integer(&message)
+            && let Some(value) = value_at(&mut merged, error.path())
+        {
+            match whole(value, integer.starts_with('u')) {
+                Some(whole) => *value = whole,
+                None => {
+                    let message = not_an_integer(integer, value);
+                    return Err(ParamError::Invalid { key: key.unwrap_or_default(), message });
+                }
+            }
+            continue;
+        }
+        return Err(match (key, missing_field(&message)) {
             (None, Some(field)) => ParamError::Missing { key: field },
             (key, _) => ParamError::Invalid { key: key.unwrap_or_default(), message: plain_message(&message) },
+        });
+    }
+}
+
+/// The integer type serde expected, from its message (`invalid type: string "lots", expected
+/// usize` -> `usize`).
+fn expected_integer(message: &str) -> Option<&str> {
+    let integer = message.rsplit_once(", expected ")?.1;
+    let types = ["u8", "u16", "u32", "u64", "u128", "usize", "i8", "i16", "i32", "i64", "i128", "isize"];
+    types.contains(&integer).then_some(integer)
+}
+
+/// The value at `path` in `value`.
+fn value_at<'a>(
+    value: &'a mut serde_yaml::Value,
+    path: &serde_path_to_error::Path,
+) -> Option<&'a mut serde_yaml::Value> {
+    use serde_path_to_error::Segment;
+    path.iter().try_fold(value, |value, segment| match (segment, value) {
+        (Segment::Map { key }, serde_yaml::Value::Mapping(mapping)) => mapping.get_mut(key.as_str()),
+        (Segment::Seq { index }, serde_yaml::Value::Sequence(items)) => items.get_mut(*index),
+        _ => None,
+    })
+}
+
+/// `1e3` -> `1000`: a float with nothing after the point that an integer (`unsigned`: one of
+/// at least 0) holds.
+fn whole(value: &serde_yaml::Value, unsigned: bool) -> Option<serde_yaml::Value> {
+    let number = value.as_f64().filter(|_| value.as_u64().is_none() && value.as_i64().is_none())?;
+    if unsigned && number < 0.0 {
+        return None;
+    }
+    // -2^63 and 2^64 (what `u64::MAX` rounds to) are exact as floats; `as` would saturate past.
+    if number.fract() != 0.0 || !(i64::MIN as f64..u64::MAX as f64).contains(&number) {
+        return None;
+    }
+    Some(match number < 0.0 {
+        true => serde_yaml::Value::from(number as i64),
+        false => serde_yaml::Value::from(number as u64),
+    })
+}
+
+/// "expected a whole number, not `lots`": what an integer param (`usize`, `u32`, …) says of
+/// any other value, with the range where the number is out of it.
+fn not_an_integer(integer: &str, value: &serde_yaml::Value) -> String {
+    use serde_yaml::Value;
+    let shown = match value {
+        Value::Null => "an empty value".to_string(),
+        Value::Bool(value) => format!("`{value}`"),
+        Value::Number(value) => format!("`{value}`"),
+        // `"5"` is not 5: the quotes are why.
+        Value::String(value) if value.trim().parse::<f64>().is_ok() => format!("the string `\"{value}\"`"),
+        Value::String(value) => format!("`{value}`"),
+        Value::Sequence(_) => "a list".to_string(),
+        Value::Mapping(_) => "a mapping".to_string(),
+        Value::Tagged(tagged) => format!("a value tagged `{}`", tagged.tag),
+    };
+    let bits = |digits: &str| match digits {
+        "size" => usize::BITS,
+        digits => digits.parse().unwrap_or(64),
+    };
+    // A number of the right kind out of the type's range says the range.
+    let integer_value = matches!(value, Value::Number(number) if !number.is_f64());
+    let (expected, range) = match integer.split_at(1) {
+        ("u", digits) => {
+            let range = format!(" up to {}", u128::MAX >> (128 - bits(digits)));
+            ("a whole number", Some(range).filter(|_| value.as_u64().is_some()))
         }
-    })?;
-    Ok(serde_json::to_value(&config).expect("a Config always serializes to JSON"))
+        (_, digits) => {
+            let max = i128::MAX >> (128 - bits(digits));
+            ("an integer", Some(format!(" from {} to {max}", -max - 1)).filter(|_| integer_value))
+        }
+    };
+    let range = range.unwrap_or_default();
+    format!("expected {expected}{range}, not {shown}")
 }
 
 /// A config that `validate` produced, read back.
@@ -270,6 +362,36 @@ mod tests {
             ),
             "stages.t.shard_tokens: invalid type: integer `99999999999999999999`, which is too large"
         );
+    }
+
+    #[test]
+    fn an_integer_param_takes_a_whole_float_and_says_whole_number_of_anything_else() {
+        let train = |text: &str| StageKind::Train.validate(yaml(&format!("data: d\n{text}")));
+        let message = |text: &str| match train(text) {
+            Err(ParamError::Invalid { key, message }) => format!("{key}: {message}"),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(train("max_iters: 1e3\nseed: 2000.0").unwrap()["max_iters"], 1000);
+        assert_eq!(train("max_iters: 1e3\nseed: 2000.0").unwrap()["seed"], 2000);
+        assert_eq!(train("n_layer: 4.0").unwrap()["n_layer"], 4, "an `Option<usize>` too");
+        assert_eq!(message("max_iters: lots"), "max_iters: expected a whole number, not `lots`");
+        assert_eq!(message("max_iters: 2.5"), "max_iters: expected a whole number, not `2.5`");
+        assert_eq!(message("max_iters: -5"), "max_iters: expected a whole number, not `-5`");
+        assert_eq!(message("max_iters: -5.0"), "max_iters: expected a whole number, not `-5.0`");
+        assert_eq!(message("max_iters: 1e30"), "max_iters: expected a whole number, not `1e30`");
+        assert_eq!(message("max_iters: '5'"), "max_iters: expected a whole number, not the string `\"5\"`");
+        assert_eq!(message("max_iters: [1]"), "max_iters: expected a whole number, not a list");
+        assert_eq!(message("max_iters:"), "max_iters: expected a whole number, not an empty value");
+        let download = StageKind::Download.validate(yaml("url: http://a/b\nretries: 5000000000"));
+        match download {
+            Err(ParamError::Invalid { message, .. }) => {
+                assert_eq!(message, "expected a whole number up to 4294967295, not `5000000000`")
+            }
+            other => panic!("{other:?}"),
+        }
+        // A float param keeps its float; other messages are serde's.
+        assert_eq!(train("learning_rate: 1e-3").unwrap()["learning_rate"], 1e-3);
+        assert_eq!(message("learning_rate: fast"), "learning_rate: invalid type: string \"fast\", expected f64");
     }
 
     #[test]

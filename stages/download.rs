@@ -22,6 +22,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::fetch::Unreachable;
 use crate::fetch::check_relative;
 use crate::fetch::http::{self, Retry};
 use crate::fetch::hub::{self, HubEnv};
@@ -74,7 +75,7 @@ pub struct Config {
     /// network). Needs `digest`: the pin is what makes them the same file.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<String>,
-    /// Attempts after a failed one (connection refused or broken, 5xx, 429) before giving up; an
+    /// Attempts after a failed one (a broken connection, a timeout, 5xx, 429) before giving up; an
     /// attempt that receives bytes resets the count. 5 rides out a minute-long outage.
     pub retries: u32,
     /// The wait before the first retry, in milliseconds; it doubles with every failed attempt
@@ -194,7 +195,7 @@ pub(crate) fn run_with(
     }
     let primary = config.url.iter().chain(&config.path).next().expect("check made sure that one source is set");
     let sources: Vec<&String> = std::iter::once(primary).chain(&config.mirrors).collect();
-    let mut failed = Vec::new();
+    let mut failed: Vec<anyhow::Error> = Vec::new();
     for (i, source) in sources.iter().enumerate() {
         let result = match is_url(source) {
             true => download_url(source, config, retry, ctx),
@@ -202,24 +203,48 @@ pub(crate) fn run_with(
         };
         match result {
             Ok(report) => {
+                // A mirror is the documented way to work offline: one line of information, not
+                // a warning per source tried (those are in log.txt).
                 if i > 0 {
-                    eprintln!("got it from `{source}`");
+                    let why: Vec<String> = sources[..i]
+                        .iter()
+                        .zip(&failed)
+                        .map(|(tried, error)| format!("`{tried}`: {}", error.root_cause()))
+                        .collect();
+                    eprintln!("got it from `{source}`, the bytes `digest` pins ({})", why.join("; "));
                 }
                 return Ok(report);
             }
             Err(error) => {
-                if let Some(next) = sources.get(i + 1) {
-                    eprintln!("{error:#}; trying `{next}`");
+                if sources.get(i + 1).is_some() {
+                    crate::progress::verbose(&format!("{error:#}; trying the next source"));
                 }
                 failed.push(error);
             }
         }
     }
+    let hint = failed.iter().find_map(Unreachable::find).map(|unreachable| {
+        format!(
+            "run where `{}` can be reached, or download the file elsewhere and use a `path:` download (or \
+             list it in `mirrors`, pinned by `digest`)",
+            unreachable.host
+        )
+    });
     if failed.len() == 1 {
-        return Err(failed.remove(0));
+        let error = failed.remove(0);
+        return Err(match hint {
+            Some(hint) => Unreachable::hinted(error, || hint).unwrap_or_else(|error| error),
+            None => error,
+        });
     }
     let reasons: Vec<String> = failed.iter().map(|error| format!("\n  {error:#}")).collect();
-    bail!("stage `{}` could not get its file from any of its {} sources:{}", ctx.stage, sources.len(), reasons.concat())
+    let hint = hint.map(|hint| format!("\nhint: {hint}")).unwrap_or_default();
+    bail!(
+        "stage `{}` could not get its file from any of its {} sources:{}{hint}",
+        ctx.stage,
+        sources.len(),
+        reasons.concat()
+    )
 }
 
 fn is_url(source: &str) -> bool {
@@ -550,9 +575,34 @@ mod tests {
         let started = std::time::Instant::now();
         let error = format!("{:#}", run(&config, &ctx).unwrap_err());
         assert!(started.elapsed() < std::time::Duration::from_secs(10), "no backoff for an absent host");
-        let prefix = format!("could not download `{url}` for stage `text`: the host refused the connection");
-        assert!(error.starts_with(&prefix), "{error}");
+        let host = url.trim_start_matches("http://").trim_end_matches("/input.txt");
+        assert_eq!(
+            error,
+            format!(
+                "could not download `{url}` for stage `text`: cannot reach `{host}`: the host refused the connection \
+                 (Connection refused (os error 111))\nhint: run where `{host}` can be reached, or download the file \
+                 elsewhere and use a `path:` download (or list it in `mirrors`, pinned by `digest`)"
+            )
+        );
         assert!(listing(&ctx.out).is_empty());
+    }
+
+    #[test]
+    fn a_host_that_does_not_resolve_fails_at_once_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = context(dir.path());
+        let config =
+            Config { retries: 5, backoff_ms: 60_000, ..url_config("http://nonexistent.invalid/input.txt".into()) };
+        let started = std::time::Instant::now();
+        let error = format!("{:#}", run(&config, &ctx).unwrap_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "no backoff for an absent host");
+        assert_eq!(
+            error,
+            "could not download `http://nonexistent.invalid/input.txt` for stage `text`: cannot reach \
+             `nonexistent.invalid` (the name does not resolve): offline?\nhint: run where `nonexistent.invalid` can \
+             be reached, or download the file elsewhere and use a `path:` download (or list it in `mirrors`, pinned \
+             by `digest`)"
+        );
     }
 
     #[test]

@@ -189,5 +189,9 @@ fn dry_run_says_what_would_run_and_runs_nothing() {
     // Once they ran, a change upstream may leave them cached (early cutoff).
     test.expect(&["run", "all"], 0);
     let output = test.expect(&["run", "-n", "all", "--set", "a.run=echo a >> runs.log; echo 2 > $OUT/a"], 0);
-    assert!(output.stdout.contains("b     run?     after `a` (skipped if its output comes out the same)\n"), "{}", output.stdout);
+    assert!(
+        output.stdout.contains("b     run?     after `a` (skipped if its output comes out the same)\n"),
+        "{}",
+        output.stdout
+    );
 }

@@ -61,4 +61,3 @@ fn file_flag_and_parent_directory_lookup() {
     test.write("other.yaml", "stages:\n  only: {kind: command, run: 'true'}\n");
     assert_eq!(test.expect(&["-f", "other.yaml", "ls"], 0).stdout, "stages:\n  only  command\n");
 }
-

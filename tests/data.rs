@@ -79,7 +79,7 @@ fn a_pinned_download_with_the_wrong_digest_fails_and_publishes_nothing() {
     assert_eq!(
         test.redact(&stderr.replace(&url, "[URL]")),
         format!(
-            "[1/1] text  running  (never run)\n[text] error: {error}\n[1/1] text  failed   exit status 1: {error}\n      \
+            "[1/1] text  running  (never run)\n[1/1] text  failed   exit status 1: {error}\n      \
              log: artifacts/text/.partial-[KEY]/log.txt\nerror: 1 stage failed: `text`\nran 0, cached 0 in [TIME]\n"
         )
     );
@@ -167,7 +167,9 @@ fn a_pinned_download_is_its_bytes_wherever_they_come_from() {
     let output = test.expect(&["run", "chars", "--force", "text"], 0);
     let stderr = test.redact(&output.stderr);
     assert!(stderr.contains("the host refused the connection ("), "{stderr}");
-    assert!(stderr.contains("[text] got it from `copy.txt`\n"), "{stderr}");
+    // One line of information (issue 29): where it came from, and why not from the URL.
+    assert!(stderr.contains("[text] got it from `copy.txt`, the bytes `digest` pins (`http://"), "{stderr}");
+    assert_eq!(stderr.lines().filter(|line| line.starts_with("[text] ")).count(), 1, "{stderr}");
     assert!(
         stderr.ends_with("[2/2] chars  cached   artifacts/chars/[KEY]/out\nran 1, cached 1 in [TIME]\n"),
         "{stderr}"

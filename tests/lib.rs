@@ -10,6 +10,7 @@ mod cli;
 mod data;
 mod first_hour;
 mod models;
+mod offline;
 mod outside;
 mod process;
 mod report;

@@ -45,7 +45,6 @@ fn a_failing_stage_exits_1_stops_its_dependents_and_keeps_its_siblings() {
         "\
 [1/3] bad        running  (never run)
 [bad] about to fail
-[bad] error: command exited with status 3
 [1/3] bad        failed   exit status 1: command exited with status 3
       log: artifacts/bad/.partial-[KEY]/log.txt
 [2/3] after      skipped  (`bad` did not finish)
@@ -73,7 +72,6 @@ fn missing_declared_outs_fail_the_stage() {
         test.redact(&output.stderr),
         "\
 [1/1] a  running  (never run)
-[a] error: command did not write its declared outs: two
 [1/1] a  failed   exit status 1: command did not write its declared outs: two
       log: artifacts/a/.partial-[KEY]/log.txt
 error: 1 stage failed: `a`
@@ -117,7 +115,6 @@ fn a_stage_killed_with_sigkill_publishes_nothing_and_runs_next_time() {
         test.redact(&String::from_utf8_lossy(&output.stderr)),
         "\
 [1/1] nap  running  (never run)
-[nap] error: command was killed by a signal (signal: 9 (SIGKILL))
 [1/1] nap  failed   exit status 1: command was killed by a signal (signal: 9 (SIGKILL))
       log: artifacts/nap/.partial-[KEY]/log.txt
 error: 1 stage failed: `nap`

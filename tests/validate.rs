@@ -77,7 +77,7 @@ fn missing_deps_file() {
 fn wrong_type() {
     assert_eq!(
         error("stages:\n  a:\n    kind: command\n    run: x\n    outs: 3\n"),
-        "error: wrong type for `outs` in stage `a` at pipeline.yaml:5:5: invalid type: integer `3`, expected a sequence\n"
+        "error: wrong type for `outs` in stage `a` at pipeline.yaml:5:11: invalid type: integer `3`, expected a sequence\n"
     );
     assert_eq!(
         error("stages:\n  a:\n    kind: command\n    run: x\n    deps: {a: 1}\n"),
@@ -172,7 +172,7 @@ fn a_kind_checks_its_params_while_the_pipeline_is_read() {
     );
     assert_eq!(
         error("stages:\n  t:\n    kind: tokenize\n    input: exists.txt\n    tokenizer: bytes\n"),
-        "error: wrong type for `tokenizer` in stage `t` at pipeline.yaml:5:5: unknown variant `bytes`, expected `char` or `gpt2`\n"
+        "error: wrong type for `tokenizer` in stage `t` at pipeline.yaml:5:16: unknown variant `bytes`, expected `char` or `gpt2`\n"
     );
     assert_eq!(
         error("stages:\n  d:\n    kind: download\n    url: https://example.com/a\n    path: exists.txt\n"),
@@ -182,4 +182,67 @@ fn a_kind_checks_its_params_while_the_pipeline_is_read() {
         error("stages:\n  d:\n    kind: download\n    path: nope.txt\n"),
         "error: local input `nope.txt` of stage `d` does not exist at pipeline.yaml:4:5\n"
     );
+}
+
+/// Issue 29: `--set shakespeare-model.…` suggested `shakespeare-text` (as few edits away).
+#[test]
+fn a_set_of_an_unknown_stage_suggests_the_one_holding_every_word() {
+    let test = Test::with_repo_pipeline();
+    let output = test.expect(&["status", "--set", "shakespeare-model.learning_rate=1e-3"], 2);
+    assert_eq!(
+        output.stderr,
+        "error: invalid `--set shakespeare-model.learning_rate=1e-3`: no stage `shakespeare-model`\n\nhint: did you \
+         mean `--set shakespeare-char-model.learning_rate=1e-3`?\n"
+    );
+}
+
+/// Issue 29: `max_iters: lots` said "expected usize" and pointed at the key.
+#[test]
+fn an_integer_param_wants_a_whole_number_and_points_at_the_value() {
+    let pipeline =
+        |value: &str| format!("stages:\n  m:\n    kind: train\n    data: exists.txt\n    max_iters: {value}\n");
+    assert_eq!(
+        error(&pipeline("lots")),
+        "error: wrong type for `max_iters` in stage `m` at pipeline.yaml:5:16: expected a whole number, not `lots`\n"
+    );
+    assert_eq!(
+        error(&pipeline("2.5")),
+        "error: wrong type for `max_iters` in stage `m` at pipeline.yaml:5:16: expected a whole number, not `2.5`\n"
+    );
+    assert_eq!(
+        error(&pipeline("-5")),
+        "error: wrong type for `max_iters` in stage `m` at pipeline.yaml:5:16: expected a whole number, not `-5`\n"
+    );
+    assert_eq!(
+        error("stages:\n  d:\n    kind: download\n    url: https://a/b\n    retries: 5000000000\n"),
+        "error: wrong type for `retries` in stage `d` at pipeline.yaml:5:14: expected a whole number up to \
+         4294967295, not `5000000000`\n"
+    );
+    let test = Test::with_pipeline(&pipeline("1000"));
+    test.write("exists.txt", "");
+    assert_eq!(
+        test.expect(&["status", "--set", "m.max_iters=2.5"], 2).stderr,
+        "error: wrong type for `max_iters` in stage `m` in `--set m.max_iters=2.5`: expected a whole number, not `2.5`\n"
+    );
+}
+
+/// Issue 29: `--set …max_iters=1e3` was refused as a float. A whole float is the integer it is:
+/// the same key as writing it out.
+#[test]
+fn a_whole_float_is_read_as_an_integer() {
+    let pipeline = |value: &str| {
+        format!(
+            "stages:\n  text:\n    kind: download\n    path: corpus.txt\n  chars:\n    kind: tokenize\n    \
+             input: ${{text}}\n    tokenizer: char\n    shard_tokens: {value}\n"
+        )
+    };
+    let test = Test::with_pipeline(&pipeline("1000"));
+    test.write("corpus.txt", "to be or not to be\n");
+    test.expect(&["run", "chars"], 0);
+    let fresh = "text   fresh\nchars  fresh\n";
+    assert_eq!(test.expect(&["status", "--set", "chars.shard_tokens=1e3"], 0).stdout, fresh);
+    test.write("pipeline.yaml", &pipeline("1000.0"));
+    assert_eq!(test.expect(&["status"], 0).stdout, fresh);
+    let stale = "text   fresh\nchars  stale    param `shard_tokens` changed: 1000 -> 2000\n";
+    assert_eq!(test.expect(&["status", "--set", "chars.shard_tokens=2e3"], 0).stdout, stale);
 }

@@ -207,7 +207,7 @@ fn attempt(
 }
 
 /// How a request that got no usable answer failed: a 408, 429 or 5xx and a broken connection
-/// may pass on a retry, other statuses will not.
+/// may pass on a retry, other statuses will not, and neither will a host that is not there.
 pub fn failed(error: ureq::Error) -> Attempt {
     match error {
         ureq::Error::Status(code, response) => {
@@ -217,24 +217,101 @@ pub fn failed(error: ureq::Error) -> Attempt {
         }
         // A host that does not resolve or refuses the connection is not there: no retry helps
         // (a stage with mirrors goes on to the next at once). A timeout or a reset may pass.
-        ureq::Error::Transport(transport) if unreachable(&transport) => {
-            let what = match transport.kind() {
-                ureq::ErrorKind::Dns => "the host name does not resolve",
-                _ => "the host refused the connection",
-            };
-            let cause = std::error::Error::source(&transport).map(|cause| format!(" ({cause})")).unwrap_or_default();
-            Attempt::Fatal(anyhow!("{what}{cause}"))
-        }
-        ureq::Error::Transport(transport) => Attempt::Retry(anyhow!(transport)),
+        ureq::Error::Transport(transport) => match Unreachable::from_transport(&transport) {
+            Some(unreachable) => Attempt::Fatal(unreachable.into()),
+            None => Attempt::Retry(anyhow!(describe(&transport))),
+        },
     }
 }
 
-/// DNS failed, or the connection was refused.
-fn unreachable(transport: &ureq::Transport) -> bool {
-    let refused = std::error::Error::source(transport)
-        .and_then(|source| source.downcast_ref::<std::io::Error>())
-        .is_some_and(|error| error.kind() == std::io::ErrorKind::ConnectionRefused);
-    transport.kind() == ureq::ErrorKind::Dns || (transport.kind() == ureq::ErrorKind::ConnectionFailed && refused)
+/// A host that is not there for us: its name does not resolve (no network, or a typo in the URL
+/// or `HF_ENDPOINT`) or it refuses the connection. Said in one line that names the host; the
+/// caller that knows what was being fetched adds what to do instead (`hint`), shown on a line of
+/// its own after everything else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreachable {
+    /// `huggingface.co`, or `127.0.0.1:8080` when the URL names a port.
+    pub host: String,
+    /// The system's reason a connection was refused; `None`: the name does not resolve.
+    pub refused: Option<String>,
+    /// What to do instead, e.g. use a copy of the file.
+    pub hint: Option<String>,
+}
+
+impl Unreachable {
+    fn from_transport(transport: &ureq::Transport) -> Option<Unreachable> {
+        let cause = std::error::Error::source(transport);
+        let refused = cause
+            .and_then(|source| source.downcast_ref::<std::io::Error>())
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::ConnectionRefused);
+        let host = transport.url().map_or_else(
+            || "the host".to_string(),
+            |url| match url.port() {
+                Some(port) => format!("{}:{port}", url.host_str().unwrap_or_default()),
+                None => url.host_str().unwrap_or_default().to_string(),
+            },
+        );
+        match transport.kind() {
+            ureq::ErrorKind::Dns => Some(Unreachable { host, refused: None, hint: None }),
+            ureq::ErrorKind::ConnectionFailed if refused => {
+                let cause = cause.map_or_else(|| "connection refused".to_string(), |cause| cause.to_string());
+                Some(Unreachable { host, refused: Some(cause), hint: None })
+            }
+            _ => None,
+        }
+    }
+
+    /// The first `Unreachable` in `error`'s chain.
+    pub fn find(error: &anyhow::Error) -> Option<&Unreachable> {
+        error.chain().find_map(|cause| cause.downcast_ref::<Unreachable>())
+    }
+
+    /// `error` with `hint` added to the `Unreachable` it holds, if it holds one and has no hint
+    /// yet; `Err(error)` when it holds none.
+    pub fn hinted(mut error: anyhow::Error, hint: impl FnOnce() -> String) -> Result<anyhow::Error, anyhow::Error> {
+        match error.downcast_mut::<Unreachable>() {
+            Some(unreachable) => {
+                unreachable.hint.get_or_insert_with(hint);
+                Ok(error)
+            }
+            None => Err(error),
+        }
+    }
+
+    /// The message without the hint.
+    pub fn message(&self) -> String {
+        match &self.refused {
+            None => format!("cannot reach `{}` (the name does not resolve): offline?", self.host),
+            Some(cause) => format!("cannot reach `{}`: the host refused the connection ({cause})", self.host),
+        }
+    }
+}
+
+/// The message, then the hint on a line of its own: innermost in an error chain, it comes last
+/// in the one line a stage prints (`{error:#}`).
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message())?;
+        match &self.hint {
+            Some(hint) => write!(f, "\nhint: {hint}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for Unreachable {}
+
+/// A transport error without its URL (the caller names it once) and with its cause said once
+/// (ureq's own `Display` starts with the URL and already holds the cause that `{:#}` repeats).
+pub fn describe(transport: &ureq::Transport) -> String {
+    let mut text = transport.kind().to_string();
+    if let Some(message) = transport.message() {
+        text.push_str(&format!(": {message}"));
+    }
+    if let Some(cause) = std::error::Error::source(transport) {
+        text.push_str(&format!(" ({cause})"));
+    }
+    text
 }
 
 /// `Content-Range: bytes 100-199/1000` -> `(100, Some(1000))`; `bytes */1000` -> `(0, Some(1000))`.

@@ -15,7 +15,7 @@ use anyhow::{Context as _, anyhow, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::fetch::check_relative;
-use crate::fetch::http::{self, Attempt, Retry};
+use crate::fetch::http::{self, Attempt, Retry, Unreachable};
 use crate::progress::format_bytes;
 
 /// Files of one Hub repository at one revision, e.g.
@@ -75,7 +75,7 @@ pub(crate) struct HubEnv {
 impl HubEnv {
     pub fn from_process() -> anyhow::Result<HubEnv> {
         let var = |name: &str| std::env::var(name).ok().filter(|value| !value.trim().is_empty());
-        let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".into());
+        let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| ENDPOINT.into());
         let home = match (var("HF_HOME"), std::env::var_os("HOME")) {
             (Some(home), _) => PathBuf::from(home),
             (None, Some(home)) => Path::new(&home).join(".cache/huggingface"),
@@ -86,6 +86,12 @@ impl HubEnv {
         Ok(HubEnv { endpoint: endpoint.trim_end_matches('/').to_string(), cache, token })
     }
 }
+
+/// What a 401 or 403 of the Hub means.
+const GATED: &str = "the repo may be gated or private: accept its terms on the Hub and set `HF_TOKEN`";
+
+/// Where the Hub is when `HF_ENDPOINT` does not say.
+const ENDPOINT: &str = "https://huggingface.co";
 
 /// One repo at one revision on the Hub, through the cache.
 struct Client {
@@ -99,6 +105,8 @@ struct Client {
     what: String,
     /// ` for stage `name`` when a download stage asked, so errors name it.
     for_stage: String,
+    /// What to do when the Hub cannot be reached (see `offline_hint`).
+    offline_hint: String,
 }
 
 /// Where a file's bytes are, and what the cache calls them.
@@ -132,7 +140,8 @@ impl Client {
         let api_repo = api.repo(repo.clone());
         let authorization = env.token.as_ref().map(|token| format!("Bearer {token}"));
         let probing = http::builder().redirects(0).build();
-        Ok(Client { cache, repo, api_repo, authorization, probing, what, for_stage })
+        let offline_hint = offline_hint(hub, &env.endpoint, stage.is_some());
+        Ok(Client { cache, repo, api_repo, authorization, probing, what, for_stage, offline_hint })
     }
 
     /// The cached file `file`, downloaded first unless the cache holds it for this revision (then
@@ -144,16 +153,22 @@ impl Client {
             return Ok(path);
         }
         let url = self.api_repo.url(file);
-        let context = || format!("could not download `{file}` of {} (`{url}`){}", self.what, self.for_stage);
-        let probe = retry.run(&url, || self.probe(&url)).with_context(context)?;
+        let context = |error: anyhow::Error| {
+            let (what, for_stage) = (&self.what, &self.for_stage);
+            // An unreachable host is named by the error; any other failure names the URL.
+            match Unreachable::hinted(error, || self.offline_hint.clone()) {
+                Ok(error) => error.context(format!("could not download `{file}` of {what}{for_stage}")),
+                Err(error) => error.context(format!("could not download `{file}` of {what} (`{url}`){for_stage}")),
+            }
+        };
+        let probe = retry.run(&url, || self.probe(&url)).map_err(context)?;
         let folder = self.cache.path().join(self.repo.folder_name());
         let blob = folder.join("blobs").join(&probe.etag);
         if !blob.exists() {
             fs_err::create_dir_all(folder.join("blobs"))?;
             let part = folder.join("blobs").join(format!("{}.part", probe.etag));
             let authorization = self.authorization.as_deref().filter(|_| probe.on_hub);
-            http::fetch_with(&http::agent(), &probe.location, authorization, &part, retry, file)
-                .with_context(context)?;
+            http::fetch_with(&http::agent(), &probe.location, authorization, &part, retry, file).map_err(context)?;
             fs_err::rename(&part, &blob)?;
             http::remove_if_present(&http::validator_path(&part))?;
         }
@@ -181,17 +196,14 @@ impl Client {
             if let Some(authorization) = &self.authorization {
                 request = request.set("Authorization", authorization);
             }
-            let response =
-                match request.call() {
-                    Ok(response) => response,
-                    Err(ureq::Error::Status(code @ (401 | 403), response)) => {
-                        let error = anyhow!("the server answered {code} {}", response.status_text());
-                        return Err(Attempt::Fatal(error.context(
-                            "the repo may be gated or private: accept its terms on the Hub and set `HF_TOKEN`",
-                        )));
-                    }
-                    Err(error) => return Err(http::failed(error)),
-                };
+            let response = match request.call() {
+                Ok(response) => response,
+                Err(ureq::Error::Status(code @ (401 | 403), response)) => {
+                    let error = anyhow!("the server answered {code} {}", response.status_text());
+                    return Err(Attempt::Fatal(error.context(GATED)));
+                }
+                Err(error) => return Err(http::failed(error)),
+            };
             commit = commit.or_else(|| response.header("X-Repo-Commit").map(str::to_string));
             let named = response.header("X-Linked-Etag").or_else(|| response.header("ETag"));
             etag = etag.or_else(|| named.map(|etag| etag.trim_start_matches("W/").replace('"', "")));
@@ -213,6 +225,38 @@ impl Client {
             on_hub: host(&location) == hub_host,
             location,
         })
+    }
+}
+
+/// What to do when the Hub at `endpoint` cannot be reached: go where it can be, use a copy of
+/// the Hub cache, another endpoint, or the files by path (a download stage's `path:`, or the
+/// folder of a model named by the Hub).
+fn offline_hint(hub: &Hub, endpoint: &str, for_stage: bool) -> String {
+    let reach = match endpoint == ENDPOINT {
+        true => "run where the network reaches the Hub".to_string(),
+        false => format!("check `HF_ENDPOINT` (`{endpoint}`)"),
+    };
+    let by_path = match for_stage {
+        true => "download the files elsewhere and use a `path:` download".to_string(),
+        false => {
+            let name = hub.repo.rsplit('/').next().unwrap_or(&hub.repo);
+            format!(
+                "download {} of `{}` elsewhere and name their folder instead of `{name}`",
+                quoted(&hub.files),
+                hub.repo
+            )
+        }
+    };
+    let mirror = if endpoint == ENDPOINT { ", point `HF_ENDPOINT` at a mirror" } else { "" };
+    format!("{reach}, copy `HF_HOME` from a machine that has the files{mirror}, or {by_path}")
+}
+
+/// `a`, `a` and `b`, `a`, `b` and `c`.
+fn quoted(names: &[String]) -> String {
+    let names: Vec<String> = names.iter().map(|name| format!("`{name}`")).collect();
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} and {last}", rest.join(", ")),
+        _ => names.concat(),
     }
 }
 
@@ -256,7 +300,7 @@ pub(crate) fn download(
 ) -> anyhow::Result<(u64, u64, String)> {
     let client = Client::new(hub, env, Some(stage))?;
     let (what, for_stage) = (&client.what, &client.for_stage);
-    let files = hub_files(hub, &client.api_repo, retry)
+    let files = hub_files(hub, &client.api_repo, retry, &client.offline_hint)
         .with_context(|| format!("could not list the files of {what}{for_stage}"))?;
     let (mut bytes, count) = (0, files.len() as u64);
     for file in &files {
@@ -270,11 +314,20 @@ pub(crate) fn download(
 
 /// The repo paths `hub.files` names, patterns expanded against the repo listing (fetched only
 /// when there is a pattern), in order and without repeats.
-fn hub_files(hub: &Hub, api_repo: &hf_hub::api::sync::ApiRepo, retry: Retry) -> anyhow::Result<Vec<String>> {
+fn hub_files(
+    hub: &Hub,
+    api_repo: &hf_hub::api::sync::ApiRepo,
+    retry: Retry,
+    offline_hint: &str,
+) -> anyhow::Result<Vec<String>> {
     let listing = match hub.files.iter().any(|file| is_pattern(file)) {
         true => {
             let url = api_repo.info_request().url().to_string();
-            let info = with_retries(retry, &url, || api_repo.info()).with_context(|| format!("`{url}`"))?;
+            // A copied cache holds files, not the listing: it serves only files named in full.
+            let hint = || format!("{offline_hint} (a copied `HF_HOME` serves files named in full, not patterns)");
+            let info = with_retries(retry, &url, || api_repo.info()).map_err(|error| {
+                Unreachable::hinted(error, hint).unwrap_or_else(|error| error.context(format!("`{url}`")))
+            })?;
             info.siblings.into_iter().map(|sibling| sibling.rfilename).collect()
         }
         false => Vec::new(),
@@ -316,7 +369,7 @@ fn expand(entries: &[String], mut listing: Vec<String>) -> anyhow::Result<Vec<St
 }
 
 /// `call` under `retry`: transient errors (timeouts, 408, 429, 5xx, broken connections) are
-/// retried, a 401/403 fails at once with a hint, anything else fails at once.
+/// retried; a host that is not there, a 401/403 (with a hint) and anything else fail at once.
 fn with_retries<T>(
     retry: Retry,
     url: &str,
@@ -324,27 +377,16 @@ fn with_retries<T>(
 ) -> anyhow::Result<T> {
     use hf_hub::api::sync::ApiError;
     retry.run(url, || {
-        call().map_err(|error| {
-            let status = match &error {
-                ApiError::RequestError(request) => match request.as_ref() {
-                    ureq::Error::Status(code, _) => Some(*code),
-                    ureq::Error::Transport(_) => None,
-                },
-                _ => None,
-            };
-            let transient = match &error {
-                ApiError::RequestError(_) => status.is_none_or(|code| code == 408 || code == 429 || code >= 500),
-                ApiError::IoError(_) | ApiError::TooManyRetries(_) => true,
-                _ => false,
-            };
-            let error = anyhow::Error::new(error);
-            match status {
-                Some(401 | 403) => Attempt::Fatal(
-                    error.context("the repo may be gated or private: accept its terms on the Hub and set `HF_TOKEN`"),
-                ),
-                _ if transient => Attempt::Retry(error),
-                _ => Attempt::Fatal(error),
-            }
+        call().map_err(|error| match error {
+            ApiError::RequestError(request) => match *request {
+                ureq::Error::Status(code @ (401 | 403), response) => {
+                    let error = anyhow!("the server answered {code} {}", response.status_text());
+                    Attempt::Fatal(error.context(GATED))
+                }
+                request => http::failed(request),
+            },
+            ApiError::IoError(_) | ApiError::TooManyRetries(_) => Attempt::Retry(error.into()),
+            error => Attempt::Fatal(error.into()),
         })
     })
 }
@@ -563,6 +605,45 @@ mod tests {
         assert!(error.contains("404"), "{error}");
         assert_eq!(hub.server.requests().len(), 1, "a 404 is not retried");
         assert_eq!(hub.server.requests()[0].path, "/openai-community/gpt2/resolve/main/nope.bin");
+    }
+
+    #[test]
+    fn an_unreachable_hub_fails_at_once_in_one_line_saying_what_to_do() {
+        let hub = FakeHub::start();
+        let dir = hub.dir.path();
+        let ctx = Context { stage: "owt".into(), root: dir.into(), out: dir.join("out"), inputs: BTreeMap::new() };
+        let env =
+            || Ok(HubEnv { endpoint: "http://nonexistent.invalid".into(), cache: dir.join("hf/hub"), token: None });
+        let run = |files: &[&str]| {
+            let hf = Hub {
+                repo: "a/b".into(),
+                repo_type: RepoType::Dataset,
+                files: files.iter().map(|file| file.to_string()).collect(),
+                ..Hub::default()
+            };
+            let config = Config { hf: Some(hf), retries: 5, backoff_ms: 60_000, ..Config::default() };
+            let started = std::time::Instant::now();
+            let error = format!("{:#}", run_with(&config, &ctx, &env).unwrap_err());
+            assert!(started.elapsed() < std::time::Duration::from_secs(5), "no retry for a host that is not there");
+            error
+        };
+        let unreachable = "cannot reach `nonexistent.invalid` (the name does not resolve): offline?";
+        let hint = "check `HF_ENDPOINT` (`http://nonexistent.invalid`), copy `HF_HOME` from a machine that has the \
+                    files, or download the files elsewhere and use a `path:` download";
+        assert_eq!(
+            run(&["data/*.parquet"]),
+            format!(
+                "could not list the files of dataset `a/b` at revision `main` for stage `owt`: {unreachable}\nhint: \
+                 {hint} (a copied `HF_HOME` serves files named in full, not patterns)"
+            )
+        );
+        assert_eq!(
+            run(&["data/0.parquet"]),
+            format!(
+                "could not download `data/0.parquet` of dataset `a/b` at revision `main` for stage `owt`: \
+                 {unreachable}\nhint: {hint}"
+            )
+        );
     }
 
     #[test]

@@ -5,6 +5,8 @@ pub mod digest;
 pub(crate) mod http;
 pub(crate) mod hub;
 
+pub use http::Unreachable;
+
 /// A repo path that stays inside `$OUT` when a file is placed there.
 pub(crate) fn check_relative(path: &str) -> Result<(), String> {
     match crate::is_inside(path) {
