@@ -1,6 +1,6 @@
 //! `kind: export`: a model in the Hugging Face GPT-2 layout, for everything outside nanoflow
 //! (`GPT2LMHeadModel.from_pretrained(dir)`), and as a model for `finetune`, `sample` and `eval`.
-//! It owns choosing the files; the tensor names and orientation are `gpt.rs`'s `save_hf`, the
+//! It owns choosing the files; the tensor names and orientation are `gpt/hf.rs`'s `save_hf`, the
 //! tokenizer files `tokenizer.rs`'s.
 //!
 //! Output: `model.safetensors` (`transformer.`-prefixed keys, Conv1D weights (in, out), the tied

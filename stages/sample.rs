@@ -1,7 +1,7 @@
 //! `kind: sample`: nanoGPT's sample.py. It owns the prompt (`start`, or `FILE:path`), drawing
 //! `num_samples` continuations, side by side, each from its own seeded stream, and the files
 //! they go to; the model comes from `model.rs`, the sampling loop (KV cache, top-k, temperature) is
-//! `gpt.rs`'s `generate_with`. `nanoflow sample` runs the same code and prints as it goes.
+//! `gpt/model.rs`'s `generate_with`. `nanoflow sample` runs the same code and prints as it goes.
 
 use std::path::Path;
 use std::time::Instant;

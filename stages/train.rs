@@ -1,9 +1,12 @@
 //! `kind: train`: nanoGPT's train.py. It owns the training loop — batches drawn at random
 //! offsets of the token shards, gradient accumulation, AdamW with warmup and cosine decay,
 //! gradient clipping, periodic train/val loss estimates, checkpoints, resume, and the metrics
-//! record. The model is `gpt.rs`'s, the optimizer and schedule `optim.rs`'s, the checkpoint
-//! layout `checkpoint.rs`'s and the record's files `metrics.rs`'s. `finetune` is this loop with
-//! other defaults.
+//! record. `run_rank` is the loop, as train.py's reads: set up, then per iteration maybe
+//! evaluate and checkpoint, step, log. Beside it in `train/`: the rank processes
+//! (`supervise.rs`), resume and repair (`resume.rs`), the record and its log lines
+//! (`record.rs`). The model is `gpt/model.rs`'s, how a rank steps `gpt/trainer.rs`'s, the
+//! optimizer and schedule `optim.rs`'s, the checkpoint layout `checkpoint.rs`'s and the record's
+//! files `metrics.rs`'s. `finetune` is this loop with other defaults.
 //!
 //! Reproducibility: batches come from one seeded RNG whose state is checkpointed, dropout masks
 //! from the seed and the micro-step, and each evaluation draws from its own stream derived from
@@ -20,23 +23,35 @@
 //! `best_val_loss` is the best seen, also under `always_save_checkpoint`; and the logged loss
 //! of a step is the mean over all its micro-batches (and ranks), not the last micro-batch's.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
 use anyhow::{Context as _, bail, ensure};
 use serde::{Deserialize, Serialize};
 
 use crate::formats::meta::{self, Meta};
-use crate::formats::metrics::{self, Row};
 use crate::formats::shard::TokenSplit;
-use crate::gpt::checkpoint::{self, State};
 use crate::gpt::dist::{Machines, World};
 use crate::gpt::optim::{AdamWParams, Schedule};
 use crate::gpt::source::AskedShape;
 use crate::gpt::trainer::{Init, Options, Trainer};
 use crate::gpt::{GptConfig, Rng, batches};
-use crate::progress::{self, Progress, Unit, format_count};
+use crate::progress;
 use crate::{Context, Invalid, Report, Upstream, at_least_one, ensure, required};
+
+/// Prints on rank 0 alone (the other ranks train silently).
+macro_rules! log {
+    ($main:expr, $($arg:tt)*) => { if $main { eprintln!($($arg)*) } };
+}
+
+mod record;
+mod resume;
+mod supervise;
+
+pub use record::estimate_mfu;
+use record::{Record, publish};
+use resume::{Latest, Run, latest_checkpoint};
+use supervise::supervise;
+pub use supervise::{WorkerSpec, worker};
 
 /// Bumped when the same params would train a different model or write different files.
 pub const VERSION: u32 = 5;
@@ -261,87 +276,11 @@ pub(crate) fn train(config: &Config, ctx: &Context, hooks: &Hooks) -> anyhow::Re
     supervise(config, ctx, &machines, local_ranks)
 }
 
-/// What one rank of a multi-process run needs: `nanoflow __rank` reads it as JSON on stdin
-/// (`gpt/ranks.rs` starts them).
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WorkerSpec {
-    pub config: Config,
-    pub context: Context,
-    pub world: World,
-    /// Ranks on this machine.
-    pub local_ranks: usize,
-    /// Where local rank 0 writes the stage's report for the supervisor.
-    pub report: Option<PathBuf>,
-    /// Test hook: fail after this many steps.
-    pub stop_after: Option<usize>,
-}
-
-/// One rank: `nanoflow __rank`'s body.
-pub fn worker(spec: WorkerSpec) -> anyhow::Result<()> {
-    let hooks = Hooks { stop_after: spec.stop_after, ..Hooks::default() };
-    check(&spec.config, &Upstream::none())?;
-    let report = run_rank(&spec.config, &spec.context, &hooks, &spec.world, spec.local_ranks)
-        .with_context(|| format!("rank {} of {}", spec.world.rank, spec.world.size))?;
-    if let Some(path) = spec.report {
-        fs_err::write(path, serde_json::to_vec(&report)?)?;
-    }
-    Ok(())
-}
-
 /// Set: a world of one runs through the multi-process path too.
 const RANK_PROCESSES: &str = "NANOFLOW_RANK_PROCESSES";
 
-/// Test hook for the fan-out: `NANOFLOW_TEST_STOP_AFTER=RANK:STEPS` makes that rank fail after
-/// that many steps, as a crash would.
-const STOP_HOOK: &str = "NANOFLOW_TEST_STOP_AFTER";
-
-/// Spawns this machine's ranks, one process each (as torchrun does), and waits for them: all
-/// succeed, or the first that fails stops the others and fails the stage. The checkpoints the
-/// run wrote stay in the output directory, so the next run resumes from the last one.
-fn supervise(config: &Config, ctx: &Context, machines: &Machines, local_ranks: usize) -> anyhow::Result<Report> {
-    let size = machines.count * local_ranks;
-    check_world(config, size)?;
-    if config.init_from != "scratch" {
-        // Fetch a Hub model once here rather than in every rank at the same time.
-        crate::gpt::source::prefetch(&config.init_from, &ctx.root).context("`init_from`")?;
-    }
-    let master = if machines.count == 1 {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        format!("127.0.0.1:{port}")
-    } else {
-        format!("{}:{}", machines.master_addr, machines.master_port)
-    };
-    let stop: Option<(usize, usize)> = std::env::var(STOP_HOOK).ok().and_then(|value| {
-        let (rank, steps) = value.split_once(':')?;
-        Some((rank.parse().ok()?, steps.parse().ok()?))
-    });
-    eprintln!(
-        "data parallel: {size} rank{}, {local_ranks} on this machine (machine {} of {}), rank 0 at {master}",
-        if size == 1 { "" } else { "s" },
-        machines.rank,
-        machines.count
-    );
-    let report = ctx.out.join(format!(".rank-report-{}.json", machines.rank));
-    let mut specs = Vec::new();
-    for local_rank in 0..local_ranks {
-        let rank = machines.rank * local_ranks + local_rank;
-        let spec = WorkerSpec {
-            config: config.clone(),
-            context: ctx.clone(),
-            world: World { rank, size, local_rank, master: master.clone() },
-            local_ranks,
-            report: (local_rank == 0).then(|| report.clone()),
-            stop_after: stop.filter(|&(at, _)| at == rank).map(|(_, steps)| steps),
-        };
-        specs.push((rank, serde_json::to_vec(&spec)?));
-    }
-    crate::gpt::ranks::run(specs)?;
-    let json = fs_err::read(&report).context("rank 0 finished without a report")?;
-    fs_err::remove_file(&report)?;
-    Ok(serde_json::from_slice(&json)?)
-}
-
-/// One rank's training (the whole run when the world is one process). Every rank draws every
+/// One rank's training (the whole run when the world is one process), nanoGPT's train.py: set
+/// up, then per iteration maybe evaluate and checkpoint, step, log. Every rank draws every
 /// micro-batch's offsets from the shared seeded stream and takes its share (micro-step `i` goes
 /// to rank `i % size`), so a world of N ranks sees the batches one process would, and the
 /// averaged gradients match one process's with N times the accumulation. Local rank 0 evaluates
@@ -353,34 +292,194 @@ fn run_rank(
     world: &World,
     local_ranks: usize,
 ) -> anyhow::Result<Report> {
+    let (setup, mut trainer, latest) = set_up(config, ctx, hooks, world, local_ranks)?;
+    let (mut run, rows) = Run::resume(&setup, &mut trainer, latest)?;
+    let mut record = Record::new(&setup, rows, run.iter);
+    loop {
+        let iter = run.iter;
+        let lr = setup.schedule.lr(iter);
+
+        // evaluate the loss on train/val sets and write checkpoints
+        let due = iter % config.eval_interval == 0 || iter == config.max_iters;
+        if setup.writes && due && run.resumed_from != Some(iter) {
+            evaluate_and_checkpoint(&setup, &trainer, &mut run, &mut record)?;
+        }
+        if iter == config.max_iters {
+            break;
+        }
+        // A signal (a Slurm job's warning before its end, Ctrl-C): a complete checkpoint of this
+        // iteration, unless the evaluation above or the resume just wrote one, then stop.
+        if trainer.stop_requested() {
+            if setup.writes && !due && run.resumed_from != Some(iter) {
+                record.write(&ctx.out)?;
+                trainer.save(&ctx.out, "last", run.state(&setup, &trainer)?)?;
+            }
+            log!(setup.main, "iter {iter}: stopping on a signal; the checkpoint holds every step so far");
+            return Err(crate::interrupt::Checkpointed { iter: Some(iter) }.into());
+        }
+
+        // forward backward update, with optional gradient accumulation to simulate larger batch
+        // size; every rank draws every micro-batch's offsets and takes its share
+        record.start_step();
+        let (data, block_size) = (&setup.data.train, setup.model.block_size);
+        let micro_batches: Vec<Vec<u64>> = (0..config.gradient_accumulation_steps)
+            .map(|_| batches::batch_offsets(data, &mut run.rng, config.batch_size, block_size))
+            .collect();
+        let first_micro_step = (iter * config.gradient_accumulation_steps) as u64;
+        let skipped = trainer.step(data, &micro_batches, first_micro_step, config.seed, lr, config.grad_clip)?;
+        if let Some(scale) = skipped {
+            log!(setup.main, "iter {iter}: float16 gradients overflowed; step skipped, loss scale now {scale}");
+        }
+
+        // timing and logging
+        record.log_step(&setup, &mut trainer, iter, lr, run.last_good)?;
+        run.iter += 1;
+        if hooks.stop_after == Some(record.steps_here) {
+            bail!("stopped after {} steps (test hook)", record.steps_here);
+        }
+    }
+    record.finish(&setup);
+    if !setup.writes {
+        return Ok(Report::default());
+    }
+    publish(&setup, &run, record)
+}
+
+/// What one rank's run is set up with and keeps to the end: the params, where it prints and
+/// writes, the data, the model's shape and what follows from it.
+struct Setup<'a> {
+    config: &'a Config,
+    ctx: &'a Context,
+    hooks: &'a Hooks,
+    /// Rank 0: prints.
+    main: bool,
+    /// Local rank 0: evaluates and writes the outputs.
+    writes: bool,
+    /// Ranks in the world.
+    ranks: usize,
+    data: Data,
+    model: GptConfig,
+    /// Micro-batches per step on this rank.
+    local_steps: usize,
+    tokens_per_iter: usize,
+    schedule: Schedule,
+    peak_flops: Option<f64>,
+}
+
+/// The data, the model and its optimizer, the checks that they fit, and the log lines of
+/// nanoGPT's set-up; with the latest checkpoint in the output directory, to resume from.
+fn set_up<'a>(
+    config: &'a Config,
+    ctx: &'a Context,
+    hooks: &'a Hooks,
+    world: &World,
+    local_ranks: usize,
+) -> anyhow::Result<(Setup<'a>, Trainer, Latest)> {
     let main = world.is_main();
     let writes = world.writes_outputs();
-    macro_rules! log {
-        ($($arg:tt)*) => { if main { eprintln!($($arg)*) } };
-    }
     if main {
         // In log.txt; on screen with `-v` (the manifest records it too).
         for line in config_lines(config)?.lines() {
             progress::verbose(line);
         }
     }
+    let data = Data::open(config, ctx, writes)?;
+    let trainer = init_model(config, ctx, world, local_ranks, data.vocab_size)?;
+    log!(main, "device: {}, matmuls in {}", trainer.device_name(), trainer.matmul_dtype());
+    let latest = latest_checkpoint(&ctx.out)?;
+    if latest.is_none() {
+        log!(main, "initializing {}", trainer.description);
+    }
+    let model = trainer.config().clone();
+    data.check_fits(&model)?;
+    check_world(config, world.size)?;
+    let local_steps = config.gradient_accumulation_steps / world.size;
+    let tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * model.block_size;
+    log!(main, "tokens per iteration will be: {tokens_per_iter}");
+    log!(main, "number of parameters: {:.2}M", model.num_params(true) as f64 / 1e6);
+    let [(decay_tensors, decay_params), (nodecay_tensors, nodecay_params)] = trainer.optimizer_groups();
+    log!(main, "num decayed parameter tensors: {decay_tensors}, with {decay_params} parameters");
+    log!(main, "num non-decayed parameter tensors: {nodecay_tensors}, with {nodecay_params} parameters");
+    let schedule = Schedule {
+        learning_rate: config.learning_rate,
+        decay_lr: config.decay_lr,
+        warmup_iters: config.warmup_iters,
+        lr_decay_iters: config.lr_decay_iters,
+        min_lr: config.min_lr,
+    };
+    let peak_flops = trainer.peak_flops();
+    let ranks = world.size;
+    let setup = Setup {
+        config,
+        ctx,
+        hooks,
+        main,
+        writes,
+        ranks,
+        data,
+        model,
+        local_steps,
+        tokens_per_iter,
+        schedule,
+        peak_flops,
+    };
+    Ok((setup, trainer, latest))
+}
 
-    // -----------------------------------------------------------------------------
-    // data: random windows of the token stream, like nanoGPT's memmapped get_batch
-    let data_dir = ctx.root.join(&config.data);
-    let data_vocab = Meta::read(&data_dir).context("`data`")?.vocab_size;
-    let train_data = TokenSplit::open(&data_dir, "train")?;
-    let val_data = TokenSplit::open(&data_dir, "val")?;
-    if writes {
-        // The data's meta.json travels with the model: it names the tokenizer that `sample`,
-        // `eval` and `export` need to turn text into this model's tokens and back.
-        fs_err::copy(data_dir.join(meta::FILE), ctx.out.join(meta::FILE))?;
+/// data: random windows of the token stream, like nanoGPT's memmapped get_batch.
+struct Data {
+    dir: PathBuf,
+    /// The tokenizer's vocabulary (meta.json).
+    vocab_size: usize,
+    train: TokenSplit,
+    val: TokenSplit,
+}
+
+impl Data {
+    fn open(config: &Config, ctx: &Context, writes: bool) -> anyhow::Result<Data> {
+        let dir = ctx.root.join(&config.data);
+        let vocab_size = Meta::read(&dir).context("`data`")?.vocab_size;
+        let train = TokenSplit::open(&dir, "train")?;
+        let val = TokenSplit::open(&dir, "val")?;
+        if writes {
+            // The data's meta.json travels with the model: it names the tokenizer that `sample`,
+            // `eval` and `export` need to turn text into this model's tokens and back.
+            fs_err::copy(dir.join(meta::FILE), ctx.out.join(meta::FILE))?;
+        }
+        Ok(Data { dir, vocab_size, train, val })
     }
 
-    // -----------------------------------------------------------------------------
-    // model init: scratch, a train stage's checkpoint, or GPT-2 weights in the Hugging Face
-    // layout; optimizer: AdamW, weight decay on 2-D parameters only (nanoGPT's
-    // configure_optimizers)
+    /// The model takes the data's tokens, and each split holds a window of `block_size` + 1.
+    fn check_fits(&self, model: &GptConfig) -> anyhow::Result<()> {
+        ensure!(
+            self.vocab_size <= model.vocab_size,
+            "the data's vocabulary ({} tokens) does not fit the model's ({})",
+            self.vocab_size,
+            model.vocab_size
+        );
+        for (name, split) in [("train", &self.train), ("val", &self.val)] {
+            ensure!(
+                split.len() > model.block_size as u64,
+                "the {name} split of `{}` has {} tokens, fewer than `block_size` + 1 = {}",
+                self.dir.display(),
+                split.len(),
+                model.block_size + 1
+            );
+        }
+        Ok(())
+    }
+}
+
+/// model init: scratch, a train stage's checkpoint, or GPT-2 weights in the Hugging Face
+/// layout; optimizer: AdamW, weight decay on 2-D parameters only (nanoGPT's
+/// configure_optimizers).
+fn init_model(
+    config: &Config,
+    ctx: &Context,
+    world: &World,
+    local_ranks: usize,
+    data_vocab: usize,
+) -> anyhow::Result<Trainer> {
     let init = match config.init_from.as_str() {
         "scratch" => Init::Scratch(GptConfig {
             block_size: config.block_size.unwrap_or(1024),
@@ -408,268 +507,48 @@ fn run_rank(
     let adamw = AdamWParams { beta1: config.beta1, beta2: config.beta2, eps: 1e-8, weight_decay: config.weight_decay };
     let options =
         Options { device: &config.device, dtype: &config.dtype, world, local_ranks, adamw, seed: config.seed };
-    let mut trainer = Trainer::new(init, &options)?;
-    log!("device: {}, matmuls in {}", trainer.device_name(), trainer.matmul_dtype());
-    let latest = latest_checkpoint(&ctx.out)?;
-    if latest.is_none() {
-        log!("initializing {}", trainer.description);
-    }
-    let model_config = trainer.config().clone();
-    let block_size = model_config.block_size;
-    ensure!(
-        data_vocab <= model_config.vocab_size,
-        "the data's vocabulary ({data_vocab} tokens) does not fit the model's ({})",
-        model_config.vocab_size
-    );
-    for (name, split) in [("train", &train_data), ("val", &val_data)] {
-        ensure!(
-            split.len() > block_size as u64,
-            "the {name} split of `{}` has {} tokens, fewer than `block_size` + 1 = {}",
-            data_dir.display(),
-            split.len(),
-            block_size + 1
-        );
-    }
-    check_world(config, world.size)?;
-    let local_steps = config.gradient_accumulation_steps / world.size;
-    let tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * block_size;
-    log!("tokens per iteration will be: {tokens_per_iter}");
-    log!("number of parameters: {:.2}M", model_config.num_params(true) as f64 / 1e6);
-    let [(decay_tensors, decay_params), (nodecay_tensors, nodecay_params)] = trainer.optimizer_groups();
-    log!("num decayed parameter tensors: {decay_tensors}, with {decay_params} parameters");
-    log!("num non-decayed parameter tensors: {nodecay_tensors}, with {nodecay_params} parameters");
-    let schedule = Schedule {
-        learning_rate: config.learning_rate,
-        decay_lr: config.decay_lr,
-        warmup_iters: config.warmup_iters,
-        lr_decay_iters: config.lr_decay_iters,
-        min_lr: config.min_lr,
-    };
-    let peak_flops = trainer.peak_flops();
+    Trainer::new(init, &options)
+}
 
-    // -----------------------------------------------------------------------------
-    // resume: an interrupted run of the same key left its checkpoints in the output directory
-    let mut iter = 0;
-    let mut best_val_loss = f64::INFINITY;
-    let mut rng = Rng::new(config.seed);
-    let mut rows: Vec<Row> = Vec::new();
-    let mut resumed_from = None;
-    let mut resumed_val_loss = f64::NAN;
-    // The iteration the best checkpoint holds, as the run recorded it.
-    let mut best_iter = None;
-    if writes {
-        checkpoint::remove_temporaries(&ctx.out)?;
-    }
-    if let Some((name, state)) = latest {
-        check_same_run(config, &state, &ctx.out)?;
-        trainer.resume(&ctx.out, name, state.loss_scale)?;
-        if writes {
-            repair_best(&trainer, &ctx.out, &state)?;
-            // Resumed from `ckpt`: `last` is missing or damaged (it is never older). Written again
-            // now, or a run resumed at `max_iters` would publish the damaged one.
-            if name == "ckpt" {
-                trainer.save(&ctx.out, "last", state.clone())?;
-            }
-        }
-        iter = state.iter;
-        resumed_val_loss = state.val_loss;
-        best_val_loss = state.best_val_loss;
-        best_iter = state.ckpt_iter;
-        rng = Rng::from_state(state.rng);
-        let metrics_path = ctx.out.join("metrics.parquet");
-        if metrics_path.exists() {
-            rows = metrics::read_parquet(&metrics_path)?;
-            rows.retain(|row| row.iter <= iter as i64);
-        }
-        log!("resuming from `{}` at iter {iter}", checkpoint::state_path(&ctx.out, name).display());
-        resumed_from = Some(iter);
-    }
-
-    // -----------------------------------------------------------------------------
-    // training loop
-    let mut last_good = resumed_from;
-    let mut steps_here = 0;
-    // Steps whose losses are still on the device: (iter, lr); `window` times them.
-    let mut pending: Vec<(usize, f64)> = Vec::new();
-    let mut window = Instant::now();
-    let mut running_mfu: Option<f64> = None;
-    // Each step's time: the run's speed is the median step's (one figure everywhere: the
-    // summary, the manifest, `metrics`, the report), as nanoGPT's log lines read.
-    let mut step_times: Vec<f64> = Vec::new();
-    let mut progress = Progress::new("train", Unit::Iters, Some(config.max_iters as u64));
-    // What a checkpoint at `iter` records beside the weights and the optimizer.
-    let state = |iter, val_loss, best_val_loss, best_iter, rng: &Rng, trainer: &Trainer| -> anyhow::Result<State> {
-        Ok(State {
-            format: checkpoint::FORMAT.into(),
-            version: checkpoint::FORMAT_VERSION,
-            iter,
-            best_val_loss,
-            val_loss,
-            model: model_config.clone(),
-            config: ctx.portable(serde_json::to_value(config)?),
-            rng: rng.state(),
-            files: Default::default(),
-            loss_scale: trainer.loss_scale(),
-            ckpt_iter: best_iter,
-        })
-    };
-    // The val loss of the last evaluation, for a checkpoint written between two.
-    let mut val_loss = resumed_val_loss;
-    if main {
-        progress.set_done(iter as u64);
-    }
-    loop {
-        let lr = schedule.lr(iter);
-
-        // evaluate the loss on train/val sets and write checkpoints
-        let due = iter % config.eval_interval == 0 || iter == config.max_iters;
-        if writes && due && resumed_from != Some(iter) {
-            let losses = estimate_loss(&trainer, config, &train_data, &val_data, iter)?;
-            log!("step {iter}: train loss {:.4}, val loss {:.4}", losses[0], losses[1]);
-            for (split, loss) in ["train", "val"].iter().zip(losses) {
-                if !loss.is_finite() {
-                    bail!(diverged(&format!("the {split} loss estimate is {loss}"), iter, last_good));
-                }
-            }
-            row(&mut rows, iter, tokens_per_iter).train_loss = Some(losses[0]);
-            row(&mut rows, iter, tokens_per_iter).val_loss = Some(losses[1]);
-            val_loss = losses[1];
-            let improved = losses[1] < best_val_loss;
-            let save_best = improved || config.always_save_checkpoint;
-            if save_best {
-                best_val_loss = best_val_loss.min(losses[1]);
-                best_iter = Some(iter);
-            }
-            let state = state(iter, losses[1], best_val_loss, best_iter, &rng, &trainer)?;
-            // The record first: a checkpoint may be older than the record, never newer. Then
-            // `last`, then `ckpt`: a resume from `last` repairs a `ckpt` that did not follow.
-            metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
-            trainer.save(&ctx.out, "last", state.clone())?;
-            if hooks.stop_before_best == Some(iter) {
-                bail!("stopped between `last` and `ckpt` at iter {iter} (test hook)");
-            }
-            if save_best {
-                if main {
-                    let out = ctx.out.strip_prefix(&ctx.root).unwrap_or(&ctx.out);
-                    progress::verbose(&format!("saving checkpoint to {}", out.display()));
-                }
-                trainer.save(&ctx.out, "ckpt", state)?;
-            }
-            metrics::plot_png(&ctx.out.join("loss.png"), &format!("{}: loss", ctx.stage), &rows)?;
-            last_good = Some(iter);
-        }
-        if iter == config.max_iters {
-            break;
-        }
-        // A signal (a Slurm job's warning before its end, Ctrl-C): a complete checkpoint of this
-        // iteration, unless the evaluation above or the resume just wrote one, then stop.
-        if trainer.stop_requested() {
-            if writes && !due && resumed_from != Some(iter) {
-                metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
-                trainer.save(&ctx.out, "last", state(iter, val_loss, best_val_loss, best_iter, &rng, &trainer)?)?;
-            }
-            log!("iter {iter}: stopping on a signal; the checkpoint holds every step so far");
-            return Err(crate::interrupt::Checkpointed { iter: Some(iter) }.into());
-        }
-
-        // forward backward update, with optional gradient accumulation to simulate larger batch
-        // size; every rank draws every micro-batch's offsets and takes its share
-        if pending.is_empty() {
-            window = Instant::now();
-        }
-        let micro_batches: Vec<Vec<u64>> = (0..config.gradient_accumulation_steps)
-            .map(|_| batches::batch_offsets(&train_data, &mut rng, config.batch_size, block_size))
-            .collect();
-        let first_micro_step = (iter * config.gradient_accumulation_steps) as u64;
-        let skipped = trainer.step(&train_data, &micro_batches, first_micro_step, config.seed, lr, config.grad_clip)?;
-        if let Some(scale) = skipped {
-            log!("iter {iter}: float16 gradients overflowed; step skipped, loss scale now {scale}");
-        }
-
-        // timing and logging: the losses stay on the device until a log line, an evaluation or
-        // the end needs them (on a GPU, reading one waits for the whole step), and are then read
-        // in one go; the CPU reads each step's at once.
-        pending.push((iter, lr));
-        let next = iter + 1;
-        let flush = (trainer.is_cpu() && !hooks.defer_loss_reads)
-            || (world.size == 1 && crate::interrupt::requested())
-            || iter % config.log_interval == 0
-            || next % config.eval_interval == 0
-            || next == config.max_iters
-            || hooks.stop_after == Some(steps_here + 1);
-        if flush {
-            let losses = trainer.read_losses()?;
-            let dt = window.elapsed().as_secs_f64() / pending.len() as f64;
-            window = Instant::now();
-            for ((at, lr), lossf) in pending.drain(..).zip(losses) {
-                if !lossf.is_finite() && trainer.loss_scale().is_none() {
-                    bail!(diverged(&format!("the training loss is {lossf}"), at, last_good));
-                }
-                step_times.push(dt);
-                steps_here += 1;
-                if let Some(peak_flops) = peak_flops.filter(|_| steps_here >= 5) {
-                    // let the training loop settle a bit
-                    let mfu = estimate_mfu(&model_config, config.batch_size * local_steps, dt, peak_flops);
-                    running_mfu = Some(running_mfu.map_or(mfu, |running| 0.9 * running + 0.1 * mfu));
-                }
-                if at % config.log_interval == 0 && main {
-                    // nanoGPT's line; MFU only once measured, and only on a device with a known peak.
-                    let mfu = running_mfu.map(|mfu| format!(", mfu {:.2}%", mfu * 100.0)).unwrap_or_default();
-                    progress::detail(&format!("iter {at}: loss {lossf:.4}, time {:.2}ms{mfu}", dt * 1000.0));
-                }
-                if main {
-                    let rate = format_count(tokens_per_iter as f64 / dt);
-                    progress.set_message(format!("loss {lossf:.4}, {rate} tokens/s"));
-                    progress.set_done(at as u64 + 1);
-                }
-                let record = row(&mut rows, at, tokens_per_iter);
-                record.lr = Some(lr);
-                record.loss = Some(lossf);
-            }
-        }
-        iter += 1;
-        if hooks.stop_after == Some(steps_here) {
-            bail!("stopped after {steps_here} steps (test hook)");
+/// nanoGPT's evaluation: the train and val loss estimates, logged and recorded, then the
+/// checkpoints: `last` always, `ckpt` when the val loss improved (or always, with
+/// `always_save_checkpoint`).
+fn evaluate_and_checkpoint(setup: &Setup, trainer: &Trainer, run: &mut Run, record: &mut Record) -> anyhow::Result<()> {
+    let (config, ctx, iter) = (setup.config, setup.ctx, run.iter);
+    let losses = estimate_loss(trainer, config, &setup.data.train, &setup.data.val, iter)?;
+    log!(setup.main, "step {iter}: train loss {:.4}, val loss {:.4}", losses[0], losses[1]);
+    for (split, loss) in ["train", "val"].iter().zip(losses) {
+        if !loss.is_finite() {
+            bail!(diverged(&format!("the {split} loss estimate is {loss}"), iter, run.last_good));
         }
     }
-
-    if main {
-        progress.finish();
+    record.row(iter).train_loss = Some(losses[0]);
+    record.row(iter).val_loss = Some(losses[1]);
+    run.val_loss = losses[1];
+    let improved = losses[1] < run.best_val_loss;
+    let save_best = improved || config.always_save_checkpoint;
+    if save_best {
+        run.best_val_loss = run.best_val_loss.min(losses[1]);
+        run.best_iter = Some(iter);
     }
-    if !writes {
-        return Ok(Report::default());
+    let state = run.state(setup, trainer)?;
+    // The record first: a checkpoint may be older than the record, never newer. Then `last`,
+    // then `ckpt`: a resume from `last` repairs a `ckpt` that did not follow.
+    record.write(&ctx.out)?;
+    trainer.save(&ctx.out, "last", state.clone())?;
+    if setup.hooks.stop_before_best == Some(iter) {
+        bail!("stopped between `last` and `ckpt` at iter {iter} (test hook)");
     }
-    // Published only with the best checkpoint whole and the one the run recorded.
-    let best = checkpoint::load_state(&ctx.out, "ckpt")?
-        .with_context(|| format!("the best checkpoint in `{}` does not verify", ctx.out.display()))?;
-    if let Some(at) = best_iter {
-        ensure!(best.iter == at, "the best checkpoint holds iter {}, the run recorded iter {at}", best.iter);
+    if save_best {
+        if setup.main {
+            let out = ctx.out.strip_prefix(&ctx.root).unwrap_or(&ctx.out);
+            progress::verbose(&format!("saving checkpoint to {}", out.display()));
+        }
+        trainer.save(&ctx.out, "ckpt", state)?;
     }
-    metrics::write_parquet(&ctx.out.join("metrics.parquet"), &rows)?;
-    metrics::plot_png(&ctx.out.join("loss.png"), &format!("{}: loss", ctx.stage), &rows)?;
-    let last = rows.iter().rev().find_map(|row| Some((row.train_loss?, row.val_loss?)));
-    let (train_loss, val_loss) = last.unwrap_or((f64::NAN, f64::NAN));
-    let median_step = median(&mut step_times);
-    let tokens_per_second = if median_step > 0.0 { tokens_per_iter as f64 / median_step } else { 0.0 };
-    let mut report = Report {
-        summary: format!(
-            "{} iters, val loss {val_loss:.4} (best {best_val_loss:.4}), {:.0} tokens/s (median step)",
-            config.max_iters, tokens_per_second
-        ),
-        ..Report::default()
-    };
-    let metrics = &mut report.metrics;
-    metrics.insert("iters".into(), config.max_iters.into());
-    metrics.insert("train_loss".into(), json_number(train_loss));
-    metrics.insert("val_loss".into(), json_number(val_loss));
-    metrics.insert("best_val_loss".into(), json_number(best_val_loss));
-    metrics.insert("tokens_per_second".into(), json_number(tokens_per_second));
-    metrics.insert("ms_per_iter".into(), json_number(1000.0 * median_step));
-    metrics.insert("parameters".into(), model_config.num_params(true).into());
-    if let Some(iter) = resumed_from {
-        metrics.insert("resumed_from_iter".into(), iter.into());
-    }
-    Ok(report)
+    record.plot(ctx)?;
+    run.last_good = Some(iter);
+    Ok(())
 }
 
 /// Everything pipeline.yaml decides: the engine calls this before any stage runs.
@@ -762,68 +641,6 @@ fn config_lines(config: &Config) -> anyhow::Result<String> {
     Ok(text)
 }
 
-/// The median of `values` (0 when there are none).
-fn median(values: &mut [f64]) -> f64 {
-    if values.is_empty() {
-        return 0.0;
-    }
-    values.sort_by(f64::total_cmp);
-    let middle = values.len() / 2;
-    if values.len() % 2 == 1 { values[middle] } else { (values[middle - 1] + values[middle]) / 2.0 }
-}
-
-/// The most advanced complete checkpoint in `dir`, if any.
-fn latest_checkpoint(dir: &Path) -> anyhow::Result<Option<(&'static str, State)>> {
-    let mut latest: Option<(&'static str, State)> = None;
-    for name in ["last", "ckpt"] {
-        if let Some(state) = checkpoint::load_state(dir, name)?
-            && latest.as_ref().is_none_or(|(_, best)| state.iter > best.iter)
-        {
-            latest = Some((name, state));
-        }
-    }
-    Ok(latest)
-}
-
-/// Makes `ckpt` what `state` (just loaded into `trainer`) says it is. An interruption after `last`
-/// was written and before `ckpt` was leaves `ckpt` older than it should be, or half replaced
-/// (new weights under an old JSON, which reads as incomplete); when `state` is the one `ckpt`
-/// should hold, it is written again from the weights just loaded.
-fn repair_best(trainer: &Trainer, out: &Path, state: &State) -> anyhow::Result<()> {
-    let Some(at) = state.ckpt_iter else { return Ok(()) };
-    let best = checkpoint::load_state(out, "ckpt")?;
-    if best.as_ref().is_some_and(|best| best.iter == at) {
-        return Ok(());
-    }
-    ensure!(
-        at == state.iter,
-        "the best checkpoint in `{}` (iter {at}) is missing or damaged\nhint: run the stage again with `--force` to start it over",
-        out.display()
-    );
-    eprintln!("writing the best checkpoint (iter {at}) that an interrupted run did not finish");
-    trainer.save(out, "ckpt", state.clone())
-}
-
-/// A checkpoint in the output directory must come from the same run: the engine keeps it only
-/// for the same key, so anything else is a stray file.
-fn check_same_run(config: &Config, state: &State, out: &Path) -> anyhow::Result<()> {
-    let semantic = |value: &serde_json::Value| {
-        let mut value = value.clone();
-        if let Some(map) = value.as_object_mut() {
-            for key in NON_SEMANTIC.iter().chain(&["data", "init_from"]) {
-                map.remove(*key);
-            }
-        }
-        value
-    };
-    ensure!(
-        semantic(&state.config) == semantic(&serde_json::to_value(config)?),
-        "`{}` holds a checkpoint of another config\nhint: remove it to start over",
-        out.display()
-    );
-    Ok(())
-}
-
 fn diverged(what: &str, iter: usize, last_good: Option<usize>) -> String {
     let kept = match last_good {
         Some(at) => format!("the last good checkpoint (iter {at}) is kept"),
@@ -832,14 +649,6 @@ fn diverged(what: &str, iter: usize, last_good: Option<usize>) -> String {
     format!(
         "{what} at iter {iter}: training diverged; {kept}\nhint: lower `learning_rate`, raise `warmup_iters` or set `grad_clip`"
     )
-}
-
-/// The record's row for `iter`, added when missing.
-fn row(rows: &mut Vec<Row>, iter: usize, tokens_per_iter: usize) -> &mut Row {
-    if rows.last().is_none_or(|row| row.iter != iter as i64) {
-        rows.push(Row { iter: iter as i64, tokens: (iter * tokens_per_iter) as i64, ..Row::default() });
-    }
-    rows.last_mut().expect("just pushed")
 }
 
 /// Where evaluation streams start: far from the training stream (which starts at the seed) on
@@ -864,25 +673,16 @@ fn estimate_loss(
     Ok(out)
 }
 
-/// nanoGPT's estimate_mfu: achieved FLOPs per second as a fraction of a peak (nanoGPT's is an
-/// A100's bfloat16 312 TFLOPS; nanoflow uses the GPU's own where it knows it), from the PaLM
-/// paper's 6N + 12LHQT FLOPs per token. `fwdbwd_per_iter`: sequences per step on this device.
-pub fn estimate_mfu(model: &GptConfig, fwdbwd_per_iter: usize, dt: f64, peak_flops: f64) -> f64 {
-    let flops_per_iter = model.flops_per_token() * model.block_size as f64 * fwdbwd_per_iter as f64;
-    flops_per_iter / dt / peak_flops
-}
-
-fn json_number(x: f64) -> serde_json::Value {
-    serde_json::Number::from_f64(x).map_or(serde_json::Value::Null, serde_json::Value::Number)
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::path::Path;
 
     use candle_core::{DType, Device, Tensor};
 
+    use crate::formats::metrics;
+    use crate::gpt::checkpoint;
     use crate::gpt::optim::LossScale;
 
     pub fn context(root: &Path, out: &str) -> Context {

@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Deserialize;
 
-use crate::gpt::model::{INIT_STD, LAYER_NORM_EPS, lock};
+use crate::gpt::config::{INIT_STD, LAYER_NORM_EPS};
+use crate::gpt::model::lock;
 use crate::gpt::{Gpt, GptConfig};
 
 /// `save_pretrained` writes GPT2LMHeadModel's keys under its base model, `transformer.`.

@@ -9,7 +9,7 @@
 //! them: `avx512f` on AMD's Zen 4 runs a 512-bit FMA as two 256-bit halves, so lanes × FMA units
 //! from the flags is twice what the core can do. A
 //! float32 matrix product on `gemm`'s kernels, split between the threads of rayon's pool as the
-//! CPU step splits its own (`step.rs`: one single-threaded `gemm` per block of rows), is what
+//! CPU step splits its own (`step/matmul.rs`: one single-threaded `gemm` per block of rows), is what
 //! the step's matmuls can reach on this machine as it is set up: MFU against it says how much of
 //! the reachable matmul throughput the whole step achieves (the gap being the work around the
 //! matmuls), and it stays at or under 100%.

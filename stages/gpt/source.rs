@@ -22,7 +22,7 @@ use crate::fetch::hub::{self, Hub};
 use crate::formats::shard::TokenSplit;
 use crate::formats::tokenizer::Tokenizer;
 use crate::gpt::checkpoint;
-use crate::gpt::model::OnTokens;
+use crate::gpt::sampling::OnTokens;
 use crate::gpt::{Gpt, GptConfig, Rng, Sampling, batches};
 use crate::{Invalid, Upstream};
 

@@ -193,7 +193,7 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.optimizer.vars().count()];
         let mut loss_sum: Option<Tensor> = None;
         let scale = self.loss_scale.map_or(1.0, |s| s.scale);
-        // float32 on the CPU: the explicit step (gpt/step.rs) sums the gradients in its buffers.
+        // float32 on the CPU: the explicit step (gpt/step/) sums the gradients in its buffers.
         let explicit = self.model.explicit();
         for (micro_step, offsets) in micro_batches.iter().enumerate() {
             if micro_step % self.world.size != self.world.rank {

@@ -1,4 +1,4 @@
-//! The CPU's hot loops (the explicit step's row kernels in `gpt/step.rs`, AdamW's update), each
+//! The CPU's hot loops (the explicit step's row kernels in `gpt/step/`, AdamW's update), each
 //! compiled three times, for AVX-512, for AVX2 with FMA and for the x86-64 baseline, and run at
 //! the widest level the CPU has.
 //! nanoflow is built for the baseline (SSE2, 4 floats a vector) so that one binary runs on any
