@@ -13,7 +13,10 @@ fn bare_status_shows_the_pipelines_that_were_run_and_a_line_for_the_rest() {
         stage("c", "echo c > $OUT/c"),
         stage("d", "cat ${c}/c > $OUT/d"),
     ));
-    assert_eq!(test.expect(&["status"], 0).stdout, "never run:\n  mine    2 stages (`nanoflow status mine`)\n  theirs  2 stages (`nanoflow status theirs`)\n  other   1 stage (`nanoflow status other`)\n");
+    assert_eq!(
+        test.expect(&["status"], 0).stdout,
+        "never run:\n  mine    2 stages (`nanoflow status mine`)\n  theirs  2 stages (`nanoflow status theirs`)\n  other   1 stage (`nanoflow status other`)\n"
+    );
     test.expect(&["run", "mine"], 0);
     assert_eq!(
         test.expect(&["status"], 0).stdout,

@@ -13,6 +13,7 @@ mod models;
 mod offline;
 mod outside;
 mod process;
+mod readme;
 mod report;
 mod slurm;
 mod store;

@@ -165,7 +165,8 @@ fn metrics_lists_every_stored_run_with_what_set_it_apart() {
     let (stdout, stderr) = (String::from_utf8_lossy(&narrow.stdout), String::from_utf8_lossy(&narrow.stderr));
     assert!(stdout.lines().all(|line| line.chars().count() <= 80), "{stdout}");
     let header = stdout.lines().nth(1).unwrap();
-    let columns: Vec<&str> = header.split('┆').map(|cell| cell.trim_matches(|c: char| c == '│' || c.is_whitespace())).collect();
+    let columns: Vec<&str> =
+        header.split('┆').map(|cell| cell.trim_matches(|c: char| c == '│' || c.is_whitespace())).collect();
     assert_eq!(columns[..4], ["key", "current", "learning_rate", "val_loss"], "{stdout}");
     assert!(stderr.starts_with(&format!("{} more: ", 11 - columns.len())), "{stderr}");
     assert!(stderr.contains("finished") && stderr.contains("(`--wide` shows them)"), "{stderr}");

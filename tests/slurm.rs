@@ -276,7 +276,12 @@ fn another_machines_lease_on_a_key_keeps_the_stage_waiting_until_it_is_released(
     fs_err::remove_file(&lease).unwrap();
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("waiting for another nanoflow process running `hello`"), "{stderr}");
+    // Who holds it, where, and the file (issue 28, item 10).
+    let name = lease.file_name().unwrap().to_string_lossy().into_owned();
+    let line = format!(
+        "waiting for another nanoflow process running `hello`: pid 1 on login2 (lease `artifacts/.nanoflow/locks/{name}`)"
+    );
+    assert!(stderr.contains(&line), "{stderr}");
     assert_eq!(output.status.code(), Some(1), "{stderr}");
 }
 
