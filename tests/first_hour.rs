@@ -37,3 +37,29 @@ fn no_shipped_target_is_also_a_stage() {
         assert!(!stages.contains(&target), "`{target}` is both a target and a stage");
     }
 }
+
+/// On a terminal (a pty, through `script`), the lines printed above the live bars end with a
+/// newline: a terminal log (`script`, asciinema) keeps them as lines, not one padded line.
+#[test]
+fn lines_on_a_terminal_end_with_newlines() {
+    let test = Test::with_pipeline(&format!(
+        "stages:\n{}",
+        stage("a", "echo first line; sleep 0.3; echo second line; sleep 0.3; echo done > $OUT/x")
+    ));
+    let nanoflow = env!("CARGO_BIN_EXE_nanoflow");
+    let typescript = test.path("typescript");
+    let status = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &format!("{nanoflow} run a")])
+        .arg(&typescript)
+        .current_dir(test.path(""))
+        .env("TERM", "xterm")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .status()
+        .expect("script(1), from util-linux, runs");
+    assert!(status.success());
+    let log = String::from_utf8_lossy(&fs_err::read(&typescript).unwrap()).into_owned();
+    for line in ["[a] first line", "[a] second line"] {
+        assert!(log.contains(&format!("{line}\r\n")), "`{line}` ends with a newline:\n{log:?}");
+    }
+}
