@@ -6,6 +6,12 @@
 //! 2. The overhead of running 200 trivial `command` stages (`true`) end to end, and of a
 //!    second run that finds them all cached.
 //!
+//! 3. Beside GNU make on the same DAG (`benches/make_side_by_side.sh`, which writes each DAG as
+//!    pipeline.yaml and as a Makefile): the cold and the no-op run, and `status`, of a binary
+//!    tree of N command stages with one target naming the leaves, and a chain of N stages (its
+//!    cold run / N is the cost per stage), for N = 100 and 1,000. Skipped where `make` is not
+//!    installed.
+//!
 //! `NANOFLOW_BENCH_MB` sets the output size per stage in the first benchmark (default 10, so
 //! 200 stages hold 2000 MB).
 
@@ -79,4 +85,15 @@ fn main() {
     );
     let again = median((0..3).map(|_| nanoflow(small.path(), &["run", "all", "-q"])).collect());
     println!("  nanoflow run all again (all cached):            {:>8.1} ms", again.as_secs_f64() * 1e3);
+    drop(small);
+
+    if Command::new("make").arg("--version").output().is_ok_and(|output| output.status.success()) {
+        println!("beside GNU make (benches/make_side_by_side.sh):");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/make_side_by_side.sh");
+        let status =
+            Command::new("bash").arg(script).arg(env!("CARGO_BIN_EXE_nanoflow")).status().expect("bash starts");
+        assert!(status.success(), "benches/make_side_by_side.sh failed");
+    } else {
+        println!("beside GNU make: skipped (no `make` installed)");
+    }
 }

@@ -3,7 +3,7 @@
 //! only when it succeeds. A failure stops the stages downstream of it and lets the others
 //! finish; Ctrl-C or SIGTERM stops every child and publishes nothing half-done.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -142,50 +142,66 @@ impl<'a> Executor<'a> {
         let mut summary = Summary::default();
         let mut done: BTreeMap<String, Done> = BTreeMap::new();
         let mut broken: BTreeSet<String> = BTreeSet::new();
-        let mut pending: VecDeque<usize> = (0..total).collect();
+        // Each stage counts the inputs it still waits for; one that finishes makes ready those
+        // it was the last input of. A step costs the stage's edges, not a scan of every stage
+        // (which made a run of 1,000 stages quadratic).
+        let position_of: HashMap<&str, usize> = selected
+            .iter()
+            .enumerate()
+            .map(|(position, &index)| (self.plan.stages[index].name.as_str(), position))
+            .collect();
+        let mut missing = vec![0usize; total];
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); total];
+        for (position, &index) in selected.iter().enumerate() {
+            for input in &self.plan.stages[index].inputs {
+                missing[position] += 1;
+                if let Some(&upstream) = position_of.get(input.as_str()) {
+                    dependents[upstream].push(position);
+                }
+            }
+        }
+        let mut ready: BTreeSet<usize> = (0..total).filter(|&position| missing[position] == 0).collect();
+        let mut skipped = vec![false; total];
         let mut running = 0;
         let (sender, receiver) = mpsc::channel::<(usize, Outcome)>();
         std::thread::scope(|scope| {
             loop {
-                if !interrupted() {
-                    let mut waiting = VecDeque::new();
-                    while let Some(position) = pending.pop_front() {
-                        let stage = &self.plan.stages[selected[position]];
-                        if let Some(failed) = stage.inputs.iter().find(|input| broken.contains(*input)) {
-                            self.line(
-                                position,
-                                total,
-                                &stage.name,
-                                Style::Yellow,
-                                "skipped",
-                                &format!("(`{failed}` did not finish)"),
-                            );
-                            broken.insert(stage.name.clone());
-                            summary.skipped.push(stage.name.clone());
-                        } else if running < self.options.jobs.max(1)
-                            && stage.inputs.iter().all(|input| done.contains_key(input))
-                        {
-                            let upstream: BTreeMap<String, Done> =
-                                stage.inputs.iter().map(|input| (input.clone(), done[input].clone())).collect();
+                // An outcome decided here without a thread: a stage found in the store is a few
+                // `stat` calls and a manifest, far cheaper than starting a thread for it. It is
+                // handled before the next stage starts, so stages finish in the order written.
+                let mut settled = None;
+                while settled.is_none()
+                    && !interrupted()
+                    && running < self.options.jobs.max(1)
+                    && let Some(position) = ready.pop_first()
+                {
+                    let index = selected[position];
+                    let stage = &self.plan.stages[index];
+                    let upstream: BTreeMap<String, Done> =
+                        stage.inputs.iter().map(|input| (input.clone(), done[input].clone())).collect();
+                    match self.prepare(index, &upstream) {
+                        Ok(Prepared::Cached(outcome)) => settled = Some((position, outcome)),
+                        prepared => {
                             let sender = sender.clone();
-                            let index = selected[position];
                             scope.spawn(move || {
-                                let outcome = self.build(index, position, total, &upstream);
+                                let outcome = self.build(index, position, total, &upstream, prepared);
                                 let _ = sender.send((position, outcome));
                             });
                             running += 1;
-                        } else {
-                            waiting.push_back(position);
                         }
                     }
-                    pending = waiting;
                 }
-                if running == 0 {
-                    break;
-                }
-                let Ok((position, outcome)) = receiver.recv() else { break };
-                running -= 1;
+                let (position, outcome) = match settled {
+                    Some(outcome) => outcome,
+                    None if running == 0 => break,
+                    None => {
+                        let Ok(received) = receiver.recv() else { break };
+                        running -= 1;
+                        received
+                    }
+                };
                 let name = self.plan.stages[selected[position]].name.clone();
+                let finished_ok = matches!(outcome, Outcome::Cached { .. } | Outcome::Ran { .. });
                 match outcome {
                     Outcome::Cached { done: finished, how } => {
                         self.line(position, total, &name, Style::Green, how, &self.show_path(&finished.out));
@@ -230,6 +246,37 @@ impl<'a> Executor<'a> {
                         broken.insert(name);
                     }
                 }
+                if finished_ok {
+                    for &next in &dependents[position] {
+                        missing[next] -= 1;
+                        if missing[next] == 0 && !skipped[next] {
+                            ready.insert(next);
+                        }
+                    }
+                } else if !interrupted() {
+                    // Everything downstream of it is skipped, upstream first.
+                    let mut downstream: BTreeSet<usize> = dependents[position].iter().copied().collect();
+                    while let Some(next) = downstream.pop_first() {
+                        let stage = &self.plan.stages[selected[next]];
+                        if skipped[next] {
+                            continue;
+                        }
+                        let Some(failed) = stage.inputs.iter().find(|input| broken.contains(*input)) else { continue };
+                        self.line(
+                            next,
+                            total,
+                            &stage.name,
+                            Style::Yellow,
+                            "skipped",
+                            &format!("(`{failed}` did not finish)"),
+                        );
+                        broken.insert(stage.name.clone());
+                        summary.skipped.push(stage.name.clone());
+                        skipped[next] = true;
+                        ready.remove(&next);
+                        downstream.extend(dependents[next].iter().copied());
+                    }
+                }
             }
         });
         summary.interrupted = interrupted();
@@ -241,9 +288,17 @@ impl<'a> Executor<'a> {
     }
 
     /// Makes stage `index` current: from the store when its key is there, else by running it.
-    fn build(&self, index: usize, position: usize, total: usize, upstream: &BTreeMap<String, Done>) -> Outcome {
+    /// `prepared`: what `prepare` found.
+    fn build(
+        &self,
+        index: usize,
+        position: usize,
+        total: usize,
+        upstream: &BTreeMap<String, Done>,
+        prepared: std::io::Result<Prepared>,
+    ) -> Outcome {
         let stage = &self.plan.stages[index];
-        match self.prepare(index, upstream) {
+        match prepared {
             Ok(Prepared::Cached(outcome)) => outcome,
             Ok(Prepared::Run { key, material, reasons }) => {
                 let resuming = stage.kind.resumable()
@@ -459,14 +514,10 @@ impl<'a> Executor<'a> {
         if self.printer.verbosity < crate::printer::Verbosity::Verbose {
             command.env("RUST_BACKTRACE", "0").env("RUST_LIB_BACKTRACE", "0");
         }
-        // SAFETY: prctl is async-signal-safe; it asks the kernel to SIGTERM the stage if the
-        // engine dies, so an engine killed with SIGKILL leaves no stage running on.
-        unsafe {
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
+        // The stage asks the kernel to SIGTERM it if the engine dies (`die_with_engine`), so an
+        // engine killed with SIGKILL leaves no stage running on. Not in a `pre_exec` hook: one
+        // makes `spawn` fork (copying the engine's page tables) instead of `posix_spawn`.
+        command.env(crate::stage_process::ENGINE_PID, std::process::id().to_string());
         let mut child = command.spawn()?;
         let pid = child.id() as i32;
         CHILDREN.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).push(pid);

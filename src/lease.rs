@@ -81,9 +81,11 @@ pub fn try_take(path: &Path) -> io::Result<Option<Lease>> {
     for _ in 0..2 {
         match fs_err::OpenOptions::new().write(true).create_new(true).open(path) {
             Ok(mut file) => {
+                // No `fsync`: others read the name once this file is closed (NFS flushes on
+                // close), and after a crash its holder is gone either way (an empty lease is
+                // taken over after `UNREADABLE`). A sync cost each stage's run a disk flush.
                 let holder = serde_json::to_vec(&Holder::this_process()).map_err(io::Error::other)?;
                 io::Write::write_all(&mut file, &holder)?;
-                file.sync_all()?;
                 return Ok(Some(hold(path)));
             }
             Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {

@@ -3,7 +3,7 @@
 //! its local files; targets checked; cycles rejected. Once a `Plan` exists, nothing about the
 //! pipeline can be wrong any more; what remains is deciding what is stale and running it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use nanoflow_stages::{Invalid, Upstream};
@@ -27,6 +27,10 @@ pub struct Plan {
     pub executor: ExecutorKind,
     /// Every stage index, upstream before downstream.
     order: Vec<usize>,
+    /// Each stage's index by name: lookups stay O(1) in a pipeline of thousands of stages.
+    by_name: HashMap<String, usize>,
+    /// The longest stage name, for columns (computed once: `status` prints a row per stage).
+    name_width: usize,
 }
 
 #[derive(Debug)]
@@ -56,10 +60,15 @@ impl Plan {
     /// Validates `file`, with `sets` (`stage.key=value`) applied on top.
     pub fn build(file: PipelineFile, sets: &[String]) -> Result<Plan, Error> {
         let names: Vec<&str> = file.stages.iter().map(|stage| stage.name.as_str()).collect();
+        // The first of a name (the source map has already refused a second).
+        let mut by_name: HashMap<&str, usize> = HashMap::new();
+        for (index, name) in names.iter().enumerate() {
+            by_name.entry(name).or_insert(index);
+        }
         // What a kind's `check` may ask: which kind of stage a `${stage}` param names.
         let kind_of = |value: &str| {
             let name = reference::leading(value)?;
-            let raw = file.stages.iter().find(|stage| stage.name == name)?;
+            let raw = &file.stages[*by_name.get(name)?];
             StageKind::parse(&raw.kind).map(StageKind::name)
         };
         let upstream = Upstream::new(&kind_of);
@@ -72,7 +81,7 @@ impl Plan {
             .stages
             .iter()
             .zip(overrides)
-            .map(|(raw, overrides)| resolve_stage(raw, overrides, &file.root, &names, &upstream))
+            .map(|(raw, overrides)| resolve_stage(raw, overrides, &file.root, (&names, &by_name), &upstream))
             .collect::<Result<Vec<_>, _>>()?;
         let executor = match &file.executor {
             None => ExecutorKind::default(),
@@ -125,7 +134,7 @@ impl Plan {
         let mut targets = Vec::new();
         for raw in &file.targets {
             for (stage, location) in &raw.stages {
-                if !names.contains(&stage.as_str()) {
+                if !by_name.contains_key(stage.as_str()) {
                     return Err(Error::UnknownTargetStage {
                         target: raw.name.clone(),
                         stage: stage.clone(),
@@ -137,12 +146,20 @@ impl Plan {
             targets
                 .push(Target { name: raw.name.clone(), stages: raw.stages.iter().map(|(s, _)| s.clone()).collect() });
         }
-        let order = topological_order(&stages)?;
-        Ok(Plan { root: file.root, stages, targets, executor, order })
+        let by_name: HashMap<String, usize> =
+            by_name.into_iter().map(|(name, index)| (name.to_string(), index)).collect();
+        let order = topological_order(&stages, &by_name)?;
+        let name_width = stages.iter().map(|stage| stage.name.len()).max().unwrap_or(0);
+        Ok(Plan { root: file.root, stages, targets, executor, order, by_name, name_width })
+    }
+
+    /// The longest stage name.
+    pub fn name_width(&self) -> usize {
+        self.name_width
     }
 
     pub fn index(&self, name: &str) -> Option<usize> {
-        self.stages.iter().position(|stage| stage.name == name)
+        self.by_name.get(name).copied()
     }
 
     /// The stage a command names (`show`, `metrics`), or an error with the closest name.
@@ -160,7 +177,7 @@ impl Plan {
 
     /// The stages `names` (targets first, then stages) need, upstream before downstream.
     pub fn select(&self, names: &[String]) -> Result<Vec<usize>, Error> {
-        let mut wanted = BTreeSet::new();
+        let mut wanted = HashSet::new();
         for name in names {
             let roots: Vec<usize> = match self.targets.iter().find(|target| &target.name == name) {
                 Some(target) => target.stages.iter().filter_map(|stage| self.index(stage)).collect(),
@@ -212,7 +229,7 @@ fn resolve_stage(
     raw: &RawStage,
     overrides: Vec<Param>,
     root: &Path,
-    names: &[&str],
+    (names, by_name): (&[&str], &HashMap<&str, usize>),
     upstream: &Upstream,
 ) -> Result<Stage, Error> {
     let kind = StageKind::parse(&raw.kind).ok_or_else(|| Error::UnknownKind {
@@ -298,7 +315,7 @@ fn resolve_stage(
                 });
             }
             for name in reference::references(text) {
-                if names.contains(&name) {
+                if by_name.contains_key(name) {
                     inputs.insert(name.to_string());
                 } else if error.is_none() {
                     error = Some(Error::UnknownReference {
@@ -479,7 +496,7 @@ fn check_inside(stage: &RawStage, path: &str, origin: &Origin, root: &Path) -> R
 
 /// Depth-first, in the order written, so that the order is stable; a back edge is a cycle,
 /// reported as the path around it (`a -> b -> a`).
-fn topological_order(stages: &[Stage]) -> Result<Vec<usize>, Error> {
+fn topological_order(stages: &[Stage], by_name: &HashMap<String, usize>) -> Result<Vec<usize>, Error> {
     #[derive(Clone, Copy, PartialEq)]
     enum Mark {
         New,
@@ -489,6 +506,7 @@ fn topological_order(stages: &[Stage]) -> Result<Vec<usize>, Error> {
     fn visit(
         index: usize,
         stages: &[Stage],
+        by_name: &HashMap<String, usize>,
         marks: &mut [Mark],
         path: &mut Vec<usize>,
         order: &mut Vec<usize>,
@@ -506,8 +524,8 @@ fn topological_order(stages: &[Stage]) -> Result<Vec<usize>, Error> {
         marks[index] = Mark::Open;
         path.push(index);
         for input in &stages[index].inputs {
-            let upstream = stages.iter().position(|stage| &stage.name == input).expect("inputs are checked");
-            visit(upstream, stages, marks, path, order)?;
+            let upstream = by_name[input.as_str()];
+            visit(upstream, stages, by_name, marks, path, order)?;
         }
         path.pop();
         marks[index] = Mark::Done;
@@ -517,7 +535,7 @@ fn topological_order(stages: &[Stage]) -> Result<Vec<usize>, Error> {
     let mut marks = vec![Mark::New; stages.len()];
     let mut order = Vec::with_capacity(stages.len());
     for index in 0..stages.len() {
-        visit(index, stages, &mut marks, &mut Vec::new(), &mut order)?;
+        visit(index, stages, by_name, &mut marks, &mut Vec::new(), &mut order)?;
     }
     Ok(order)
 }

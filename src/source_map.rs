@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
@@ -54,8 +55,10 @@ pub struct Duplicate {
 #[derive(Debug, Clone)]
 pub struct SourceMap {
     file: PathBuf,
-    keys: HashMap<Vec<String>, Location>,
-    values: HashMap<Vec<String>, Location>,
+    /// By path, its parts joined (`joined`): one string per entry, (line, column) beside it, so
+    /// that a pipeline of thousands of stages is mapped without an allocation per part.
+    keys: HashMap<String, (usize, usize)>,
+    values: HashMap<String, (usize, usize)>,
     pub duplicates: Vec<Duplicate>,
 }
 
@@ -101,12 +104,12 @@ impl SourceMap {
 
     /// Where the key at `path` is written.
     pub fn key(&self, path: &[&str]) -> Option<Location> {
-        self.keys.get(&owned(path)).cloned()
+        self.keys.get(&joined(path.iter().copied())).map(|&at| self.at(at))
     }
 
     /// Where the value at `path` starts.
     pub fn value(&self, path: &[&str]) -> Option<Location> {
-        self.values.get(&owned(path)).cloned()
+        self.values.get(&joined(path.iter().copied())).map(|&at| self.at(at))
     }
 
     /// The key at `path`, else the nearest enclosing key that is written down, else the top.
@@ -119,16 +122,30 @@ impl SourceMap {
     }
 
     fn location(&self, marker: &Marker) -> Location {
-        Location { file: self.file.clone(), line: marker.line(), column: marker.col() + 1 }
+        self.at(line_column(marker))
+    }
+
+    fn at(&self, (line, column): (usize, usize)) -> Location {
+        Location { file: self.file.clone(), line, column }
     }
 }
 
-fn owned(path: &[&str]) -> Vec<String> {
-    path.iter().map(|part| part.to_string()).collect()
+fn line_column(marker: &Marker) -> (usize, usize) {
+    (marker.line(), marker.col() + 1)
+}
+
+/// A path as one string: each part followed by a NUL (which no key of a pipeline holds).
+fn joined<'a>(parts: impl Iterator<Item = &'a str>) -> String {
+    let mut text = String::new();
+    for part in parts {
+        text.push_str(part);
+        text.push('\0');
+    }
+    text
 }
 
 enum Frame {
-    Mapping { key: Option<String>, seen: HashMap<String, Location>, start: Marker },
+    Mapping { key: Option<String>, seen: HashMap<String, (usize, usize)>, start: Marker },
     Sequence { index: usize, start: Marker },
 }
 
@@ -148,10 +165,26 @@ impl Walker {
             .collect()
     }
 
+    /// The current position as `joined` writes it.
+    fn joined_path(&self) -> String {
+        let mut text = String::new();
+        for frame in &self.stack {
+            match frame {
+                Frame::Mapping { key: Some(key), .. } => text.push_str(key),
+                Frame::Mapping { key: None, .. } => continue,
+                Frame::Sequence { index, .. } => {
+                    let _ = write!(text, "{index}");
+                }
+            }
+            text.push('\0');
+        }
+        text
+    }
+
     /// A value (scalar or collection) starts at `marker` in the current position.
     fn value_starts(&mut self, marker: &Marker) {
-        let location = self.map.location(marker);
-        self.map.values.insert(self.path(), location);
+        let path = self.joined_path();
+        self.map.values.insert(path, line_column(marker));
     }
 
     /// The value in the current position is complete: move the parent on.
@@ -172,19 +205,25 @@ impl MarkedEventReceiver for Walker {
     fn on_event(&mut self, event: Event, marker: Marker) {
         match event {
             Event::Scalar(text, ..) if self.expecting_key() => {
-                let location = self.map.location(&marker);
-                let mut path = self.path();
-                path.push(text.clone());
-                let Some(Frame::Mapping { key, seen, .. }) = self.stack.last_mut() else { return };
-                if let Some(first) = seen.get(&text) {
-                    self.map.duplicates.push(Duplicate {
-                        path: path.clone(),
-                        first: first.clone(),
-                        second: location.clone(),
-                    });
+                let at = line_column(&marker);
+                let mut path = self.joined_path();
+                path.push_str(&text);
+                path.push('\0');
+                let first = match self.stack.last() {
+                    Some(Frame::Mapping { seen, .. }) => seen.get(&text).copied(),
+                    _ => return,
+                };
+                if let Some(first) = first {
+                    let mut parts = self.path();
+                    parts.push(text.clone());
+                    let duplicate = Duplicate { path: parts, first: self.map.at(first), second: self.map.at(at) };
+                    self.map.duplicates.push(duplicate);
                 } else {
-                    seen.insert(text.clone(), location.clone());
-                    self.map.keys.insert(path, location);
+                    self.map.keys.insert(path, at);
+                }
+                let Some(Frame::Mapping { key, seen, .. }) = self.stack.last_mut() else { return };
+                if first.is_none() {
+                    seen.insert(text.clone(), at);
                 }
                 *key = Some(text);
             }

@@ -28,8 +28,33 @@ pub struct StageSpec {
     pub report: PathBuf,
 }
 
+/// Set by the engine on a local stage process: the engine's pid.
+pub const ENGINE_PID: &str = "NANOFLOW_ENGINE_PID";
+
 pub fn main(spec_file: Option<PathBuf>) -> ExitCode {
+    if spec_file.is_none() {
+        die_with_engine();
+    }
     exit(run(spec_file))
+}
+
+/// Asks the kernel to SIGTERM this process when the engine that started it dies (so an engine
+/// killed with SIGKILL leaves no stage running on), and stops at once if it has died already.
+/// Done here rather than between `fork` and `exec`, so that the engine starts stages with
+/// `posix_spawn`: a `fork` copied the engine's page tables, a millisecond or more per stage.
+fn die_with_engine() {
+    let Some(engine) = std::env::var(ENGINE_PID).ok().and_then(|pid| pid.parse::<libc::pid_t>().ok()) else {
+        return;
+    };
+    // SAFETY: prctl, getppid and raise touch no memory of this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+        // Started by the engine, so a parent other than it means the engine died before the
+        // `prctl`: what the signal would have said.
+        if libc::getppid() != engine {
+            libc::raise(libc::SIGTERM);
+        }
+    }
 }
 
 /// The error and what caused it, on one line of stderr for the engine to show: "error:
@@ -92,7 +117,16 @@ fn run(spec_file: Option<PathBuf>) -> anyhow::Result<()> {
     if std::env::var("SLURM_PROCID").is_ok_and(|rank| rank != "0") {
         return Ok(());
     }
+    // An empty report is no file: the engine reads a missing one as empty (it removed any
+    // earlier one before starting this process), and a trivial stage makes one file fewer.
+    if report.summary.is_empty() && report.metrics.is_empty() {
+        return Ok(());
+    }
     let json = serde_json::to_vec(&report)?;
-    crate::atomic::write_atomic(&spec.report, &json)?;
+    // Renamed into place whole, without an `fsync`: the engine reads it once this process has
+    // ended and then deletes it; after a crash nothing publishes, so nothing reads it.
+    let temporary = spec.report.with_file_name(crate::atomic::unique(".write"));
+    fs_err::write(&temporary, &json)?;
+    fs_err::rename(&temporary, &spec.report)?;
     Ok(())
 }

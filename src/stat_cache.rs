@@ -129,8 +129,22 @@ fn read_entries(file: &Path) -> HashMap<PathBuf, Entry> {
     fs_err::read(file).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
 }
 
-/// blake3 of a file, hashed on all cores.
+/// Below this size a file is read whole and hashed on this thread: the block reader sets up an
+/// 8 MB buffer (zeroed, a page fault per page) that cost a trivial stage more than its own run.
+const SMALL: u64 = 1 << 20;
+
+/// blake3 of a file: a small one read at once, a large one by blocks hashed on all cores (the
+/// same digest either way).
 pub fn hash_file(path: &Path) -> io::Result<String> {
+    let mut file = fs_err::File::open(path)?;
+    if file.metadata()?.len() < SMALL {
+        let mut bytes = Vec::new();
+        io::Read::read_to_end(&mut file, &mut bytes)?;
+        // It may have grown since the `stat`; then it is large after all.
+        if (bytes.len() as u64) < SMALL {
+            return Ok(blake3::hash(&bytes).to_hex().to_string());
+        }
+    }
     nanoflow_stages::fetch::digest::blake3_file(path)
 }
 
@@ -183,6 +197,17 @@ mod tests {
 
         fs_err::write(&file, b"world").unwrap();
         assert_eq!(reopened.digest(&file).unwrap(), blake3::hash(b"world").to_hex().to_string());
+    }
+
+    #[test]
+    fn small_and_large_files_hash_as_blake3_of_their_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        for size in [0, 5, SMALL as usize - 1, SMALL as usize, SMALL as usize + 3] {
+            let bytes: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+            let file = dir.path().join(format!("{size}.bin"));
+            fs_err::write(&file, &bytes).unwrap();
+            assert_eq!(hash_file(&file).unwrap(), blake3::hash(&bytes).to_hex().to_string(), "{size} bytes");
+        }
     }
 
     #[test]
