@@ -76,10 +76,16 @@ pub fn run(printer: &Printer, file: Option<&Path>, names: &[String], flags: RunF
                 }
             };
             printer.data(&row(&plan, name, state, &why));
+            for line in crate::preflight::lines(&plan, &store, *index) {
+                printer.data(&line);
+            }
         }
+        // Refused as a bad param is: exit 2, after the plan that shows why.
+        crate::preflight::refuse_what_does_not_fit(&plan, &selected, force)?;
         printer.status("dry run: nothing was run");
         return Ok(ExitCode::SUCCESS);
     }
+    crate::preflight::refuse_what_does_not_fit(&plan, &selected, force)?;
 
     let executor = executor.unwrap_or(plan.executor);
     if executor == ExecutorKind::Slurm {
@@ -96,6 +102,7 @@ pub fn run(printer: &Printer, file: Option<&Path>, names: &[String], flags: RunF
     let options = Options { jobs, force: force.iter().cloned().collect(), executor };
     let summary = Executor::new(&plan, &store, printer, options).run(&selected)?;
     let seconds = clock.elapsed().as_secs_f64();
+    crate::preflight::calibrate(&plan, &store, &summary.finished);
     if summary.interrupted {
         // Ctrl-C is how people stop a run: said as a stop, with what to type to go on.
         let mut again = vec!["nanoflow run".to_string()];
@@ -130,6 +137,7 @@ pub fn run(printer: &Printer, file: Option<&Path>, names: &[String], flags: RunF
 /// What the run made that people look at (models, evaluations, samples, exports): for each, its
 /// result line, how long it took and where it is; then how to see it all.
 fn made(printer: &Printer, plan: &Plan, store: &Store, finished: &[String], names: &[String]) {
+    let finished: BTreeSet<&String> = finished.iter().collect();
     let products: Vec<(&str, Manifest)> = plan
         .stages
         .iter()
@@ -192,6 +200,9 @@ pub fn status(printer: &Printer, file: Option<&Path>, names: &[String], sets: &[
         if let Freshness::Fresh { manifest } | Freshness::Restorable { manifest, .. } = &freshness {
             printer.verbose(&format!("    key {}", manifest.key));
         }
+        for line in crate::preflight::lines(&plan, &store, index) {
+            printer.verbose(&line);
+        }
     }
     if !untouched.is_empty() {
         let width = untouched.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
@@ -249,7 +260,7 @@ fn select_or_all(plan: &Plan, names: &[String]) -> Result<Vec<usize>, Error> {
 }
 
 fn row(plan: &Plan, name: &str, state: &str, why: &str) -> String {
-    let width = plan.stages.iter().map(|stage| stage.name.len()).max().unwrap_or(0);
+    let width = plan.name_width();
     format!("{name:<width$}  {state:<8} {why}").trim_end().to_string()
 }
 

@@ -87,6 +87,11 @@ pub enum Error {
     #[error("`--force {stage}` names a stage that this run does not include")]
     ForceOutsideRun { stage: String },
 
+    /// The preflight's memory estimate of a train or finetune stage is over what the machine
+    /// has (`preflight.rs`).
+    #[error("stage `{stage}` needs about {needs} of memory, more than the {available} this machine has ({source_of})")]
+    DoesNotFit { stage: String, needs: String, available: String, source_of: &'static str, suggestion: Option<String> },
+
     #[error("store error at `{}`", path.display())]
     Store {
         path: PathBuf,
@@ -179,6 +184,10 @@ impl Error {
             Error::NoOutput { stage } => Some(format!("run it with `nanoflow run {stage}`")),
             Error::NothingBuilt { names } => Some(format!("run it with `nanoflow run {}`", names.join(" "))),
             Error::Unreachable { unreachable, .. } => unreachable.hint.clone(),
+            Error::DoesNotFit { stage, suggestion, .. } => Some(match suggestion {
+                Some(fits) => format!("{fits} keep the same tokens per step and fit; or run it anyway with `--force {stage}`"),
+                None => format!("a smaller model or `block_size` would fit; or run it anyway with `--force {stage}`"),
+            }),
             _ => None,
         }
     }

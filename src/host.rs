@@ -4,16 +4,7 @@
 
 use std::io;
 
-pub fn hostname() -> String {
-    let mut buffer = [0u8; 256];
-    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
-    let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
-    if result != 0 {
-        return "unknown".to_string();
-    }
-    let end = buffer.iter().position(|&byte| byte == 0).unwrap_or(buffer.len());
-    String::from_utf8_lossy(&buffer[..end]).into_owned()
-}
+pub use nanoflow_stages::hostname;
 
 /// Whether process `pid` exists on this machine.
 pub fn alive(pid: u32) -> bool {

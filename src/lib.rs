@@ -15,6 +15,7 @@ mod manifest;
 mod metrics;
 mod pipeline;
 mod plan;
+mod preflight;
 mod printer;
 mod reference;
 mod report;

@@ -193,6 +193,14 @@ impl Stored {
             blocks.push(Block::Paragraph(format!("`{name}`:")));
             blocks.push(Block::Table(header, rows));
         }
+        let against = estimate_against_actual(&manifest.metrics);
+        if !against.is_empty() {
+            blocks.push(Block::Paragraph("The preflight's estimate against what the run measured:".into()));
+            blocks.push(Block::Table(
+                vec![String::new(), "estimate".into(), "actual".into(), "actual / estimate".into()],
+                against,
+            ));
+        }
         let samples = out.join("samples.txt");
         if samples.exists() {
             let text = fs_err::read_to_string(&samples)?;
@@ -202,6 +210,24 @@ impl Stored {
         }
         Ok(blocks)
     }
+}
+
+/// `estimate | actual` rows for what a train stage estimated before it ran (`preflight.rs`) and
+/// measured: peak memory, and ms/iter where both are recorded.
+fn estimate_against_actual(metrics: &serde_json::Map<String, serde_json::Value>) -> Vec<Vec<String>> {
+    let number = |key: &str| metrics.get(key).and_then(serde_json::Value::as_f64);
+    let pairs = [
+        ("peak memory", "estimated_peak_bytes", "measured_peak_bytes", true),
+        ("ms/iter", "estimated_ms_per_iter", "ms_per_iter", false),
+    ];
+    pairs
+        .into_iter()
+        .filter_map(|(what, estimated, measured, bytes)| {
+            let (estimate, actual) = (number(estimated)?, number(measured)?);
+            let text = |x: f64| if bytes { nanoflow_stages::progress::format_bytes(x) } else { format!("{x:.1}") };
+            Some(vec![what.to_string(), text(estimate), text(actual), format!("{:.2}", actual / estimate)])
+        })
+        .collect()
 }
 
 /// `param | value | default` for each resolved param that is not the kind's default.

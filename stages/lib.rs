@@ -178,3 +178,15 @@ pub struct Report {
     #[serde(default)]
     pub metrics: serde_json::Map<String, serde_json::Value>,
 }
+
+/// This machine's name (gethostname): what manifests, leases and calibration records say.
+pub fn hostname() -> String {
+    let mut buffer = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it.
+    let result = unsafe { libc::gethostname(buffer.as_mut_ptr().cast(), buffer.len()) };
+    if result != 0 {
+        return "unknown".to_string();
+    }
+    let end = buffer.iter().position(|&byte| byte == 0).unwrap_or(buffer.len());
+    String::from_utf8_lossy(&buffer[..end]).into_owned()
+}

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::formats::meta::{self, Meta};
 use crate::formats::shard::TokenSplit;
 use crate::gpt::dist::{Machines, World};
+use crate::gpt::estimate::{self, Calibration, CalibrationKey, Estimate, Target};
 use crate::gpt::optim::{AdamWParams, Schedule};
 use crate::gpt::source::AskedShape;
 use crate::gpt::trainer::{Init, Options, Trainer};
@@ -364,6 +365,10 @@ struct Setup<'a> {
     tokens_per_iter: usize,
     schedule: Schedule,
     peak_flops: Option<f64>,
+    /// The preflight's estimate for the built model (`gpt/estimate.rs`), for the report, and
+    /// its time per step where this machine measured the shape before.
+    estimate: Estimate,
+    estimated_ms_per_iter: Option<f64>,
 }
 
 /// The data, the model and its optimizer, the checks that they fit, and the log lines of
@@ -397,6 +402,21 @@ fn set_up<'a>(
     let tokens_per_iter = config.gradient_accumulation_steps * config.batch_size * model.block_size;
     log!(main, "tokens per iteration will be: {tokens_per_iter}");
     log!(main, "number of parameters: {:.2}M", model.num_params(true) as f64 / 1e6);
+    let target = if trainer.is_cpu() { Target::Cpu } else { Target::Gpu };
+    let estimate = Estimate::of_model(config, &model, target, world.size);
+    // A step's time as this machine measured it before for this shape (the engine keeps the
+    // record: `src/preflight.rs`), for the report's estimate against the actual.
+    // Keyed by the shape as the plan saw it (the vocabulary guessed from the tokenizer where
+    // the params leave it to the data), so that the plan and the stage find the same entry.
+    let tokenizer = Meta::read(&data.dir).ok().map(|meta| meta.tokenizer.as_str());
+    let planned = Estimate::new(config, tokenizer);
+    let key = CalibrationKey::new(&planned, &crate::hostname(), &config.device, &config.dtype);
+    let calibration = Calibration::read(&estimate::calibration_file(&ctx.root));
+    let estimated_ms_per_iter = key.and_then(|key| calibration.find(&key)).map(|ms| ms * local_steps as f64);
+    let time = estimated_ms_per_iter.map_or(String::new(), |ms| {
+        format!(", time {} at {ms:.1} ms per step", estimate::duration(ms * config.max_iters as f64 / 1e3))
+    });
+    log!(main, "{}{time}", estimate.summary());
     let [(decay_tensors, decay_params), (nodecay_tensors, nodecay_params)] = trainer.optimizer_groups();
     log!(main, "num decayed parameter tensors: {decay_tensors}, with {decay_params} parameters");
     log!(main, "num non-decayed parameter tensors: {nodecay_tensors}, with {nodecay_params} parameters");
@@ -422,6 +442,8 @@ fn set_up<'a>(
         tokens_per_iter,
         schedule,
         peak_flops,
+        estimate,
+        estimated_ms_per_iter,
     };
     Ok((setup, trainer, latest))
 }

@@ -12,6 +12,7 @@ mod first_hour;
 mod models;
 mod offline;
 mod outside;
+mod preflight;
 mod process;
 mod readme;
 mod report;

@@ -20,6 +20,7 @@ pub mod bench;
 pub(crate) mod checkpoint;
 pub(crate) mod config;
 pub(crate) mod device;
+pub mod estimate;
 pub use device::{keep_freed_memory, one_cpu_pool};
 pub mod dist;
 pub(crate) mod hf;

@@ -13,6 +13,7 @@ use super::{Setup, diverged};
 use crate::formats::metrics::{self, Row};
 use crate::gpt::GptConfig;
 use crate::gpt::checkpoint;
+use crate::gpt::estimate::Target;
 use crate::gpt::trainer::Trainer;
 use crate::progress::{self, Progress, Unit, format_count};
 use crate::{Context, Report};
@@ -172,6 +173,20 @@ pub(super) fn publish(setup: &Setup, run: &Run, mut record: Record) -> anyhow::R
     metrics.insert("parameters".into(), setup.model.num_params(true).into());
     if let Some(iter) = run.resumed_from {
         metrics.insert("resumed_from_iter".into(), iter.into());
+    }
+    // The preflight's estimate beside what was measured (the report shows both): one rank's
+    // peak memory, and on the CPU the process's peak resident set (VmHWM).
+    if let Some(memory) = setup.estimate.memory() {
+        metrics.insert("estimated_peak_bytes".into(), memory.total().into());
+    }
+    metrics.insert("estimated_flops_per_step".into(), json_number(setup.estimate.flops_per_step().unwrap_or(f64::NAN)));
+    if let Some(ms) = setup.estimated_ms_per_iter {
+        metrics.insert("estimated_ms_per_iter".into(), json_number(ms));
+    }
+    if setup.estimate.target == Target::Cpu
+        && let Some(bytes) = crate::gpt::device::cpu_peak_memory()
+    {
+        metrics.insert("measured_peak_bytes".into(), bytes.into());
     }
     Ok(report)
 }

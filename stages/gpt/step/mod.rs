@@ -48,8 +48,8 @@ use backward::backward_pass;
 pub(crate) use decode::{Decoder, decode, generate};
 use forward::{Head, forward};
 use params::{Params, param_slices, tokens};
-pub(crate) use workspace::Workspace;
 use workspace::{Activations, Dims, Outputs};
+pub(crate) use workspace::{Workspace, activation_floats};
 
 /// One micro-batch of the model `config` whose parameters are `params` (in `Gpt::parameters`
 /// order): the mean loss of `idx` (B, T) against `targets` (B, T), and with `backward` =

@@ -109,6 +109,23 @@ impl Activations {
         }
     }
 
+    /// The floats `new` allocates for a training step (`Outputs::Backward`) with `threads` in
+    /// rayon's pool: what the preflight (`gpt/estimate.rs`) counts as the step's activations.
+    /// Kept beside `new`, field by field; `the_estimate_counts_what_new_allocates` holds them
+    /// together.
+    fn floats(config: &GptConfig, b: usize, t: usize, threads: usize) -> usize {
+        let (n, c, l) = (b * t, config.n_embd, config.n_layer);
+        let res = (l + 1) * n * c;
+        // mid, ln1, ln2, atty (N, C); ln1_stats, ln2_stats (N, 2); qkv (N, 3C); lse (B, H, T);
+        // fch, fcg, fct (N, 4C).
+        let per_layer = 4 * n * c + 2 * 2 * n + 3 * n * c + b * config.n_head * t + 3 * 4 * n * c;
+        // lnf, branch (N, C); lnf_stats (N, 2); logits (N, V); losses (N).
+        let top = 2 * n * c + 2 * n + n * config.vocab_size + n;
+        // dres, dbranch, dln, datty (N, C); dqkv (N, 3C); dfc (N, 4C).
+        let grads = 4 * n * c + 3 * n * c + 4 * n * c;
+        res + l * per_layer + top + grads + threads * 3 * t * t
+    }
+
     pub(super) fn has_backward(&self) -> bool {
         !self.dres.is_empty()
     }
@@ -122,6 +139,12 @@ impl Activations {
             false => (0, l % 2, (l + 1) % 2),
         }
     }
+}
+
+/// The floats a training step's activations take at batch `b` and context `t` with `threads` in
+/// rayon's pool (`Activations::floats`): what the preflight counts (`gpt/estimate.rs`).
+pub(crate) fn activation_floats(config: &GptConfig, b: usize, t: usize, threads: usize) -> usize {
+    Activations::floats(config, b, t, threads)
 }
 
 /// `read` of `v` to read and `write` to write (two different elements).
@@ -201,4 +224,31 @@ impl Rows {
 /// Rows `rows` of a row-major buffer of `width`.
 pub(super) fn rows_of<'a>(buffer: &'a [f32], width: usize, rows: &Range<usize>) -> &'a [f32] {
     &buffer[rows.start * width..rows.end * width]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The preflight's count and the allocation cannot drift apart.
+    #[test]
+    fn the_estimate_counts_what_new_allocates() {
+        let shapes = [(4, 4, 128, 65, 12, 64), (2, 3, 48, 50304, 3, 17), (1, 1, 16, 7, 1, 1)];
+        for (n_layer, n_head, n_embd, vocab_size, b, t) in shapes {
+            let config = GptConfig { block_size: t, vocab_size, n_layer, n_head, n_embd, dropout: 0.1, bias: true };
+            let a = Activations::new(&config, b, t, Outputs::Backward);
+            let nested = |v: &Vec<Vec<f32>>| v.iter().map(Vec::len).sum::<usize>();
+            let allocated = [&a.res, &a.mid, &a.ln1, &a.ln1_stats, &a.ln2, &a.ln2_stats, &a.qkv, &a.atty, &a.lse]
+                .into_iter()
+                .chain([&a.fch, &a.fcg, &a.fct])
+                .map(nested)
+                .sum::<usize>()
+                + [&a.lnf, &a.lnf_stats, &a.logits, &a.losses, &a.branch, &a.dres, &a.dbranch, &a.dln, &a.dqkv]
+                    .into_iter()
+                    .chain([&a.datty, &a.dfc, &a.scratch])
+                    .map(Vec::len)
+                    .sum::<usize>();
+            assert_eq!(Activations::floats(&config, b, t, rayon::current_num_threads()), allocated, "{config:?}");
+        }
+    }
 }
