@@ -194,7 +194,7 @@ pub fn stage(name: &str, run: &str) -> String {
 pub fn wait_until(condition: impl Fn() -> bool) {
     let start = Instant::now();
     while !condition() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting");
+        assert!(start.elapsed() < Duration::from_secs(90), "timed out waiting");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
