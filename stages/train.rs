@@ -503,15 +503,7 @@ fn init_model(
     data_vocab: usize,
 ) -> anyhow::Result<Trainer> {
     let init = match config.init_from.as_str() {
-        "scratch" => Init::Scratch(GptConfig {
-            block_size: config.block_size.unwrap_or(1024),
-            vocab_size: config.vocab_size.unwrap_or(data_vocab).next_multiple_of(config.pad_vocab_to_multiple_of),
-            n_layer: config.n_layer.unwrap_or(12),
-            n_head: config.n_head.unwrap_or(12),
-            n_embd: config.n_embd.unwrap_or(768),
-            dropout: config.dropout,
-            bias: config.bias.unwrap_or(false),
-        }),
+        "scratch" => Init::Scratch(config.scratch_model(data_vocab)),
         spec => Init::Pretrained {
             spec: spec.to_string(),
             root: ctx.root.clone(),
@@ -571,6 +563,23 @@ fn evaluate_and_checkpoint(setup: &Setup, trainer: &Trainer, run: &mut Run, reco
     record.plot(ctx)?;
     run.last_good = Some(iter);
     Ok(())
+}
+
+impl Config {
+    /// The model trained from scratch: what the params say, GPT-2 124M where they are unset, the
+    /// vocabulary `vocab_size` or else the data's (`data_vocab`), padded. The trainer and the
+    /// preflight's estimate both build it here.
+    pub fn scratch_model(&self, data_vocab: usize) -> GptConfig {
+        GptConfig {
+            block_size: self.block_size.unwrap_or(1024),
+            vocab_size: self.vocab_size.unwrap_or(data_vocab).next_multiple_of(self.pad_vocab_to_multiple_of.max(1)),
+            n_layer: self.n_layer.unwrap_or(12),
+            n_head: self.n_head.unwrap_or(12),
+            n_embd: self.n_embd.unwrap_or(768),
+            dropout: self.dropout,
+            bias: self.bias.unwrap_or(false),
+        }
+    }
 }
 
 /// Everything pipeline.yaml decides: the engine calls this before any stage runs.

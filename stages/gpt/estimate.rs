@@ -101,15 +101,7 @@ impl Estimate {
                     Some(vocab)
                 });
                 match vocab {
-                    Some(vocab) => Some(GptConfig {
-                        block_size: config.block_size.unwrap_or(1024),
-                        vocab_size: vocab.next_multiple_of(config.pad_vocab_to_multiple_of.max(1)),
-                        n_layer: config.n_layer.unwrap_or(12),
-                        n_head: config.n_head.unwrap_or(12),
-                        n_embd: config.n_embd.unwrap_or(768),
-                        dropout: config.dropout,
-                        bias: config.bias.unwrap_or(false),
-                    }),
+                    Some(vocab) => Some(config.scratch_model(vocab)),
                     None => {
                         notes.push("the vocabulary is the data's: unknown until it is tokenized".into());
                         None
